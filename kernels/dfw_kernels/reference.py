@@ -1,0 +1,162 @@
+"""Decaying fast weights in plain PyTorch: the reference the tests trust, and the CPU path.
+
+Notation and layout follow fla (and ../shared/DFW-MATH.md): per head, key size K (= the state size m
+after the feature map) and value size V (= the head size d); the state S is K x V.
+
+    S_t = diag(alpha_t) S_{t-1} diag(beta_t) + k_t^T v_t        o_t = q_t S_t   (read after write)
+
+The paper writes the state as d x m (value x key): the transpose of this one, and the same model.
+
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; log_key_gate = log alpha [B, T, H, K] and
+log_value_gate = log beta [B, T, H, V], each also accepted with a last dimension of 1 (one scalar
+gate per head, as in RFA) or as None (no decay on that side); initial_state and the returned state
+[B, H, K, V]. Outputs come back in v's dtype; states are kept in float32 (float64 for float64 input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def recurrent_decay_fast_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_key_gate: Tensor | None = None,
+    log_value_gate: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The recurrence as written: a loop over time. Use for decoding and as the test oracle."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = _accumulation_dtype(q)
+    if initial_state is None:
+        S = q.new_zeros(B, H, K, V, dtype=dtype)
+    else:
+        S = initial_state.to(dtype)
+    outputs = []
+    for t in range(T):
+        if log_key_gate is not None:
+            S = S * log_key_gate[:, t].to(dtype).exp().unsqueeze(-1)  # (B, H, K, 1)
+        if log_value_gate is not None:
+            S = S * log_value_gate[:, t].to(dtype).exp().unsqueeze(-2)  # (B, H, 1, V)
+        S = S + k[:, t].to(dtype).unsqueeze(-1) * v[:, t].to(dtype).unsqueeze(-2)  # (B, H, K, V)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].to(dtype), S))  # (B, H, V)
+    o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, V, dtype=dtype)  # (B, T, H, V)
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
+def _to_chunks(x: Tensor, chunk_size: int, dtype: torch.dtype) -> Tensor:
+    """[B, T, H, D] -> [B, H, N, C, D], zero-padded at the end of time to a multiple of C."""
+    B, T, H, D = x.shape
+    x = x.transpose(1, 2).to(dtype)  # (B, H, T, D)
+    pad = (-T) % chunk_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(B, H, -1, chunk_size, D)  # (B, H, N, C, D)
+
+
+def _cumulative_log_decay(log_gate: Tensor | None, width: int, chunk_size: int, dtype) -> Tensor | None:
+    """Log-gates -> decay accumulated from each chunk's start, [B, H, N, C, D] (every entry <= 0).
+
+    Padded positions get log-gate 0 (gate 1), so they leave the state as it was.
+    """
+    if log_gate is None:
+        return None
+    B, T, H, _ = log_gate.shape
+    log_gate = log_gate.expand(B, T, H, width)
+    return _to_chunks(log_gate, chunk_size, dtype).cumsum(dim=-2)
+
+
+def chunk_decay_fast_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_key_gate: Tensor | None = None,
+    log_value_gate: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    subchunk_size: int = 16,
+) -> tuple[Tensor, Tensor | None]:
+    """The stable chunkwise form (DFW-MATH.md): parallel inside a chunk, a loop over chunks only.
+
+    Every exponent it takes is <= 0, so it stays finite in float32 for gates down to ~1e-3 per step:
+    within a chunk, decays between sub-chunks factor through the last token before the query's
+    sub-chunk; inside a sub-chunk they are taken pairwise.
+    """
+    if chunk_size <= 0 or subchunk_size <= 0 or chunk_size % subchunk_size:
+        raise ValueError(
+            f"chunk_size must be a positive multiple of subchunk_size, got {chunk_size} and {subchunk_size}"
+        )
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, c = chunk_size, subchunk_size
+    dtype = _accumulation_dtype(q)
+    qc, kc, vc = (_to_chunks(x, C, dtype) for x in (q, k, v))  # (B, H, N, C, K|V)
+    a = _cumulative_log_decay(log_key_gate, K, C, dtype)  # (B, H, N, C, K) or None
+    d = _cumulative_log_decay(log_value_gate, V, C, dtype)  # (B, H, N, C, V) or None
+    N = qc.shape[2]
+    n_sub = C // c
+
+    # Intra-chunk, diagonal sub-chunks: exponents taken pairwise, masked to s <= t before exp.
+    sub = lambda x: x.reshape(*x.shape[:3], n_sub, c, x.shape[-1])  # (B, H, N, S, c, D)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # (t, s)
+    q_s, k_s, v_s = sub(qc), sub(kc), sub(vc)
+    if a is None:
+        scores = (q_s @ k_s.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (B, H, N, S, c, c)
+    else:
+        a_s = sub(a)
+        key_decay = (a_s.unsqueeze(-2) - a_s.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))
+        scores = torch.einsum("...tk,...sk,...tsk->...ts", q_s, k_s, key_decay.exp())  # (B, H, N, S, c, c)
+    if d is None:
+        o_diag = scores @ v_s  # (B, H, N, S, c, V)
+    else:
+        d_s = sub(d)
+        value_decay = (d_s.unsqueeze(-2) - d_s.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))
+        o_diag = torch.einsum("...ts,...sv,...tsv->...tv", scores, v_s, value_decay.exp())
+    pieces = [o_diag[:, :, :, 0]]  # (B, H, N, c, V) each
+
+    # Intra-chunk, earlier sub-chunks: factor every decay through the boundary b = J*c - 1.
+    for J in range(1, n_sub):
+        now, before, b = slice(J * c, (J + 1) * c), slice(0, J * c), slice(J * c - 1, J * c)
+        q_J, k_before, v_before = qc[..., now, :], kc[..., before, :], vc[..., before, :]
+        if a is not None:
+            q_J = q_J * (a[..., now, :] - a[..., b, :]).exp()  # (B, H, N, c, K)
+            k_before = k_before * (a[..., b, :] - a[..., before, :]).exp()  # (B, H, N, J*c, K)
+        if d is not None:
+            v_before = v_before * (d[..., b, :] - d[..., before, :]).exp()  # (B, H, N, J*c, V)
+        o_J = (q_J @ k_before.transpose(-1, -2)) @ v_before  # (B, H, N, c, V)
+        if d is not None:
+            o_J = o_J * (d[..., now, :] - d[..., b, :]).exp()
+        pieces.append(o_diag[:, :, :, J] + o_J)
+    o = torch.cat(pieces, dim=-2)  # (B, H, N, C, V)
+
+    # Inter-chunk: carry the state from chunk to chunk, then read it from every query at once.
+    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    chunk_start_states = []
+    for n in range(N):
+        chunk_start_states.append(S)
+        k_n, v_n = kc[:, :, n], vc[:, :, n]  # (B, H, C, K|V)
+        if a is not None:
+            a_end = a[:, :, n, -1:]  # (B, H, 1, K)
+            k_n = k_n * (a_end - a[:, :, n]).exp()
+            S = S * a_end.transpose(-1, -2).exp()  # (B, H, K, 1) broadcast
+        if d is not None:
+            d_end = d[:, :, n, -1:]  # (B, H, 1, V)
+            v_n = v_n * (d_end - d[:, :, n]).exp()
+            S = S * d_end.exp()
+        S = S + k_n.transpose(-1, -2) @ v_n  # (B, H, K, V)
+    states = torch.stack(chunk_start_states, dim=2)  # (B, H, N, K, V)
+    q_read = qc if a is None else qc * a.exp()
+    o_inter = q_read @ states  # (B, H, N, C, V)
+    if d is not None:
+        o_inter = o_inter * d.exp()
+    o = (o + o_inter).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
+    return o.to(v.dtype), (S if output_final_state else None)
