@@ -1,0 +1,79 @@
+"""The seam between GPT-2 and an attention variant.
+
+`ConvertedAttention` replaces a Hugging Face `GPT2Attention` module. It keeps the pretrained
+projections `c_attn` (x -> q, k, v) and `c_proj` (heads -> x) and the residual dropout, under the
+same state-dict keys, and hands the per-head q, k, v to an `AttentionCore`: the part that differs
+between softmax attention and its recurrent replacements.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# What a core carries between calls: a KV cache for softmax, a fixed-size fast-weight state otherwise.
+State = Any
+
+
+class AttentionCore(nn.Module):
+    """Maps per-head q, k, v to per-head outputs, in a parallel and a recurrent form that agree.
+
+    q, k: [B, T, H, D]; v: [B, T, H, D]; x: [B, T, C], the input of the attention block (used by
+    data-dependent gates). Both forms take the state left by an earlier call and return the new one.
+    """
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: State = None, output_state: bool = False
+    ) -> tuple[Tensor, State]:
+        """Parallel form (training, prompt prefill). Returns (o [B, T, H, D], state or None)."""
+        raise NotImplementedError
+
+    def recurrent(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: State = None) -> tuple[Tensor, State]:
+        """Recurrent form (generation): consumes tokens one at a time. Returns (o, state)."""
+        raise NotImplementedError
+
+    def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of state this core keeps for `batch_size` sequences after `seq_len` tokens."""
+        raise NotImplementedError
+
+
+class ConvertedAttention(nn.Module):
+    """Drop-in replacement for `GPT2Attention` (self-attention only) around an `AttentionCore`."""
+
+    def __init__(self, original: nn.Module, core: AttentionCore):
+        super().__init__()
+        if getattr(original, "is_cross_attention", False):
+            raise ValueError("ConvertedAttention replaces self-attention only, not cross-attention")
+        self.c_attn = original.c_attn  # pretrained, (C -> 3C)
+        self.c_proj = original.c_proj  # pretrained, (C -> C)
+        self.resid_dropout = original.resid_dropout
+        self.layer_idx = original.layer_idx
+        self.num_heads = original.num_heads
+        self.head_dim = original.head_dim
+        self.embed_dim = original.embed_dim
+        self.core = core
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        # transformers renamed `past_key_values` to `cache` in 5.x; accept either.
+        cache = cache if cache is not None else past_key_values
+        B, T, C = hidden_states.shape
+        q, k, v = self.c_attn(hidden_states).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim) for t in (q, k, v))  # (B, T, H, D)
+        run_layer = getattr(cache, "run_attention_layer", None)
+        if run_layer is None:
+            # Training and plain evaluation (a Hugging Face cache, if one is passed, is not ours: ignored).
+            o, _ = self.core(q, k, v, hidden_states)
+        else:
+            # A dfw recurrent cache: it holds this layer's state and picks the parallel or recurrent form.
+            o = run_layer(self.layer_idx, self.core, q, k, v, hidden_states, attention_mask)
+        o = o.reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(o)), None

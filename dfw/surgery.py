@@ -1,0 +1,60 @@
+"""Model surgery: replace the attention core of every GPT-2 layer, keeping every pretrained weight.
+
+What is kept: every parameter of the Hugging Face model, under its original key; the attention
+projections `c_attn` and `c_proj` move into `ConvertedAttention` unchanged
+(`transformer.h.<i>.attn.c_attn.weight` stays the key it was). What is new: the parameters of each
+layer's core, under `transformer.h.<i>.attn.core.*`, initialised by the core itself (see
+`dfw.attention`: feature maps at the identity, decay gates with zero weights and uniform biases).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .attention import AttentionCore, ConvertedAttention
+
+log = logging.getLogger(__name__)
+
+# Builds one layer's core: called with hidden_size, num_heads, head_dim, layer_idx, scaling.
+CoreFactory = Callable[..., AttentionCore]
+
+
+@dataclass
+class ParameterCounts:
+    pretrained: int  # parameters the model had before conversion (kept)
+    new: int  # parameters the attention cores added
+    trainable: int  # parameters with requires_grad after conversion
+
+    def __str__(self) -> str:
+        return f"{self.pretrained:,} pretrained, {self.new:,} new, {self.trainable:,} trainable parameters"
+
+
+def convert_attention(model: nn.Module, core_factory: CoreFactory) -> ParameterCounts:
+    """Replace `model.transformer.h[i].attn` (GPT2Attention) by ConvertedAttention(core) in place."""
+    blocks = model.transformer.h
+    before = {id(p): p.numel() for p in model.parameters()}
+    for i, block in enumerate(blocks):
+        original = block.attn
+        if isinstance(original, ConvertedAttention):
+            raise ValueError(f"layer {i} is already converted; convert a model once")
+        c_attn_shape = tuple(original.c_attn.weight.shape)
+        core = core_factory(
+            hidden_size=original.embed_dim,
+            num_heads=original.num_heads,
+            head_dim=original.head_dim,
+            layer_idx=i,
+            scaling=original.scaling,
+        )
+        block.attn = ConvertedAttention(original, core)
+        assert tuple(block.attn.c_attn.weight.shape) == c_attn_shape == (original.embed_dim, 3 * original.embed_dim)
+    counts = ParameterCounts(
+        pretrained=sum(before.values()),
+        new=sum(p.numel() for p in model.parameters() if id(p) not in before),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    log.info("converted %d layers to %s: %s", len(blocks), type(blocks[0].attn.core).__name__, counts)
+    return counts

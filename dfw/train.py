@@ -1,0 +1,126 @@
+"""Fine-tune GPT-2 with converted attention: `python -m dfw.train attention=decay model=gpt2`.
+
+Wiring only: seed, data, model, loggers and callbacks, Trainer; validate (the converted model before
+any training), fit, test, export. Behaviour lives in `conf/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import dfw  # noqa: F401  (registers the config resolvers)
+
+from .errors import ConfigError
+from .model import build_model, export
+
+log = logging.getLogger(__name__)
+
+
+def _resume_settings(cfg: DictConfig) -> None:
+    """On `ckpt_path=...`: check the file, keep writing checkpoints beside it, reuse its W&B run."""
+    ckpt = Path(cfg.ckpt_path).expanduser()
+    if not ckpt.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass the path of a .ckpt file to resume from")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    with open_dict(cfg):
+        for callback in cfg.callbacks.values():
+            if callback is not None and "dirpath" in callback:
+                callback.dirpath = str(ckpt.parent)
+        if "wandb" in cfg.logger and state.get("wandb_run_id"):
+            cfg.logger.wandb.id = state["wandb_run_id"]
+
+
+def _check_sizes(cfg: DictConfig, net: Any) -> None:
+    n_positions = net.config.n_positions
+    if cfg.data.block_size > n_positions:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} is longer than the model's context "
+            f"({n_positions} learned positions of model={cfg.model.name}); lower data.block_size to at most {n_positions}"
+        )
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment; returns the final metrics (val/ppl at conversion as `val/ppl_converted`)."""
+    if cfg.get("ckpt_path"):
+        _resume_settings(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
+    _check_sizes(cfg, net)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    module = instantiate(cfg.module, net=net, config=config)
+
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(config)
+        if isinstance(logger, WandbLogger):
+            log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
+
+    metrics: dict[str, float] = {}
+    if cfg.validate_before_fit and not cfg.get("ckpt_path"):
+        # The converted model before any fine-tuning: how much conversion alone costs.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics["val/ppl_converted"] = float(trainer.callback_metrics["val/ppl"])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics.update(_metrics(trainer))
+
+    if cfg.test:
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        metrics.update({k: v for k, v in _metrics(trainer).items() if k.startswith("test/")})
+    if cfg.get("export_dir") and trainer.is_global_zero:
+        export(module.net, cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer)
+    for name, value in sorted(metrics.items()):
+        log.info("%s = %.4g", name, value)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        log.warning("some metrics are not finite: %s", metrics)
+    return metrics
+
+
+def find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err`, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        log.error("error: %s", config_error)
+        sys.exit(2)
+    # Returned for Hydra sweepers that optimise a value.
+    return metrics.get("val/ppl")
+
+
+if __name__ == "__main__":
+    main()
