@@ -1,5 +1,5 @@
-"""The one exception type for bad input: the entry points print its message as one line and exit 2."""
+"""Errors that the entry points report as one line (exit code 2) instead of a traceback."""
 
 
 class ConfigError(ValueError):
-    """A setting, file or resource the user named is wrong or missing; the message says what to do."""
+    """A configuration value is wrong or cannot be satisfied; the message names the option and the fix."""

@@ -1,0 +1,216 @@
+"""Language-modelling data: tokenise a corpus once into a token file per split, then serve fixed-length blocks.
+
+Token files live at cache_dir/tokens/<corpus>-<key>/<split>.bin: the split's documents tokenised, each
+followed by the EOS token, concatenated, as raw uint16 (vocabularies up to 65536 tokens) or int32. The key
+hashes the tokenizer's identity and the corpus's fingerprint, so a second run reads the files and
+tokenises nothing, and a change of tokenizer or of text gets new files. The block size is not in the key:
+blocks are cut when the files are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerFast
+
+from dfw.data.corpora import SPLITS, load_corpus, short_hash
+from dfw.data.sampler import ResumableSampler
+from dfw.data.tokenizers import load_tokenizer, tokenizer_fingerprint
+from dfw.errors import ConfigError
+
+TOKEN_FILE_FORMAT = 1  # bump when the layout of token files changes; old caches are then ignored
+_STAGES = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
+
+
+class LanguageModelingDataModule(L.LightningDataModule):
+    """Blocks of `block_size` tokens, as {"input_ids": LongTensor[block_size]}; batches are (B, T).
+
+    The model takes labels = input_ids and shifts them itself, so a block of T tokens gives T - 1
+    predictions. Training batches follow `ResumableSampler`: a pure function of (seed, global step).
+    Validation and test batches are the split's blocks in order.
+    """
+
+    def __init__(
+        self,
+        corpus: str,                          # wikitext103 | wikitext2 | shakespeare | text
+        tokenizer: str,                       # gpt2 | bpe-<N> | a directory (see dfw.data.tokenizers)
+        block_size: int,                      # tokens per example
+        batch_size: int,                      # training examples per device and micro-batch
+        eval_batch_size: int | None = None,   # validation/test examples per batch; None: batch_size
+        num_workers: int = 0,                 # DataLoader worker processes
+        cache_dir: str = "~/.cache/dfw",      # holds tokens/, tokenizers/ and corpora/
+        seed: int = 0,                        # the training order's seed
+        files: Mapping[str, str | Sequence[str]] | None = None,  # data=text: {split: path, glob or list}
+    ) -> None:
+        super().__init__()
+        for option, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{option} must be a positive integer, got {value!r}")
+        if eval_batch_size is not None and eval_batch_size <= 0:
+            raise ConfigError(f"data.eval_batch_size must be a positive integer or null, got {eval_batch_size!r}")
+        self.save_hyperparameters(logger=False)  # stored in checkpoints: which data a model was trained on
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.corpus = load_corpus(corpus, files, self.cache_dir)  # downloads nothing yet
+        self.tokenizer_spec = tokenizer
+        self._tokenizer: PreTrainedTokenizerFast | None = None
+        self.datasets: dict[str, TokenBlocks] = {}
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """Loaded (bpe-<N>: trained) on first use; ready before fit to size a model and to save with it."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_spec, self.corpus, self.cache_dir)
+        return self._tokenizer
+
+    def token_file(self, split: str) -> Path:
+        key = short_hash(json.dumps([TOKEN_FILE_FORMAT, tokenizer_fingerprint(self.tokenizer), self.corpus.fingerprint]))
+        return self.cache_dir / "tokens" / f"{self.corpus.name}-{key}" / f"{split}.bin"
+
+    def prepare_data(self) -> None:
+        """Download and tokenise whatever is not cached yet (Lightning runs this on one process per node)."""
+        for split in SPLITS:
+            self._ensure_token_file(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in _STAGES.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self.datasets:
+                path = self._ensure_token_file(split)  # a no-op after prepare_data
+                dataset = TokenBlocks(path, token_dtype(len(self.tokenizer)), self.block_size)
+                if len(dataset) == 0:
+                    raise ConfigError(
+                        f"data.block_size={self.block_size} is longer than the {split} split "
+                        f"({dataset.num_tokens} tokens); lower data.block_size"
+                    )
+                self.datasets[split] = dataset
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer  # None outside a Trainer: then training starts at step 0 and makes one pass
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        world_size = trainer.world_size if trainer else 1
+        max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else None
+        sampler = ResumableSampler(
+            num_items=len(self.datasets["train"]),
+            seed=self.seed,
+            samples_per_step=self.batch_size * accumulate * world_size,
+            current_step=lambda: trainer.global_step if trainer else 0,
+            max_steps=max_steps,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=world_size,
+        )
+        return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
+        if split not in self.datasets:
+            self.setup(None)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def _ensure_token_file(self, split: str) -> Path:
+        path = self.token_file(split)
+        if not path.is_file():
+            tokenize_to_file(self.corpus.documents(split), self.tokenizer, path)
+        return path
+
+
+class TokenBlocks(Dataset):
+    """Consecutive, non-overlapping blocks of `block_size` tokens of one token file; the tail shorter than
+    a block is left out. The file is memory-mapped on first access, in each DataLoader worker separately."""
+
+    def __init__(self, path: Path, dtype: np.dtype, block_size: int) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.block_size = block_size
+        self.num_tokens = path.stat().st_size // self.dtype.itemsize
+        self._tokens: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return self.num_tokens // self.block_size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} of {len(self)}")
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        block = self._tokens[index * self.block_size : (index + 1) * self.block_size]  # (T,)
+        return {"input_ids": torch.from_numpy(block.astype(np.int64))}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}  # workers map the file themselves instead of copying it
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+
+
+def tokenize_to_file(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, path: Path) -> int:
+    """Write the documents' token ids, each document followed by EOS, to `path`; returns the token count.
+    Written to a temporary file and renamed, so an interrupted run never leaves a truncated cache."""
+    dtype = token_dtype(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    count = 0
+    try:
+        with open(staging, "wb") as out:
+            for batch in _batches(_pieces(documents)):
+                # The Rust tokenizer directly: parallel over the batch, and no special tokens (BOS) added.
+                encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
+                ids: list[int] = []
+                for encoding, (_, ends_document) in zip(encodings, batch):
+                    ids.extend(encoding.ids)
+                    if ends_document:
+                        ids.append(eos)
+                np.asarray(ids, dtype=dtype).tofile(out)
+                count += len(ids)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return count
+
+
+def _pieces(documents: Iterable[str], max_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document): documents cut after a newline into pieces of at most ~max_chars, which bounds
+    the tokenizer's memory on a large file. A cut can change a token at the cut ("\\n\\n" -> "\\n" "\\n")."""
+    for document in documents:
+        while len(document) > max_chars:
+            cut = document.rfind("\n", 0, max_chars) + 1 or max_chars
+            yield document[:cut], False
+            document = document[cut:]
+        yield document, True
+
+
+def _batches(pieces: Iterable[tuple[str, bool]], max_chars: int = 1 << 22) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

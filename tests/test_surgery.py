@@ -1,0 +1,72 @@
+"""Model surgery keeps every pretrained weight; softmax conversion is the unmodified model."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dfw.attention import ConvertedAttention, FastWeightAttention
+from dfw.model import build_model
+from tests.conftest import CONF
+
+
+class _Tokenizer:  # the two things build_model asks of a tokenizer
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return 97
+
+
+def _save_tiny_gpt2(path) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_layer=2, n_head=2, n_embd=32, n_positions=64, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def _model_cfg(path):
+    return OmegaConf.create({"name": "tiny", "pretrained": str(path), "tokenizer": "gpt2", "config": None})
+
+
+def test_softmax_conversion_gives_the_hugging_face_logits(tmp_path):
+    _save_tiny_gpt2(tmp_path)
+    reference = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    converted = build_model(_model_cfg(tmp_path), OmegaConf.load(CONF / "attention/softmax.yaml"), _Tokenizer()).eval()
+    assert all(isinstance(block.attn, ConvertedAttention) for block in converted.transformer.h)
+    input_ids = torch.randint(0, 97, (3, 50))
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+        actual = converted(input_ids, use_cache=False).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decay_conversion_keeps_pretrained_weights_and_adds_only_core_parameters(tmp_path):
+    original = _save_tiny_gpt2(tmp_path)
+    attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
+    converted = build_model(_model_cfg(tmp_path), attention, _Tokenizer())
+    before, after = original.state_dict(), converted.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    new_keys = set(after) - set(before)
+    assert new_keys and all(".attn.core." in key for key in new_keys)
+    # Per layer: a 16 x 16 feature map per head, a key gate (C -> H*m) and a value gate (C -> H*d).
+    H, d, C, m = 2, 16, 32, 16
+    new_per_layer = H * m * d + (C * H * m + H * m) + (C * H * d + H * d)
+    assert sum(after[k].numel() for k in new_keys) == 2 * new_per_layer
+
+
+def test_decay_initialisation_is_documented_one(tmp_path):
+    _save_tiny_gpt2(tmp_path)
+    attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
+    core = build_model(_model_cfg(tmp_path), attention, _Tokenizer()).transformer.h[0].attn.core
+    assert isinstance(core, FastWeightAttention)
+    # Feature map: the identity when m == d.
+    torch.testing.assert_close(core.feature_map.weight, torch.eye(16).expand(2, 16, 16))
+    # Gates: zero weights; biases logit(u), u evenly over (1/n, 1 - 1/n) within each head.
+    for gate in (core.key_gate, core.value_gate):
+        assert torch.count_nonzero(gate.weight) == 0
+        u = torch.sigmoid(gate.bias.view(2, 16))
+        torch.testing.assert_close(u[0], torch.linspace(1 / 16, 1 - 1 / 16, 16))
+        torch.testing.assert_close(u[0], u[1])
