@@ -22,7 +22,7 @@ class LanguageModel(L.LightningModule):
         net: a GPT2LMHeadModel (converted by `dfw.surgery`).
         optimizer: partial optimizer (Hydra `_partial_: true`), finished here with the parameter groups.
         scheduler: partial LR schedule taking the optimizer, stepped every optimizer step.
-        config: the resolved run config, stored in checkpoints so a checkpoint rebuilds its model.
+        run_config: the resolved run config (hparams["config"]), stored in checkpoints so a checkpoint rebuilds its model.
     """
 
     def __init__(
@@ -30,12 +30,12 @@ class LanguageModel(L.LightningModule):
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        config: dict | None = None,
+        run_config: dict | None = None,
     ):
         super().__init__()
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.save_hyperparameters({"config": config})
+        self.save_hyperparameters({"config": run_config})
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 

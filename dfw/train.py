@@ -61,13 +61,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _resume_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
     datamodule.prepare_data()
     datamodule.setup("fit")
     net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
     _check_sizes(cfg, net)
     config = OmegaConf.to_container(cfg, resolve=True)
-    module = instantiate(cfg.module, net=net, config=config)
+    module = instantiate(cfg.module, _partial_=True)(net=net, run_config=config)
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
@@ -85,9 +85,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics.update(_metrics(trainer))
 
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+    if best and checkpoint.best_model_score is not None:
+        metrics["val/ppl_best"] = float(checkpoint.best_model_score)
     if cfg.test:
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: v for k, v in _metrics(trainer).items() if k.startswith("test/")})
     if cfg.get("export_dir") and trainer.is_global_zero:

@@ -1,0 +1,113 @@
+"""The whole method, small, offline, on a CPU: `python -m dfw.demo [key=value ...]`.
+
+1. Pretrain a small softmax GPT-2 on the embedded Shakespeare corpus (`experiment=demo_teacher`);
+   cached by its config, so a second run reuses it.
+2. Convert it to decaying fast weights and fine-tune (`experiment=demo_decay`).
+3. Print softmax validation perplexity, DFW perplexity right after conversion and after
+   fine-tuning, and the share of softmax quality retained = softmax ppl / DFW ppl (1.0 = as good).
+
+Overrides go to the fine-tuning stage (`trainer.max_steps=100`); prefix them with `teacher.` for the
+pretraining stage (`teacher.trainer.max_steps=200`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from .train import find_config_error, train
+
+log = logging.getLogger("dfw.demo")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# What decides the teacher's weights; everything else (logging, paths) may change without retraining.
+TEACHER_KEYS = ("model", "attention", "data", "module", "trainer", "seed")
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _teacher_key(cfg: DictConfig) -> str:
+    fields = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+              for key in TEACHER_KEYS}  # fmt: skip
+    for volatile in ("default_root_dir", "enable_progress_bar"):
+        fields["trainer"].pop(volatile, None)
+    fields["data"].pop("cache_dir", None)
+    fields["data"].pop("num_workers", None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrain_teacher(overrides: list[str], run_dir: Path) -> tuple[Path, dict[str, float]]:
+    """Stage 1, or its cached result: (export directory, metrics)."""
+    cfg = _compose(["experiment=demo_teacher", f"paths.output_dir={run_dir / 'teacher'}", *overrides])
+    teacher_dir = Path(cfg.paths.cache_dir) / "teachers" / _teacher_key(cfg)
+    metrics_file = teacher_dir / "metrics.json"
+    if metrics_file.is_file():
+        log.info("reusing the softmax teacher pretrained earlier: %s", teacher_dir)
+        return teacher_dir, json.loads(metrics_file.read_text())
+    log.info("stage 1: pretraining the softmax teacher (cached afterwards in %s)", teacher_dir)
+    cfg.export_dir = str(teacher_dir)
+    metrics = train(cfg)
+    metrics_file.write_text(json.dumps(metrics, indent=2))  # written last: marks the cache entry complete
+    return teacher_dir, metrics
+
+
+def finetune(teacher_dir: Path, overrides: list[str], run_dir: Path) -> dict[str, float]:
+    """Stage 2: convert the teacher to DFW, validate it as converted, fine-tune, test."""
+    cfg = _compose([
+        "experiment=demo_decay",
+        f"model.pretrained={teacher_dir}",
+        f"model.tokenizer={teacher_dir}",
+        f"paths.output_dir={run_dir / 'decay'}",
+        *overrides,
+    ])  # fmt: skip
+    log.info("stage 2: converting to attention=%s and fine-tuning", cfg.attention.name)
+    return train(cfg)
+
+
+def results_table(softmax: dict[str, float], dfw: dict[str, float]) -> str:
+    softmax_ppl = softmax.get("val/ppl_best", softmax["val/ppl"])
+    dfw_ppl = dfw.get("val/ppl_best", dfw["val/ppl"])
+    rows = [
+        ("softmax (teacher)", f"{softmax_ppl:.2f}", "100.0%"),
+        ("DFW, right after conversion", f"{dfw['val/ppl_converted']:.2f}", f"{100 * softmax_ppl / dfw['val/ppl_converted']:.1f}%"),
+        ("DFW, after fine-tuning", f"{dfw_ppl:.2f}", f"{100 * softmax_ppl / dfw_ppl:.1f}%"),
+    ]  # fmt: skip
+    lines = ["| model | validation perplexity | softmax quality retained |", "|---|---:|---:|"]
+    lines += [f"| {name} | {ppl} | {share} |" for name, ppl, share in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    teacher_overrides = [a.removeprefix("teacher.") for a in argv if a.startswith("teacher.")]
+    student_overrides = [a for a in argv if not a.startswith("teacher.")]
+    run_dir = Path("outputs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        teacher_dir, softmax = pretrain_teacher(teacher_overrides, run_dir)
+        dfw = finetune(teacher_dir, student_overrides, run_dir)
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        log.error("error: %s", config_error)
+        return 2
+    table = results_table(softmax, dfw)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nshare retained = softmax validation ppl / DFW validation ppl; written to {run_dir}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
