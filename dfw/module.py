@@ -84,6 +84,18 @@ class LanguageModel(L.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 checkpoint["wandb_run_id"] = logger.experiment.id
+        # Lightning does not store RNG states; dropout after a resume must draw what it would have.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def throughput_monitor(window_size: int = 10) -> ThroughputMonitor:

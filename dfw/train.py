@@ -55,28 +55,18 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one experiment; returns the final metrics (val/ppl at conversion as `val/ppl_converted`)."""
-    if cfg.get("ckpt_path"):
-        _resume_settings(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """Hydra's instantiate, re-raising a ConfigError from the target as itself (Hydra wraps it)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        raise config_error from None
 
-    datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
-    _check_sizes(cfg, net)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    module = instantiate(cfg.module, _partial_=True)(net=net, run_config=config)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(config)
-        if isinstance(logger, WandbLogger):
-            log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
-
+def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if cfg.validate_before_fit and not cfg.get("ckpt_path"):
         # The converted model before any fine-tuning: how much conversion alone costs.
@@ -94,6 +84,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: v for k, v in _metrics(trainer).items() if k.startswith("test/")})
     if cfg.get("export_dir") and trainer.is_global_zero:
         export(module.net, cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer)
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment; returns the final metrics (val/ppl at conversion as `val/ppl_converted`)."""
+    if cfg.get("ckpt_path"):
+        _resume_settings(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = _instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
+    _check_sizes(cfg, net)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    module = _instantiate(cfg.module, _partial_=True)(net=net, run_config=config)
+
+    callbacks = [_instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [_instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
+    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(config)
+        if isinstance(logger, WandbLogger):
+            log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
+
+    try:
+        metrics = _fit_and_test(cfg, trainer, module, datamodule)
+    finally:
+        # Close W&B runs: a later train() in this process (the demo's second stage, a test) must
+        # start a run of its own rather than continue this one.
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
     for name, value in sorted(metrics.items()):
         log.info("%s = %.4g", name, value)
     if not all(math.isfinite(v) for v in metrics.values()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,6 @@ from dfw.data.tokenizers import load_tokenizer, tokenizer_fingerprint
 from dfw.errors import ConfigError
 
 TOKEN_FILE_FORMAT = 1  # bump when the layout of token files changes; old caches are then ignored
-_STAGES = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
 
 
 class LanguageModelingDataModule(L.LightningDataModule):
@@ -75,8 +75,12 @@ class LanguageModelingDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def token_file(self, split: str) -> Path:
+        return self._token_dir / f"{split}.bin"
+
+    @cached_property
+    def _token_dir(self) -> Path:
         key = short_hash(json.dumps([TOKEN_FILE_FORMAT, tokenizer_fingerprint(self.tokenizer), self.corpus.fingerprint]))
-        return self.cache_dir / "tokens" / f"{self.corpus.name}-{key}" / f"{split}.bin"
+        return self.cache_dir / "tokens" / f"{self.corpus.name}-{key}"
 
     def prepare_data(self) -> None:
         """Download and tokenise whatever is not cached yet (Lightning runs this on one process per node)."""
@@ -84,16 +88,10 @@ class LanguageModelingDataModule(L.LightningDataModule):
             self._ensure_token_file(split)
 
     def setup(self, stage: str | None = None) -> None:
-        for split in _STAGES.get(stage, SPLITS) if stage else SPLITS:
-            if split not in self.datasets:
-                path = self._ensure_token_file(split)  # a no-op after prepare_data
-                dataset = TokenBlocks(path, token_dtype(len(self.tokenizer)), self.block_size)
-                if len(dataset) == 0:
-                    raise ConfigError(
-                        f"data.block_size={self.block_size} is longer than the {split} split "
-                        f"({dataset.num_tokens} tokens); lower data.block_size"
-                    )
-                self.datasets[split] = dataset
+        """Open all three token files whatever the stage: it is cheap, and a split too short for a block
+        is reported before training rather than at the test after it."""
+        for split in SPLITS:
+            self._open(split)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer  # None outside a Trainer: then training starts at step 0 and makes one pass
@@ -101,7 +99,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         world_size = trainer.world_size if trainer else 1
         max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else None
         sampler = ResumableSampler(
-            num_items=len(self.datasets["train"]),
+            num_items=len(self._open("train")),
             seed=self.seed,
             samples_per_step=self.batch_size * accumulate * world_size,
             current_step=lambda: trainer.global_step if trainer else 0,
@@ -118,16 +116,29 @@ class LanguageModelingDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
 
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
-        if split not in self.datasets:
-            self.setup(None)
         return DataLoader(
-            self.datasets[split],
+            self._open(split),
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # Its own generator: starting an iterator then draws no number from the global RNG, so a
+            # resumed run's dropout masks are the ones the uninterrupted run drew.
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
+
+    def _open(self, split: str) -> TokenBlocks:
+        if split not in self.datasets:
+            path = self._ensure_token_file(split)  # a no-op after prepare_data
+            dataset = TokenBlocks(path, token_dtype(len(self.tokenizer)), self.block_size)
+            if len(dataset) == 0:
+                raise ConfigError(
+                    f"data.block_size={self.block_size} is longer than the {split} split "
+                    f"({dataset.num_tokens} tokens); lower data.block_size"
+                )
+            self.datasets[split] = dataset
+        return self.datasets[split]
 
     def _ensure_token_file(self, split: str) -> Path:
         path = self.token_file(split)
@@ -180,7 +191,7 @@ def tokenize_to_file(documents: Iterable[str], tokenizer: PreTrainedTokenizerFas
                 # The Rust tokenizer directly: parallel over the batch, and no special tokens (BOS) added.
                 encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
                 ids: list[int] = []
-                for encoding, (_, ends_document) in zip(encodings, batch):
+                for encoding, (_, ends_document) in zip(encodings, batch, strict=True):
                     ids.extend(encoding.ids)
                     if ends_document:
                         ids.append(eos)
