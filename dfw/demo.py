@@ -7,7 +7,8 @@
    fine-tuning, and the share of softmax quality retained = softmax ppl / DFW ppl (1.0 = as good).
 
 Overrides go to the fine-tuning stage (`trainer.max_steps=100`); prefix them with `teacher.` for the
-pretraining stage (`teacher.trainer.max_steps=200`).
+pretraining stage (`teacher.trainer.max_steps=200`). `--teacher-only` runs (or reuses) stage 1 and
+prints the teacher's directory as the last line, for sweeps that convert the same teacher.
 """
 
 from __future__ import annotations
@@ -89,11 +90,16 @@ def results_table(softmax: dict[str, float], dfw: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    teacher_only = "--teacher-only" in argv
+    argv = [a for a in argv if a != "--teacher-only"]
     teacher_overrides = [a.removeprefix("teacher.") for a in argv if a.startswith("teacher.")]
     student_overrides = [a for a in argv if not a.startswith("teacher.")]
     run_dir = Path("outputs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     try:
         teacher_dir, softmax = pretrain_teacher(teacher_overrides, run_dir)
+        if teacher_only:
+            print(teacher_dir.resolve())
+            return 0
         dfw = finetune(teacher_dir, student_overrides, run_dir)
     except Exception as err:
         config_error = find_config_error(err)
