@@ -70,12 +70,12 @@ def _wikitext(name: str) -> Corpus:
         try:
             rows = datasets.load_dataset(WIKITEXT_REPO, config, split=split)["text"]
         except OSError as error:  # ConnectionError (offline, no cache) and DatasetNotFoundError are OSErrors
-            offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-            reason = "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+            offline = datasets.config.HF_HUB_OFFLINE  # set by HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1
+            reason = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "the hub is unreachable"
             raise ConfigError(
                 f"could not load the dataset {WIKITEXT_REPO} ({config}) for data={name}: {reason} and it is not "
                 f"in the local datasets cache ({type(error).__name__}: {str(error).splitlines()[0]}). "
-                "Run once with network access to cache it, or train on data=shakespeare or data=text"
+                "Run once with network access and offline mode off to cache it, or use data=shakespeare or data=text"
             ) from error
         # Rows are lines (each ends in "\n"); a document is an article, from one title row to the next.
         article: list[str] = []

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
-from dfw.data.corpora import SPLITS, load_corpus, short_hash
+from dfw.data.corpora import SPLITS, Corpus, load_corpus, short_hash
 from dfw.data.sampler import ResumableSampler
 from dfw.data.tokenizers import load_tokenizer, tokenizer_fingerprint
 from dfw.errors import ConfigError
@@ -49,30 +49,34 @@ class LanguageModelingDataModule(L.LightningDataModule):
         seed: int = 0,                        # the training order's seed
         files: Mapping[str, str | Sequence[str]] | None = None,  # data=text: {split: path, glob or list}
     ) -> None:
+        # Only stores the options: they are checked by prepare_data/setup (and `tokenizer`), so a ConfigError
+        # reaches the caller as itself rather than wrapped in Hydra's InstantiationException.
         super().__init__()
-        for option, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{option} must be a positive integer, got {value!r}")
-        if eval_batch_size is not None and eval_batch_size <= 0:
-            raise ConfigError(f"data.eval_batch_size must be a positive integer or null, got {eval_batch_size!r}")
         self.save_hyperparameters(logger=False)  # stored in checkpoints: which data a model was trained on
         self.block_size = block_size
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser()
-        self.corpus = load_corpus(corpus, files, self.cache_dir)  # downloads nothing yet
+        self.corpus_name = corpus
+        self.files = files
         self.tokenizer_spec = tokenizer
-        self._tokenizer: PreTrainedTokenizerFast | None = None
         self.datasets: dict[str, TokenBlocks] = {}
 
-    @property
+    @cached_property
+    def corpus(self) -> Corpus:
+        """Checks the options; reads and downloads nothing yet."""
+        for option in ("block_size", "batch_size", "eval_batch_size"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{option} must be a positive integer, got {value!r}")
+        return load_corpus(self.corpus_name, self.files, self.cache_dir)
+
+    @cached_property
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """Loaded (bpe-<N>: trained) on first use; ready before fit to size a model and to save with it."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_spec, self.corpus, self.cache_dir)
-        return self._tokenizer
+        return load_tokenizer(self.tokenizer_spec, self.corpus, self.cache_dir)
 
     def token_file(self, split: str) -> Path:
         return self._token_dir / f"{split}.bin"
