@@ -59,7 +59,7 @@ def test_chunked_and_recurrent_forms_match_the_paper_loop(gate_bias):
         o, S = results[name]
         assert rel(o, o_ref) < 1e-6, name
         assert rel(S, S_ref) < 1e-6, name
-        for g, g_ref in zip(grads[name], grads["paper"]):
+        for g, g_ref in zip(grads[name], grads["paper"], strict=True):
             assert rel(g, g_ref) < 1e-6, name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -70,3 +71,23 @@ def test_decay_initialisation_is_documented_one(tmp_path):
         u = torch.sigmoid(gate.bias.view(2, 16))
         torch.testing.assert_close(u[0], torch.linspace(1 / 16, 1 - 1 / 16, 16))
         torch.testing.assert_close(u[0], u[1])
+
+
+def test_an_exported_converted_model_is_rebuilt_with_its_new_parameters(tmp_path):
+    from dfw.errors import ConfigError
+    from dfw.model import export
+
+    _save_tiny_gpt2(tmp_path / "hf")
+    attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
+    trained = build_model(_model_cfg(tmp_path / "hf"), attention, _Tokenizer()).eval()
+    with torch.no_grad():  # stand-in for fine-tuning: the new parameters move away from their init
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    export(trained, attention, tmp_path / "export")
+    rebuilt = build_model(_model_cfg(tmp_path / "export"), attention, _Tokenizer()).eval()
+    input_ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(input_ids, use_cache=False).logits, trained(input_ids, use_cache=False).logits)
+    other = OmegaConf.create({"name": "linear", "_target_": "dfw.attention.FastWeightAttention", "_partial_": True})
+    with pytest.raises(ConfigError, match="was converted to attention=decay"):
+        build_model(_model_cfg(tmp_path / "export"), other, _Tokenizer())

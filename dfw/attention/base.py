@@ -71,9 +71,26 @@ class ConvertedAttention(nn.Module):
         run_layer = getattr(cache, "run_attention_layer", None)
         if run_layer is None:
             # Training and plain evaluation (a Hugging Face cache, if one is passed, is not ours: ignored).
+            if cache is not None and T == 1 and self.layer_idx == 0:
+                _refuse_continuation(kwargs.get("position_ids"))
             o, _ = self.core(q, k, v, hidden_states)
         else:
-            # A dfw recurrent cache: it holds this layer's state and picks the parallel or recurrent form.
+            # A dfw cache (`dfw.cache.RecurrentCache`): it holds this layer's state and runs the parallel
+            # form on a prompt, the recurrent form on one new token.
             o = run_layer(self.layer_idx, self.core, q, k, v, hidden_states, attention_mask)
         o = o.reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(o)), None
+
+
+def _refuse_continuation(position_ids: Tensor | None) -> None:
+    """A token after position 0 with a cache that is not ours: its past is lost, so the output would be wrong.
+
+    This is what `model.generate(...)` does when it is not given a `RecurrentCache` (it makes a
+    `DynamicCache`, which converted layers never fill). Checked on single-token calls only, so the
+    training path (no cache) never pays the host sync.
+    """
+    if position_ids is not None and int(position_ids.max()) > 0:
+        raise RuntimeError(
+            "a converted model continued a sequence with a transformers cache, which holds none of its state; "
+            "pass cache=dfw.cache.RecurrentCache(model) to generate (or the forward call), or use_cache=False"
+        )

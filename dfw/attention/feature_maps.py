@@ -1,53 +1,267 @@
 """Feature maps phi: per-head queries and keys [B, T, H, D] -> features [B, T, H, m].
 
-One phi is shared between queries and keys within a layer, as in the kernel view of attention
-(phi(q) . phi(k) approximates or replaces exp(q . k)). Every map is a module built from
-(num_heads, head_dim, state_size); `FEATURE_MAPS` is the registry that `attention.feature_map` names.
+One phi is shared between queries and keys within a head, as in the kernel view of attention
+(phi(q) . phi(k) replaces exp(q . k / sqrt(D))). `FEATURE_MAPS` is the registry that
+`attention.feature_map` names; every map is built from (num_heads, head_dim, state_size, options),
+where `state_size` None means the map's natural size and `options` holds the map-specific settings
+of the attention config (each map reads its own and ignores the rest).
+
+| name       | phi(x)                                                | paper                          |
+|------------|-------------------------------------------------------|--------------------------------|
+| identity   | x                                                     | -                              |
+| linear     | W_h x, learned W_h in R^{m x D}                       | DFW (Mao 2022)                 |
+| elu        | elu(x) + 1                                            | Katharopoulos et al. 2020      |
+| relu_mlp   | relu(W_h x + b_h), learned                            | T2R (Kasai et al. 2021)        |
+| favor      | exp(w_i . x' - |x'|^2 / 2) / sqrt(m), x' = x D^-1/4   | Performer (Choromanski 2021)   |
+| rff        | [sin(w_i . s*x^), cos(w_i . s*x^)] / sqrt(m/2)        | RFA (Peng et al. 2021)         |
+| dpfp       | [r_i r_{i+j}], r = [relu(x), relu(-x)], j = 1..nu     | Schlag et al. 2021             |
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class IdentityFeatureMap(nn.Module):
+class FeatureMap(nn.Module):
+    """Base class. `nonnegative`: every feature is >= 0, so sums of features are safe to divide by."""
+
+    nonnegative = False
+    # Features are divided by a per-query factor for numerical range: only a normalisation cancels it.
+    needs_normalization = False
+
+    def __init__(self, num_heads: int, head_dim: int, state_size: int | None, options: dict[str, Any]):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.output_size = head_dim if state_size is None else state_size
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def training_call(self) -> None:
+        """Called once per training-mode call of the attention core (random features redraw here)."""
+
+
+def _require_size(name: str, natural: int, state_size: int | None, how: str) -> int:
+    if state_size is not None and state_size != natural:
+        raise ValueError(
+            f"feature_map={name} has state size {how} = {natural}, got state_size={state_size}; "
+            f"set attention.state_size=null (or {natural})"
+        )
+    return natural
+
+
+class IdentityFeatureMap(FeatureMap):
     """phi(x) = x: no parameters; the state size is the head size."""
 
-    def __init__(self, num_heads: int, head_dim: int, state_size: int):
-        super().__init__()
-        if state_size != head_dim:
-            raise ValueError(f"feature_map=identity needs state_size == head size ({head_dim}), got {state_size}")
-        self.output_size = head_dim
+    def __init__(self, num_heads, head_dim, state_size, options):
+        super().__init__(num_heads, head_dim, state_size, options)
+        self.output_size = _require_size("identity", head_dim, state_size, "head size")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return x
 
 
-class LinearFeatureMap(nn.Module):
+class LinearFeatureMap(FeatureMap):
     """phi(x) = W_h x with a learned W_h in R^{m x D} per head (DFW, Mao 2022).
 
-    Initialisation: the identity when m == D, so the converted layer starts from the pretrained
+    Conversion: the identity when m == D, so the converted layer starts from the pretrained
     q . k; otherwise a random semi-orthogonal W_h (orthonormal rows or columns), which keeps
     inner products as well as a map of that size can.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, state_size: int):
-        super().__init__()
-        self.output_size = state_size
-        weight = torch.empty(num_heads, state_size, head_dim)  # (H, m, D)
+    def __init__(self, num_heads, head_dim, state_size, options):
+        super().__init__(num_heads, head_dim, state_size, options)
+        weight = torch.empty(num_heads, self.output_size, head_dim)  # (H, m, D)
         for h in range(num_heads):
-            if state_size == head_dim:
+            if self.output_size == head_dim:
                 nn.init.eye_(weight[h])
             else:
                 nn.init.orthogonal_(weight[h])
         self.weight = nn.Parameter(weight)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return torch.einsum("bthd,hmd->bthm", x, self.weight.to(x.dtype))  # (B, T, H, m)
 
 
-FEATURE_MAPS: dict[str, type[nn.Module]] = {
+class EluFeatureMap(FeatureMap):
+    """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020): no parameters; state size = head size."""
+
+    nonnegative = True
+
+    def __init__(self, num_heads, head_dim, state_size, options):
+        super().__init__(num_heads, head_dim, state_size, options)
+        self.output_size = _require_size("elu", head_dim, state_size, "head size")
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        return F.elu(x) + 1.0
+
+
+class ReluMLPFeatureMap(FeatureMap):
+    """phi(x) = relu(W_h x + b_h), W_h in R^{m x D}, one per head, shared by q and k (T2R, Kasai et al. 2021).
+
+    Conversion: as in T2R, a random single-layer MLP (PyTorch's nn.Linear initialisation, per head);
+    no choice of it reproduces exp(q . k), so fine-tuning starts away from the pretrained attention.
+    """
+
+    nonnegative = True
+
+    def __init__(self, num_heads, head_dim, state_size, options):
+        super().__init__(num_heads, head_dim, state_size, options)
+        bound = 1.0 / math.sqrt(head_dim)  # nn.Linear's default bounds for fan_in = D
+        self.weight = nn.Parameter(torch.empty(num_heads, self.output_size, head_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_heads, self.output_size).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        return F.relu(torch.einsum("bthd,hmd->bthm", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype))
+
+
+class RandomFeatureMap(FeatureMap):
+    """Shared machinery of random-feature maps: a persistent buffer of random directions per head,
+    redrawn every `redraw_interval` training-mode calls (None: never), fixed in evaluation.
+
+    Draw n of layer l comes from a generator seeded with (seed, layer_idx, n), so two cores built with
+    the same settings hold the same features, and an exported model keeps the ones it was trained with
+    (the buffer is saved in its state dict).
+    """
+
+    def __init__(self, num_heads, head_dim, state_size, options):
+        super().__init__(num_heads, head_dim, state_size, options)
+        redraw_interval = options.get("redraw_interval")
+        if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval <= 0):
+            raise ValueError(f"attention.redraw_interval must be a positive integer or null, got {redraw_interval!r}")
+        self.redraw_interval = redraw_interval
+        self.seed = int(options.get("seed", 0))
+        self.layer_idx = int(options.get("layer_idx", 0))
+        # The count lives in a buffer (saved with the model, so a resumed run redraws on schedule) and
+        # in a Python int (read every call without a device sync).
+        self.calls = 0
+        self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("projection", self.draw(0))  # (H, n, D)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "calls", int(module.training_calls)))
+
+    def sample(self, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def draw(self, index: int) -> Tensor:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.layer_idx) * 1_000_003 + index)
+        return self.sample(generator)
+
+    def training_call(self) -> None:
+        if self.redraw_interval is not None and self.calls > 0 and self.calls % self.redraw_interval == 0:
+            self.projection.copy_(self.draw(self.calls // self.redraw_interval))
+        self.calls += 1
+        self.training_calls.fill_(self.calls)
+
+    def extra_repr(self) -> str:
+        return f"size={self.output_size}, redraw_interval={self.redraw_interval}, seed={self.seed}"
+
+
+class FavorFeatureMap(RandomFeatureMap):
+    """Performer's FAVOR+ (Choromanski et al. 2021): positive orthogonal random features.
+
+        phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),   x' = x / D^{1/4},   E[phi(q) . phi(k)] = exp(q . k / sqrt(D))
+
+    W [m, D] per head: blocks of D orthogonal rows (QR of a Gaussian), each row rescaled to the norm of
+    a Gaussian vector (chi-distributed), as in the paper. No learned parameters.
+
+    Range: a key feature is at most exp(|w|^2 / 2) (the exponent w.x' - |x'|^2/2 peaks at x' = w), so
+    keys need no stabiliser. A query's features are divided by exp(max_i of its exponents), a
+    per-query factor that the denominator (or sum) normalisation cancels exactly; hence favor needs one.
+    """
+
+    nonnegative = True
+    needs_normalization = True
+
+    def sample(self, generator: torch.Generator) -> Tensor:
+        H, m, D = self.num_heads, self.output_size, self.head_dim
+        blocks = []
+        for _ in range(math.ceil(m / D) * H):
+            q, r = torch.linalg.qr(torch.randn(D, D, generator=generator, dtype=torch.float64))
+            q = q * torch.sign(torch.diagonal(r))  # sign fix: without it the directions are not uniform
+            blocks.append(q.T)  # (D, D), orthonormal rows
+        rows = torch.stack(blocks).reshape(H, -1, D)[:, :m]  # (H, m, D)
+        norms = torch.randn(H, m, D, generator=generator, dtype=torch.float64).norm(dim=-1, keepdim=True)
+        return (rows * norms).float()  # (H, m, D)
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype) * self.head_dim**-0.25  # (B, T, H, D)
+        exponent = torch.einsum("bthd,hmd->bthm", x, self.projection.to(dtype))  # (B, T, H, m)
+        exponent = exponent - 0.5 * x.square().sum(-1, keepdim=True)
+        if is_query:
+            exponent = exponent - exponent.amax(-1, keepdim=True).detach()
+        return exponent.exp() * self.output_size**-0.5
+
+
+class RandomFourierFeatureMap(RandomFeatureMap):
+    """RFA's random Fourier features (Peng et al. 2021) of l2-normalised inputs, with a scale s:
+
+        phi(x) = [sin(W (s * x^)), cos(W (s * x^))] / sqrt(n),   x^ = x / |x|,   n = m / 2 rows of W ~ N(0, I)
+
+    so that E[phi(q) . phi(k)] = exp(-|s*(q^ - k^)|^2 / 2), proportional to exp(q^ . k^) for s = 1
+    (the norms are constant after normalisation, and the denominator cancels the constant).
+    s [H, D] is learned when `learned_scale` (RFA's learned variance, sigma = 1/s), else fixed.
+    Conversion: s = 1 (our choice; the papers do not state one). The features are signed, so the
+    denominator can come near zero: as in RFA, it is clamped.
+    """
+
+    def __init__(self, num_heads, head_dim, state_size, options):
+        state_size = 2 * head_dim if state_size is None else state_size
+        if state_size % 2:
+            raise ValueError(f"feature_map=rff needs an even state_size (sin and cos halves), got {state_size}")
+        super().__init__(num_heads, head_dim, state_size, options)
+        scale = torch.ones(num_heads, head_dim)  # (H, D)
+        if options.get("learned_scale", True):
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+
+    def sample(self, generator: torch.Generator) -> Tensor:
+        H, n, D = self.num_heads, self.output_size // 2, self.head_dim
+        return torch.randn(H, n, D, generator=generator)  # (H, m/2, D)
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = F.normalize(x.to(dtype), dim=-1) * self.scale.to(dtype)  # (B, T, H, D)
+        angle = torch.einsum("bthd,hnd->bthn", x, self.projection.to(dtype))  # (B, T, H, m/2)
+        return torch.cat([angle.sin(), angle.cos()], dim=-1) * (self.output_size // 2) ** -0.5  # (B, T, H, m)
+
+
+class DPFPFeatureMap(FeatureMap):
+    """Deterministic parameter-free projection of order nu (Schlag et al. 2021), size m = 2 D nu:
+
+        r = [relu(x), relu(-x)] in R^{2D},   phi(x) = [r * roll(r, j) for j = 1..nu]
+    """
+
+    nonnegative = True
+
+    def __init__(self, num_heads, head_dim, state_size, options):
+        super().__init__(num_heads, head_dim, state_size, options)
+        order = options.get("dpfp_order", 1)
+        if not isinstance(order, int) or not 1 <= order < 2 * head_dim:
+            raise ValueError(f"attention.dpfp_order must be an integer in [1, {2 * head_dim - 1}], got {order!r}")
+        self.order = order
+        self.output_size = _require_size("dpfp", 2 * head_dim * order, state_size, "2 * head size * dpfp_order")
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (B, T, H, 2D)
+        return torch.cat([r * r.roll(j, dims=-1) for j in range(1, self.order + 1)], dim=-1)  # (B, T, H, 2D nu)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}, size={self.output_size}"
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "identity": IdentityFeatureMap,
     "linear": LinearFeatureMap,
+    "elu": EluFeatureMap,
+    "relu_mlp": ReluMLPFeatureMap,
+    "favor": FavorFeatureMap,
+    "rff": RandomFourierFeatureMap,
+    "dpfp": DPFPFeatureMap,
 }

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ConfigError
 from .base import AttentionCore, State
 
 
@@ -16,8 +17,23 @@ class SoftmaxAttention(AttentionCore):
     so a converted model with this core gives the logits of the unmodified Hugging Face model.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int = 0, scaling: float | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        layer_idx: int = 0,
+        scaling: float | None = None,
+        **options,
+    ):
         super().__init__()
+        if options:
+            # Options of the fast-weight family (state_size, feature_map, ...) left in a softmax config.
+            names = ", ".join(f"attention.{name}" for name in sorted(options))
+            raise ConfigError(
+                f"attention=softmax takes no {names} (softmax keeps a KV cache, not a fixed-size state); "
+                "remove it, or pick a recurrent preset such as attention=decay"
+            )
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scaling = head_dim**-0.5 if scaling is None else scaling
 

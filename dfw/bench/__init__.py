@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m dfw.bench {kernel,attention,decode}`."""

@@ -1,0 +1,158 @@
+"""`python -m dfw.bench attention [--shape gpt2-small] [--presets decay,softmax] [--device cuda]`
+
+One table row per preset of conf/attention/, at a named shape: the training step of one attention
+layer's core (forward + backward through q, k, v, x and the core's parameters, the parallel form),
+as tokens/s (median over repeats, after a warm-up); the memory it takes (CUDA: peak allocated during
+the step; every device: the bytes autograd saves for the backward); and the state a model of the
+shape's depth keeps per sequence for generation after T tokens (softmax: its KV cache, which grows
+with T; the recurrent presets: a fixed-size state).
+
+The q/k/v projections, MLPs and LM head are the same for every preset and are left out. On CUDA the
+step runs under bf16 autocast, as training does; on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dfw.model import core_factory
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "attention"
+PRESETS = ("softmax", "linear", "performer", "rfa", "t2r", "delta", "decay")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int  # sequences per step
+    seq_len: int  # T
+    num_heads: int  # H
+    head_dim: int  # D
+    num_layers: int  # for the state size of a whole model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+SHAPES = {
+    "gpt2-small": Shape(batch=8, seq_len=1024, num_heads=12, head_dim=64, num_layers=12),  # GPU default
+    "gpt2-small-cpu": Shape(batch=1, seq_len=512, num_heads=12, head_dim=64, num_layers=12),  # CPU default
+    "tiny": Shape(batch=2, seq_len=64, num_heads=2, head_dim=16, num_layers=2),  # smoke test
+}
+
+
+def build_core(preset: str, shape: Shape, device: torch.device):
+    node = OmegaConf.load(CONF / f"{preset}.yaml")
+    if node.get("state_size") is not None and node.state_size == 64:
+        node.state_size = shape.head_dim  # the presets' m = GPT-2's head size; follow the shape's
+    factory = core_factory(node)
+    return factory(hidden_size=shape.hidden_size, num_heads=shape.num_heads, head_dim=shape.head_dim, layer_idx=0).to(device)
+
+
+def _saved_bytes(step) -> int:
+    """Bytes of the tensors autograd saves for the backward (distinct storages), over one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(backward=False)
+    return sum(storages.values())
+
+
+def measure(preset: str, shape: Shape, device: torch.device, warmup: int, repeats: int) -> dict[str, float | str]:
+    torch.manual_seed(0)
+    core = build_core(preset, shape, device).train()
+    B, T, H, D, C = shape.batch, shape.seq_len, shape.num_heads, shape.head_dim, shape.hidden_size
+    q, k, v = (torch.randn(B, T, H, D, device=device, requires_grad=True) for _ in range(3))
+    x = torch.randn(B, T, C, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(backward: bool = True) -> None:
+        with autocast:
+            o, _ = core(q, k, v, x)
+        if backward:
+            o.float().square().mean().backward()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    peak = "-"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        sync()
+        peak = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**20:.1f}"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    state_bytes = core.state_bytes(1, T) * shape.num_layers  # per sequence, whole model
+    return {
+        "preset": preset,
+        "tokens/s": B * T / statistics.median(times),
+        "peak MiB": peak,
+        "saved MiB": _saved_bytes(step) / 2**20,
+        "state/seq": state_bytes,
+        "params": sum(p.numel() for p in core.parameters()),
+    }
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dfw.bench attention", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="default: gpt2-small on CUDA, gpt2-small-cpu on CPU")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated conf/attention names")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shape_name = args.shape or ("gpt2-small" if device.type == "cuda" else "gpt2-small-cpu")
+    shape = SHAPES[shape_name]
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    unknown = [p for p in presets if not (CONF / f"{p}.yaml").is_file()]
+    if unknown:
+        parser.error(f"no conf/attention/{unknown[0]}.yaml; choose from {', '.join(PRESETS)}")
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    precision = "bf16 autocast" if device.type == "cuda" else "float32"
+    print(
+        f"attention core, one layer, training step (forward + backward), shape {shape_name}: "
+        f"B={shape.batch} T={shape.seq_len} H={shape.num_heads} D={shape.head_dim}; {where}, {precision}; "
+        f"median of {args.repeats} after {args.warmup} warm-up"
+    )
+    print(f"state/seq: generation state per sequence after T tokens, {shape.num_layers} layers, as kept (fp32 states, KV cache in fp32)")
+    header = f"{'preset':<10} {'tokens/s':>12} {'peak MiB':>9} {'saved MiB':>10} {'state/seq':>12} {'new params':>11}"
+    print(header)
+    print("-" * len(header))
+    for preset in presets:
+        row = measure(preset, shape, device, args.warmup, args.repeats)
+        print(
+            f"{row['preset']:<10} {row['tokens/s']:>12,.0f} {row['peak MiB']:>9} {row['saved MiB']:>10.1f} "
+            f"{_bytes(row['state/seq']):>12} {row['params']:>11,}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""`python -m dfw.bench decode`: per-token decode latency and cache memory against context length.
+
+In one process, for each batch size, two models of the same shape and random weights:
+  softmax   Hugging Face GPT2LMHeadModel (SDPA) with its KV cache (DynamicCache), one eager forward per
+            token, as `generate` runs it: the KV cache grows by 2 * layers * width values per token.
+  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size 64)
+            with `dfw.cache.RecurrentCache`: a fixed-size state per layer. On a GPU its decode step is
+            also captured in a CUDA graph (static state and input buffers, updated in place), so that
+            kernel-launch overhead on the host does not hide the O(1) cost per token: row `dfw (graph)`.
+Each context is reached by prefilling random tokens in chunks (the parallel form), then --warmup
+decode steps, then the median over --steps timed steps (greedy: each step feeds back its argmax).
+
+Fixed, named sizes (--size): `gpu` is GPT-2 small (12 layers, 12 heads of 64, bfloat16) at contexts
+256 to 16,384 and batch 1 and 32; `cpu` is a 4-layer, 256-wide GPT-2 (heads of 64, float32) at
+contexts 256 to 2,048 and batch 1 and 8, small enough for a laptop. GPT-2 has 1,024 learned positions;
+here the models are built with enough positions for the longest context (random weights: for timing
+only), which the output says.
+
+    python -m dfw.bench decode                         # --size gpu on a GPU, cpu otherwise
+    python -m dfw.bench decode --size gpu --plot outputs/bench/decode_gpu.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from ..cache import RecurrentCache, cache_bytes
+from ..model import core_factory
+from ..surgery import convert_attention
+
+log = logging.getLogger(__name__)
+ATTENTION = Path(__file__).resolve().parents[2] / "conf" / "attention"
+
+
+@dataclass(frozen=True)
+class Size:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dtype: torch.dtype
+    contexts: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    prefill_chunk: int  # tokens per prefill call
+    steps: int
+    warmup: int
+
+
+SIZES = {
+    "gpu": Size(12, 12, 768, torch.bfloat16, (256, 512, 1024, 2048, 4096, 8192, 16384), (1, 32), 1024, 50, 10),
+    "cpu": Size(4, 4, 256, torch.float32, (256, 512, 1024, 2048), (1, 8), 256, 10, 3),
+}
+VOCAB = 50257
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    context: int
+    ms_per_token: float
+    state_bytes: int
+    peak_bytes: int | None = None  # CUDA: peak allocated during the timed steps, model weights included
+    notes: list[str] = field(default_factory=list)
+
+
+def build(size: Size, attention: str | None, n_positions: int, device: torch.device) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=n_positions, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    net = GPT2LMHeadModel(config)
+    if attention is not None:
+        convert_attention(net, core_factory(OmegaConf.load(ATTENTION / f"{attention}.yaml")))
+    return net.to(device=device, dtype=size.dtype).eval()
+
+
+class Decoder:
+    """One model, one batch: prefill to a context, then time greedy decode steps (eager or a CUDA graph)."""
+
+    def __init__(self, net: GPT2LMHeadModel, batch: int, device: torch.device, recurrent: bool, graph: bool):
+        self.net, self.device, self.graph = net, device, graph
+        self.cache = RecurrentCache(net) if recurrent else DynamicCache(config=net.config)
+        self.seen = 0
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1), the token being fed
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # (1, 1)
+        self.captured: torch.cuda.CUDAGraph | None = None
+
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=ids, position_ids=position_ids, cache=self.cache, use_cache=True).logits
+
+    def prefill(self, context: int, chunk: int, generator: torch.Generator) -> None:
+        B = self.ids.shape[0]
+        while self.seen < context:
+            n = min(chunk, context - self.seen)
+            ids = torch.randint(0, VOCAB, (B, n), generator=generator).to(self.device)  # (B, n)
+            positions = torch.arange(self.seen, self.seen + n, device=self.device)[None]  # (1, n)
+            self.forward(ids, positions)
+            self.seen += n
+
+    def _step(self) -> None:
+        logits = self.forward(self.ids, self.position)  # (B, 1, V)
+        self.ids.copy_(logits[:, -1:].argmax(dim=-1))  # greedy: the next input
+        self.position.add_(1)
+
+    def _capture(self) -> None:
+        """Record one decode step; replays read and write the same state, ids and position buffers."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocations, lazy initialisation)
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.captured = graph
+
+    def step(self) -> None:
+        if self.captured is not None:
+            self.captured.replay()
+        else:
+            self._step()
+        self.seen += 1
+
+    def time_steps(self, warmup: int, steps: int) -> float:
+        """Median ms per decode step; the position buffer is re-synchronised with the context first."""
+        self.position.fill_(self.seen)
+        if self.graph and self.captured is None:
+            before = self.position.clone()
+            self._capture()
+            self.seen += int(self.position - before)
+            if isinstance(self.cache, RecurrentCache):  # replays do not run Python: keep the count honest
+                for layer in self.cache.layers:
+                    layer.seen_tokens = self.seen
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):
+            self.step()
+        sync()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            sync()
+            times.append(time.perf_counter() - start)
+        if isinstance(self.cache, RecurrentCache):
+            for layer in self.cache.layers:
+                layer.seen_tokens = self.seen
+        return 1e3 * statistics.median(times)
+
+
+def run(size: Size, device: torch.device, graphs: bool, attention: str = "decay") -> tuple[list[Row], list[str]]:
+    n_positions = max(size.contexts) + 4 * (size.warmup + size.steps) + 16
+    notes = [
+        f"models: GPT-2 shape, {size.n_layer} layers, {size.n_head} heads of {size.n_embd // size.n_head}, "
+        f"{str(size.dtype).removeprefix('torch.')}, random weights, {n_positions} learned positions "
+        f"(GPT-2 has 1024: raised so that every context fits; for timing only)",
+    ]
+    variants: list[tuple[str, str | None, bool]] = [("softmax", None, False), ("dfw", attention, False)]
+    if device.type == "cuda" and graphs:
+        variants.append(("dfw (graph)", attention, True))
+    rows = []
+    for name, core, graph in variants:
+        net = build(size, core, n_positions, device)
+        for batch in size.batch_sizes:
+            generator = torch.Generator().manual_seed(batch)
+            decoder = Decoder(net, batch, device, recurrent=core is not None, graph=graph)
+            for context in size.contexts:
+                row = Row(name, batch, context, float("nan"), 0)
+                try:
+                    with torch.no_grad():
+                        decoder.prefill(context, size.prefill_chunk, generator)
+                        row.state_bytes = cache_bytes(decoder.cache)  # after exactly `context` tokens
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        row.ms_per_token = decoder.time_steps(size.warmup, size.steps)
+                    if device.type == "cuda":
+                        row.peak_bytes = torch.cuda.max_memory_allocated(device)
+                except torch.cuda.OutOfMemoryError:
+                    row.notes.append("out of memory")
+                    rows.append(row)
+                    break
+                except RuntimeError as error:
+                    if graph and decoder.captured is None:  # capture failed: say so, and time eagerly
+                        notes.append(f"{name}: CUDA graph capture failed ({str(error).splitlines()[0][:100]}); eager")
+                        decoder.graph = False
+                        with torch.no_grad():
+                            row.ms_per_token = decoder.time_steps(size.warmup, size.steps)
+                    else:
+                        raise
+                rows.append(row)
+                print(format_row(row), flush=True)
+            del decoder
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del net
+    return rows, notes
+
+
+HEADER = f"{'model':<12} {'batch':>5} {'context':>8} {'ms/token':>9} {'tokens/s':>10} {'state MiB':>10} {'MiB/seq':>8} {'peak MiB':>9}"
+
+
+def format_row(row: Row) -> str:
+    tokens_per_s = row.batch * 1e3 / row.ms_per_token if row.ms_per_token == row.ms_per_token else float("nan")
+    per_sequence = row.state_bytes / row.batch / 2**20
+    peak = f"{row.peak_bytes / 2**20:9.0f}" if row.peak_bytes is not None else f"{'-':>9}"
+    notes = f"  {'; '.join(row.notes)}" if row.notes else ""
+    return (
+        f"{row.model:<12} {row.batch:>5} {row.context:>8} {row.ms_per_token:>9.2f} {tokens_per_s:>10.0f} "
+        f"{row.state_bytes / 2**20:>10.2f} {per_sequence:>8.3f} {peak}{notes}"
+    )
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """Flatness of each curve (slowest over fastest context) and softmax over dfw at equal batch and context."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        for batch in dict.fromkeys(r.batch for r in rows):
+            curve = [r for r in rows if r.model == model and r.batch == batch and r.ms_per_token == r.ms_per_token]
+            if len(curve) < 2:
+                continue
+            times = [r.ms_per_token for r in curve]
+            states = {r.state_bytes for r in curve}
+            lines.append(
+                f"{model:<12} batch {batch:>3}: ms/token {min(times):.2f} to {max(times):.2f} "
+                f"(slowest / fastest = {max(times) / min(times):.2f}) from {curve[0].context} to {curve[-1].context} tokens; "
+                f"state {'constant' if len(states) == 1 else 'grows'}: "
+                f"{min(states) / curve[0].batch / 2**20:.2f} to {max(states) / curve[0].batch / 2**20:.2f} MiB per sequence"
+            )
+    fastest = {}
+    for r in rows:
+        if r.model != "softmax" and r.ms_per_token == r.ms_per_token:
+            key = (r.batch, r.context)
+            fastest[key] = min(fastest.get(key, float("inf")), r.ms_per_token)
+    for r in rows:
+        if r.model == "softmax" and (r.batch, r.context) in fastest and r.context == max(x.context for x in rows if x.batch == r.batch and x.model == "softmax"):
+            lines.append(f"softmax / fastest dfw at batch {r.batch}, context {r.context}: {r.ms_per_token / fastest[(r.batch, r.context)]:.1f}x")
+    return lines
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for model in dict.fromkeys(r.model for r in rows):
+        for batch in dict.fromkeys(r.batch for r in rows):
+            curve = [r for r in rows if r.model == model and r.batch == batch and r.ms_per_token == r.ms_per_token]
+            if not curve:
+                continue
+            contexts = [r.context for r in curve]
+            style = "-" if model == "softmax" else "--" if model == "dfw" else ":"
+            label = f"{model}, batch {batch}"
+            ax_time.plot(contexts, [r.ms_per_token for r in curve], style, marker="o", label=label)
+            ax_memory.plot(contexts, [r.state_bytes / r.batch / 2**20 for r in curve], style, marker="o", label=label)
+    ax_time.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step", title="decode latency")
+    ax_memory.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB per sequence", title="cache / state memory")
+    for ax in (ax_time, ax_memory):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dfw.bench decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=[*SIZES, "auto"], default="auto", help="auto: gpu on a GPU, cpu otherwise")
+    parser.add_argument("--contexts", type=int, nargs="+", help="override the size's context lengths")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="override the size's batch sizes")
+    parser.add_argument("--steps", type=int, help="timed decode steps per point (median)")
+    parser.add_argument("--warmup", type=int, help="untimed decode steps per point")
+    parser.add_argument("--attention", default="decay", help="conf/attention preset of the converted model")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, time the eager decode step only")
+    parser.add_argument("--plot", type=Path, default=Path("outputs/bench/decode.png"), help="where to write the PNG")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = SIZES["gpu" if device.type == "cuda" else "cpu"] if args.size == "auto" else SIZES[args.size]
+    overrides = {
+        "contexts": tuple(sorted(args.contexts)) if args.contexts else None,
+        "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    size = Size(**{**size.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"decode benchmark on {where}: median of {size.steps} steps after {size.warmup} warm-up steps per point")
+    print(HEADER, flush=True)
+    rows, notes = run(size, device, graphs=not args.no_cuda_graph, attention=args.attention)
+    print()
+    for line in summary(rows) + notes:
+        print(line)
+    title = f"{where}; {notes[0]}"
+    plot(rows, args.plot, title)
+    print(f"plot: {args.plot}")
+    return 0

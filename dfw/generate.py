@@ -1,0 +1,219 @@
+"""Generate text: `python -m dfw.generate model=<exported dir | .ckpt | hub id> prompt="..."`.
+
+Loads the model (see `load_for_generation`), streams the continuation to the terminal, and reports
+tokens per second and the memory the cache holds at the end: a converted model decodes with
+`dfw.cache.RecurrentCache` (a fixed-size state per layer), a softmax model with transformers' KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+    TextStreamer,
+    set_seed,
+)
+from transformers.generation.streamers import BaseStreamer
+
+import dfw  # noqa: F401  (registers the config resolvers)
+
+from .attention import ConvertedAttention
+from .cache import RecurrentCache, cache_bytes
+from .config import auto_precision
+from .data.tokenizers import gpt2_tokenizer, load_tokenizer
+from .errors import ConfigError
+from .model import _from_pretrained, core_factory, load_exported, saved_attention
+from .surgery import convert_attention
+
+log = logging.getLogger(__name__)
+
+GPT2_HEAD_SIZE = 64  # every released GPT-2 (small to xl) has 64-dimensional heads
+
+
+def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer that `source` names.
+
+    - a `.ckpt` written by `dfw.train`: its stored run config rebuilds the model (no training config needed);
+    - a directory exported by `dfw.train` (`dfw_attention.yaml` beside the Hugging Face files);
+    - a Hugging Face directory or hub id: a softmax GPT-2 (offline, the hub id must be in the local cache).
+    A softmax model is always returned as a plain `GPT2LMHeadModel` (same weights, transformers' KV cache).
+    """
+    path = Path(source).expanduser()
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ConfigError(f"model={source!r}: no such checkpoint; pass an existing .ckpt (e.g. <run>/checkpoints/last.ckpt)")
+        return _from_checkpoint(path)
+    attention = saved_attention(path) if path.is_dir() else None
+    if attention is not None and attention.get("name") != "softmax":
+        net = load_exported(path)
+    else:
+        try:
+            net = _from_pretrained(source)
+        except ConfigError as err:  # its message names the training option; here the option is `model`
+            raise ConfigError(str(err).replace("model.pretrained=", "model=")) from None
+    tokenizer = load_tokenizer(str(path), None, None) if (path / "tokenizer.json").is_file() else gpt2_tokenizer()
+    return net, tokenizer
+
+
+def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = checkpoint.get("hyper_parameters", {}).get("config")
+    if config is None:
+        raise ConfigError(f"model={str(path)!r} has no run config in its hyperparameters: not a checkpoint written by dfw.train")
+    cfg = OmegaConf.create(config)
+    spec = cfg.model.get("tokenizer") or "gpt2"
+    # gpt2 and saved directories need no corpus; bpe-<N> is found through the run's data config.
+    tokenizer = gpt2_tokenizer() if spec == "gpt2" else hydra.utils.instantiate(cfg.data).tokenizer
+    weights = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
+    net = GPT2LMHeadModel(_gpt2_config(cfg.model, weights, tokenizer))
+    if cfg.attention.get("name") != "softmax":
+        convert_attention(net, core_factory(cfg.attention))
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if key != "lm_head.weight"]  # tied to transformer.wte.weight
+    if missing or unexpected:
+        raise ConfigError(f"model={str(path)!r}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    net.tie_weights()
+    return net, tokenizer
+
+
+def _gpt2_config(model: DictConfig, weights: dict[str, torch.Tensor], tokenizer) -> GPT2Config:
+    """The architecture of a checkpoint's GPT-2, without downloading anything."""
+    if not model.get("pretrained"):  # a random initialisation from model.config, as build_model made it
+        fields = OmegaConf.to_container(model.config, resolve=True) if model.get("config") else {}
+        eos = tokenizer.eos_token_id
+        return GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **fields)
+    try:  # a local directory, or a hub id whose config is in the local cache
+        return GPT2Config.from_pretrained(str(model.pretrained))
+    except OSError:
+        pass
+    vocab_size, n_embd = weights["transformer.wte.weight"].shape
+    n_layer = len({key.split(".")[2] for key in weights if key.startswith("transformer.h.")})
+    log.warning(
+        "config of %s not found locally: architecture read from the checkpoint's shapes (head size %d, as in every GPT-2)",
+        model.pretrained, GPT2_HEAD_SIZE,
+    )  # fmt: skip
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=weights["transformer.wpe.weight"].shape[0], n_embd=n_embd,
+        n_layer=n_layer, n_head=n_embd // GPT2_HEAD_SIZE,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+
+
+def is_converted(net: torch.nn.Module) -> bool:
+    return any(isinstance(module, ConvertedAttention) for module in net.modules())
+
+
+class _Clock(BaseStreamer):
+    """Times generation from the first new token on (decode speed, without the prompt), optionally printing."""
+
+    def __init__(self, printer: TextStreamer | None = None):
+        self.printer, self.calls, self.first_token_at, self.end_at = printer, 0, None, None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1  # the first call is the prompt, then one call per generated token
+        if self.calls == 2:
+            self.first_token_at = time.perf_counter()
+        if self.printer is not None:
+            self.printer.put(value)
+
+    def end(self) -> None:
+        self.end_at = time.perf_counter()
+        if self.printer is not None:
+            self.printer.end()
+
+
+def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+    name = cfg.dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and auto_precision() == "bf16-mixed" else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return device, getattr(torch, name)
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Load, generate, print; returns the texts (prompt + continuation) and the measurements."""
+    device, dtype = _device_and_dtype(cfg)
+    net, tokenizer = load_for_generation(str(cfg.model))
+    net = net.to(device=device, dtype=dtype).eval()
+    prompts = list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [str(cfg.prompt)]
+    tokenizer.padding_side = "left"  # decoder-only generation: pads before the prompt (see dfw.cache)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    prompt_length = batch["input_ids"].shape[1]
+    if prompt_length + cfg.max_new_tokens > net.config.n_positions:
+        raise ConfigError(
+            f"prompt ({prompt_length} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+            f"{net.config.n_positions} learned positions; lower max_new_tokens"
+        )
+    converted = is_converted(net)
+    cache = RecurrentCache(net) if converted else DynamicCache(config=net.config)
+    sampling = cfg.temperature > 0
+    options = dict(do_sample=sampling, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p) if sampling else dict(do_sample=False)
+    clock = _Clock(TextStreamer(tokenizer) if len(prompts) == 1 else None)
+
+    set_seed(cfg.seed)
+    with torch.inference_mode():
+        output = net.generate(
+            **batch, cache=cache, max_new_tokens=cfg.max_new_tokens, streamer=clock,
+            pad_token_id=tokenizer.pad_token_id, **options,
+        )  # fmt: skip
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    if len(prompts) > 1:
+        for text in texts:
+            print(text, end="\n\n")
+    new_tokens = (output.shape[1] - prompt_length) * output.shape[0]
+    decode_seconds = (clock.end_at - clock.first_token_at) if clock.first_token_at else float("nan")
+    decode_tokens = (output.shape[1] - prompt_length - 1) * output.shape[0]  # after the first new token
+    result = {
+        "texts": texts,
+        "new_tokens": new_tokens,
+        "tokens_per_second": decode_tokens / decode_seconds if decode_seconds > 0 else float("nan"),
+        "cache_bytes": cache_bytes(cache),
+        "cache": "recurrent state" if converted else "KV cache",
+        "positions": output.shape[1],
+    }
+    print(
+        f"\n[{new_tokens} new tokens, batch {output.shape[0]}, {device.type} {str(dtype).removeprefix('torch.')}: "
+        f"{result['tokens_per_second']:.1f} tokens/s decoding; {result['cache']}: "
+        f"{result['cache_bytes'] / 2**20:.2f} MiB after {result['positions']} positions]"
+    )
+    return result
+
+
+# `model` is a config group in conf/ (for training, model=gpt2 picks conf/model/gpt2.yaml), so Hydra would
+# read `model=<path>` as a group choice. Served from the ConfigStore, whose search path has no such group,
+# conf/generate.yaml takes `model=<anything>` as a value.
+ConfigStore.instance().store(name="generate", node=OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "generate.yaml"))
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    from .train import find_config_error
+
+    try:
+        generate(cfg)
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        log.error("error: %s", config_error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
