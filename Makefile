@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Offline-safe defaults for tests: no hub retries, W&B writes to disk.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q
+
+# On a machine with an NVIDIA GPU: build the kernel, run the GPU tests, print the kernel benchmark.
+gpu-check: install
+	PY=$(PY) kernels/gpu_check.sh
 
 lint: install
 	$(VENV)/bin/ruff check dfw kernels tests
