@@ -26,7 +26,6 @@ import argparse
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +55,9 @@ class Size:
 
 
 SIZES = {
-    "gpu": Size(12, 12, 768, torch.bfloat16, (256, 512, 1024, 2048, 4096, 8192, 16384), (1, 32), 1024, 50, 10),
+    "gpu": Size(
+        12, 12, 768, torch.bfloat16, (256, 512, 1024, 2048, 4096, 8192, 16384), (1, 32), 1024, 50, 10
+    ),
     "cpu": Size(4, 4, 256, torch.float32, (256, 512, 1024, 2048), (1, 8), 256, 10, 3),
 }
 VOCAB = 50257
@@ -160,7 +161,9 @@ class Decoder:
         return 1e3 * statistics.median(times)
 
 
-def run(size: Size, device: torch.device, graphs: bool, attention: str = "decay") -> tuple[list[Row], list[str]]:
+def run(
+    size: Size, device: torch.device, graphs: bool, attention: str = "decay"
+) -> tuple[list[Row], list[str]]:
     n_positions = max(size.contexts) + 4 * (size.warmup + size.steps) + 16
     notes = [
         f"models: GPT-2 shape, {size.n_layer} layers, {size.n_head} heads of {size.n_embd // size.n_head}, "
@@ -193,7 +196,9 @@ def run(size: Size, device: torch.device, graphs: bool, attention: str = "decay"
                     break
                 except RuntimeError as error:
                     if graph and decoder.captured is None:  # capture failed: say so, and time eagerly
-                        notes.append(f"{name}: CUDA graph capture failed ({str(error).splitlines()[0][:100]}); eager")
+                        notes.append(
+                            f"{name}: CUDA graph capture failed ({str(error).splitlines()[0][:100]}); eager"
+                        )
                         decoder.graph = False
                         with torch.no_grad():
                             row.ms_per_token = decoder.time_steps(size.warmup, size.steps)
@@ -212,7 +217,9 @@ HEADER = f"{'model':<12} {'batch':>5} {'context':>8} {'ms/token':>9} {'tokens/s'
 
 
 def format_row(row: Row) -> str:
-    tokens_per_s = row.batch * 1e3 / row.ms_per_token if row.ms_per_token == row.ms_per_token else float("nan")
+    tokens_per_s = (
+        row.batch * 1e3 / row.ms_per_token if row.ms_per_token == row.ms_per_token else float("nan")
+    )
     per_sequence = row.state_bytes / row.batch / 2**20
     peak = f"{row.peak_bytes / 2**20:9.0f}" if row.peak_bytes is not None else f"{'-':>9}"
     notes = f"  {'; '.join(row.notes)}" if row.notes else ""
@@ -227,7 +234,9 @@ def summary(rows: list[Row]) -> list[str]:
     lines = []
     for model in dict.fromkeys(r.model for r in rows):
         for batch in dict.fromkeys(r.batch for r in rows):
-            curve = [r for r in rows if r.model == model and r.batch == batch and r.ms_per_token == r.ms_per_token]
+            curve = [
+                r for r in rows if r.model == model and r.batch == batch and r.ms_per_token == r.ms_per_token
+            ]
             if len(curve) < 2:
                 continue
             times = [r.ms_per_token for r in curve]
@@ -244,8 +253,14 @@ def summary(rows: list[Row]) -> list[str]:
             key = (r.batch, r.context)
             fastest[key] = min(fastest.get(key, float("inf")), r.ms_per_token)
     for r in rows:
-        if r.model == "softmax" and (r.batch, r.context) in fastest and r.context == max(x.context for x in rows if x.batch == r.batch and x.model == "softmax"):
-            lines.append(f"softmax / fastest dfw at batch {r.batch}, context {r.context}: {r.ms_per_token / fastest[(r.batch, r.context)]:.1f}x")
+        if (
+            r.model == "softmax"
+            and (r.batch, r.context) in fastest
+            and r.context == max(x.context for x in rows if x.batch == r.batch and x.model == "softmax")
+        ):
+            lines.append(
+                f"softmax / fastest dfw at batch {r.batch}, context {r.context}: {r.ms_per_token / fastest[(r.batch, r.context)]:.1f}x"
+            )
     return lines
 
 
@@ -258,16 +273,32 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for model in dict.fromkeys(r.model for r in rows):
         for batch in dict.fromkeys(r.batch for r in rows):
-            curve = [r for r in rows if r.model == model and r.batch == batch and r.ms_per_token == r.ms_per_token]
+            curve = [
+                r for r in rows if r.model == model and r.batch == batch and r.ms_per_token == r.ms_per_token
+            ]
             if not curve:
                 continue
             contexts = [r.context for r in curve]
             style = "-" if model == "softmax" else "--" if model == "dfw" else ":"
             label = f"{model}, batch {batch}"
             ax_time.plot(contexts, [r.ms_per_token for r in curve], style, marker="o", label=label)
-            ax_memory.plot(contexts, [r.state_bytes / r.batch / 2**20 for r in curve], style, marker="o", label=label)
-    ax_time.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step", title="decode latency")
-    ax_memory.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB per sequence", title="cache / state memory")
+            ax_memory.plot(
+                contexts, [r.state_bytes / r.batch / 2**20 for r in curve], style, marker="o", label=label
+            )
+    ax_time.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context (tokens)",
+        ylabel="ms per decode step",
+        title="decode latency",
+    )
+    ax_memory.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context (tokens)",
+        ylabel="MiB per sequence",
+        title="cache / state memory",
+    )
     for ax in (ax_time, ax_memory):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -280,14 +311,20 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfw.bench decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=[*SIZES, "auto"], default="auto", help="auto: gpu on a GPU, cpu otherwise")
+    parser.add_argument(
+        "--size", choices=[*SIZES, "auto"], default="auto", help="auto: gpu on a GPU, cpu otherwise"
+    )
     parser.add_argument("--contexts", type=int, nargs="+", help="override the size's context lengths")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="override the size's batch sizes")
     parser.add_argument("--steps", type=int, help="timed decode steps per point (median)")
     parser.add_argument("--warmup", type=int, help="untimed decode steps per point")
     parser.add_argument("--attention", default="decay", help="conf/attention preset of the converted model")
-    parser.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, time the eager decode step only")
-    parser.add_argument("--plot", type=Path, default=Path("outputs/bench/decode.png"), help="where to write the PNG")
+    parser.add_argument(
+        "--no-cuda-graph", action="store_true", help="on a GPU, time the eager decode step only"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=Path("outputs/bench/decode.png"), help="where to write the PNG"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -300,8 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
     }
     size = Size(**{**size.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"decode benchmark on {where}: median of {size.steps} steps after {size.warmup} warm-up steps per point")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"decode benchmark on {where}: median of {size.steps} steps after {size.warmup} warm-up steps per point"
+    )
     print(HEADER, flush=True)
     rows, notes = run(size, device, graphs=not args.no_cuda_graph, attention=args.attention)
     print()

@@ -62,15 +62,14 @@ def _to_chunks(x: Tensor, chunk_size: int, dtype: torch.dtype) -> Tensor:
     return x.reshape(B, H, -1, chunk_size, D)  # (B, H, N, C, D)
 
 
-def _cumulative_log_decay(log_gate: Tensor | None, width: int, chunk_size: int, dtype) -> Tensor | None:
-    """Log-gates -> decay accumulated from each chunk's start, [B, H, N, C, D] (every entry <= 0).
+def _cumulative_log_decay(log_gate: Tensor | None, chunk_size: int, dtype) -> Tensor | None:
+    """Log-gates -> decay accumulated from each chunk's start, [B, H, N, C, D or 1] (every entry <= 0).
 
-    Padded positions get log-gate 0 (gate 1), so they leave the state as it was.
+    Padded positions get log-gate 0 (gate 1), so they leave the state as it was. A scalar gate per
+    head (last dim 1) stays scalar: it broadcasts, and its pairwise decays are c x c, not c x c x D.
     """
     if log_gate is None:
         return None
-    B, T, H, _ = log_gate.shape
-    log_gate = log_gate.expand(B, T, H, width)
     return _to_chunks(log_gate, chunk_size, dtype).cumsum(dim=-2)
 
 
@@ -100,8 +99,8 @@ def chunk_decay_fast_weights(
     C, c = chunk_size, subchunk_size
     dtype = _accumulation_dtype(q)
     qc, kc, vc = (_to_chunks(x, C, dtype) for x in (q, k, v))  # (B, H, N, C, K|V)
-    a = _cumulative_log_decay(log_key_gate, K, C, dtype)  # (B, H, N, C, K) or None
-    d = _cumulative_log_decay(log_value_gate, V, C, dtype)  # (B, H, N, C, V) or None
+    a = _cumulative_log_decay(log_key_gate, C, dtype)  # (B, H, N, C, K or 1) or None
+    d = _cumulative_log_decay(log_value_gate, C, dtype)  # (B, H, N, C, V or 1) or None
     N = qc.shape[2]
     n_sub = C // c
 
@@ -114,13 +113,19 @@ def chunk_decay_fast_weights(
     else:
         a_s = sub(a)
         key_decay = (a_s.unsqueeze(-2) - a_s.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))
-        scores = torch.einsum("...tk,...sk,...tsk->...ts", q_s, k_s, key_decay.exp())  # (B, H, N, S, c, c)
+        if a.shape[-1] == 1:  # one gate per head: the decay factors out of the sum over k
+            scores = (q_s @ k_s.transpose(-1, -2)) * key_decay.squeeze(-1).exp()  # (B, H, N, S, c, c)
+        else:
+            scores = torch.einsum("...tk,...sk,...tsk->...ts", q_s, k_s, key_decay.exp())
     if d is None:
         o_diag = scores @ v_s  # (B, H, N, S, c, V)
     else:
         d_s = sub(d)
         value_decay = (d_s.unsqueeze(-2) - d_s.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))
-        o_diag = torch.einsum("...ts,...sv,...tsv->...tv", scores, v_s, value_decay.exp())
+        if d.shape[-1] == 1:
+            o_diag = (scores * value_decay.squeeze(-1).exp()) @ v_s
+        else:
+            o_diag = torch.einsum("...ts,...sv,...tsv->...tv", scores, v_s, value_decay.exp())
     pieces = [o_diag[:, :, :, 0]]  # (B, H, N, c, V) each
 
     # Intra-chunk, earlier sub-chunks: factor every decay through the boundary b = J*c - 1.

@@ -1,0 +1,120 @@
+"""Every attention preset, and a sample of off-preset combinations: the parallel (training) form and the
+recurrent (generation) form agree in float64 on outputs, final state and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dfw_kernels.testing import relative_rms_error as rel
+
+from tests.attention.helpers import CHUNK, RECURRENT_PRESETS, C, D, H, build, preset, random_state
+
+B, T = 2, 37  # T odd, and not a multiple of CHUNK
+
+# (feature_map, update_rule, normalization, extra options): combinations no preset uses.
+OFF_PRESET = [
+    ("identity", "add", "none", {}),
+    ("linear", "gated", "none", {"state_size": 12}),
+    ("elu", "decay", "denominator", {"gates": "key"}),
+    ("rff", "decay", "denominator", {"gates": "value", "learned_scale": False}),
+    ("favor", "gated", "sum", {}),
+    ("relu_mlp", "gated", "none", {}),
+    ("relu_mlp", "delta", "sum", {"state_size": 12}),
+    ("elu", "delta", "sum", {}),
+    ("favor", "delta", "sum", {}),
+    ("dpfp", "add", "sum", {"dpfp_order": 2}),
+    ("dpfp", "decay", "none", {}),
+]
+
+
+def _cases():
+    for name in RECURRENT_PRESETS:
+        yield pytest.param(preset(name, chunk_size=CHUNK), id=name)
+    for feature_map, rule, norm, extra in OFF_PRESET:
+        options = dict(feature_map=feature_map, update_rule=rule, normalization=norm, chunk_size=CHUNK, state_size=None)
+        yield pytest.param(preset("decay", **{**options, **extra}), id=f"{feature_map}-{rule}-{norm}")
+
+
+def _perturb_parameters(core) -> None:
+    """Move every parameter off its initialisation (zero gate weights would hide gradient errors)."""
+    with torch.no_grad():
+        for p in core.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("node", _cases())
+def test_parallel_and_recurrent_forms_agree(node):
+    torch.manual_seed(0)
+    core = build(node).double().eval()  # eval: random features fixed (both forms read the same ones)
+    _perturb_parameters(core)
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+    S0 = random_state(core, B).requires_grad_()
+    inputs = [q, k, v, x, S0, *core.parameters()]
+
+    results = {"parallel": core(q, k, v, x, state=S0, output_state=True), "recurrent": core.recurrent(q, k, v, x, S0)}
+    grad_o = torch.randn_like(results["recurrent"][0])
+    grad_S = torch.randn_like(results["recurrent"][1])
+    grads = {}
+    for name, (o, S) in results.items():
+        assert o.shape == (B, T, H, D) and S.shape == S0.shape, name
+        assert torch.isfinite(o).all() and torch.isfinite(S).all(), name
+        loss = (o * grad_o).sum() + (S * grad_S).sum()
+        grads[name] = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+    (o_par, S_par), (o_rec, S_rec) = results["parallel"], results["recurrent"]
+    assert rel(o_par, o_rec) < 1e-6
+    assert rel(S_par, S_rec) < 1e-6
+    names = ["q", "k", "v", "x", "initial_state", *(n for n, _ in core.named_parameters())]
+    for name, g_par, g_rec in zip(names, grads["parallel"], grads["recurrent"], strict=True):
+        if g_rec.abs().max() == 0:  # x without gates: no gradient in either form
+            assert g_par.abs().max() == 0, name
+            continue
+        assert rel(g_par, g_rec) < 1e-6, name
+    assert grads["recurrent"][4].abs().max() > 0  # the initial state matters
+
+
+@pytest.mark.parametrize("name", RECURRENT_PRESETS)
+@pytest.mark.parametrize("length", [1, 16])
+def test_short_and_chunk_aligned_lengths(name, length):
+    torch.manual_seed(1)
+    core = build(preset(name, chunk_size=CHUNK)).double().eval()
+    q, k, v = (torch.randn(B, length, H, D, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(B, length, C, dtype=torch.float64)
+    S0 = random_state(core, B)
+    o_par, S_par = core(q, k, v, x, S0, output_state=True)
+    o_rec, S_rec = core.recurrent(q, k, v, x, S0)
+    assert rel(o_par, o_rec) < 1e-6 and rel(S_par, S_rec) < 1e-6
+
+
+@pytest.mark.parametrize("name", RECURRENT_PRESETS)
+def test_prompt_then_token_by_token_equals_whole_sequence(name):
+    """Generation: the parallel form on a prompt, then the recurrent form one token at a time."""
+    torch.manual_seed(2)
+    core = build(preset(name, chunk_size=CHUNK)).double().eval()
+    q, k, v = (torch.randn(1, T, H, D, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(1, T, C, dtype=torch.float64)
+    whole, _ = core(q, k, v, x)
+    prompt, state = core(q[:, :20], k[:, :20], v[:, :20], x[:, :20], output_state=True)
+    tokens = []
+    for t in range(20, T):
+        o, state = core.recurrent(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], x[:, t : t + 1], state)
+        tokens.append(o)
+    assert rel(torch.cat([prompt, *tokens], dim=1), whole) < 1e-10
+
+
+@pytest.mark.parametrize("name", RECURRENT_PRESETS)
+def test_float32_parallel_form_is_close_to_float64(name):
+    torch.manual_seed(3)
+    core = build(preset(name, chunk_size=64)).eval()
+    q, k, v = (torch.randn(1, 150, H, D) for _ in range(3))
+    x = torch.randn(1, 150, C)
+    o32, _ = core(q, k, v, x)
+    o64, _ = core.double()(q.double(), k.double(), v.double(), x.double())
+    assert rel(o32, o64) < 1e-4
+
+
+@pytest.mark.parametrize("name", RECURRENT_PRESETS)
+def test_state_bytes_is_the_size_of_the_state(name):
+    core = build(preset(name))
+    _, state = core(*(torch.randn(3, 5, H, D) for _ in range(3)), torch.randn(3, 5, C), output_state=True)
+    assert core.state_bytes(3, 5) == core.state_bytes(3, 5000) == state.numel() * state.element_size()
