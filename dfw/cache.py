@@ -72,7 +72,9 @@ class RecurrentLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
-            raise NotImplementedError("a recurrent state cannot forget its last tokens; RecurrentCache cannot be cropped")
+            raise NotImplementedError(
+                "a recurrent state cannot forget its last tokens; RecurrentCache cannot be cropped"
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.state = _map_tensors(self.state, lambda s: s.index_select(0, beam_idx.to(s.device)))
@@ -106,7 +108,14 @@ class RecurrentCache(Cache):
         super().__init__(layers=[RecurrentLayer() for _ in range(num_layers)])
 
     def run_attention_layer(
-        self, layer_idx: int, core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, x: Tensor, attention_mask: Any
+        self,
+        layer_idx: int,
+        core: AttentionCore,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        attention_mask: Any,
     ) -> Tensor:
         """Called by ConvertedAttention: q, k, v [B, T, H, D], x [B, T, C] -> o [B, T, H, D]; keeps the state."""
         layer: RecurrentLayer = self.layers[layer_idx]
@@ -115,7 +124,8 @@ class RecurrentCache(Cache):
         if padding is not None:
             o, state = _prefill_left_padded(core, q, k, v, x, layer.state, padding)
         elif T == 1 and isinstance(layer.state, Tensor) and hasattr(core, "step"):
-            o, state = core.step(q, k, v, x, layer.state), layer.state  # decode, state updated in place (kernel)
+            # decode: one token with the core's step (the kernel's), the state updated in place
+            o, state = core.step(q, k, v, x, layer.state), layer.state
         elif T == 1:
             o, state = core.recurrent(q, k, v, x, layer.state)  # decode: one token, PyTorch recurrent form
         else:
@@ -135,7 +145,12 @@ def cache_bytes(cache: Cache | None) -> int:
         return 0
     if isinstance(cache, RecurrentCache):
         return cache.state_bytes()
-    tensors = [t for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values) if isinstance(t, Tensor)]
+    tensors = [
+        t
+        for layer in getattr(cache, "layers", [])
+        for t in (layer.keys, layer.values)
+        if isinstance(t, Tensor)
+    ]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -153,7 +168,9 @@ def _left_padding(attention_mask: Any, batch_size: int, T: int) -> Tensor | None
             f"RecurrentCache reads padding from a 2D or 4D tensor mask, got {type(attention_mask).__name__}; "
             "use attn_implementation='sdpa' or 'eager'"
         )
-    last_row = attention_mask[:, -T:] if attention_mask.ndim == 2 else attention_mask[:, 0, -1, -T:]  # (B|1, T)
+    last_row = (
+        attention_mask[:, -T:] if attention_mask.ndim == 2 else attention_mask[:, 0, -1, -T:]
+    )  # (B|1, T)
     real = last_row.bool() if attention_mask.ndim == 2 or last_row.dtype == torch.bool else last_row == 0
     padding = ~real.expand(batch_size, T)  # (B, T)
     if not padding.any():
@@ -188,7 +205,9 @@ def _prefill_left_padded(
             continue  # rows that are all padding in this call: nothing to add
         rows = (leading == pads).nonzero().squeeze(1)  # (B_g,)
         row_state = None if state is None else state[rows]
-        o_g, state_g = core(q[rows, pads:], k[rows, pads:], v[rows, pads:], x[rows, pads:], row_state, output_state=True)
+        o_g, state_g = core(
+            q[rows, pads:], k[rows, pads:], v[rows, pads:], x[rows, pads:], row_state, output_state=True
+        )
         if not isinstance(state_g, Tensor):
             raise NotImplementedError(
                 f"{type(core).__name__} keeps a {type(state_g).__name__} state, not one tensor; it cannot skip pad "
@@ -205,7 +224,12 @@ def _prefill_left_padded(
 
 def _keep_address(old: State, new: State) -> State:
     """Write `new` into `old` when both are tensors of the same shape (fixed addresses for CUDA graphs)."""
-    if isinstance(old, Tensor) and isinstance(new, Tensor) and old.shape == new.shape and old.dtype == new.dtype:
+    if (
+        isinstance(old, Tensor)
+        and isinstance(new, Tensor)
+        and old.shape == new.shape
+        and old.dtype == new.dtype
+    ):
         if new is not old:
             old.copy_(new)
         return old

@@ -53,7 +53,9 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
     path = Path(source).expanduser()
     if path.suffix == ".ckpt":
         if not path.is_file():
-            raise ConfigError(f"model={source!r}: no such checkpoint; pass an existing .ckpt (e.g. <run>/checkpoints/last.ckpt)")
+            raise ConfigError(
+                f"model={source!r}: no such checkpoint; pass an existing .ckpt (e.g. <run>/checkpoints/last.ckpt)"
+            )
         return _from_checkpoint(path)
     attention = saved_attention(path) if path.is_dir() else None
     if attention is not None and attention.get("name") != "softmax":
@@ -63,7 +65,9 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
             net = _from_pretrained(source)
         except ConfigError as err:  # its message names the training option; here the option is `model`
             raise ConfigError(str(err).replace("model.pretrained=", "model=")) from None
-    tokenizer = load_tokenizer(str(path), None, None) if (path / "tokenizer.json").is_file() else gpt2_tokenizer()
+    tokenizer = (
+        load_tokenizer(str(path), None, None) if (path / "tokenizer.json").is_file() else gpt2_tokenizer()
+    )
     return net, tokenizer
 
 
@@ -71,19 +75,27 @@ def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBa
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = checkpoint.get("hyper_parameters", {}).get("config")
     if config is None:
-        raise ConfigError(f"model={str(path)!r} has no run config in its hyperparameters: not a checkpoint written by dfw.train")
+        raise ConfigError(
+            f"model={str(path)!r} has no run config in its hyperparameters: not a checkpoint written by dfw.train"
+        )
     cfg = OmegaConf.create(config)
     spec = cfg.model.get("tokenizer") or "gpt2"
     # gpt2 and saved directories need no corpus; bpe-<N> is found through the run's data config.
     tokenizer = gpt2_tokenizer() if spec == "gpt2" else hydra.utils.instantiate(cfg.data).tokenizer
-    weights = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
+    weights = {
+        key.removeprefix("net."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("net.")
+    }
     net = GPT2LMHeadModel(_gpt2_config(cfg.model, weights, tokenizer))
     if cfg.attention.get("name") != "softmax":
         convert_attention(net, core_factory(cfg.attention))
     missing, unexpected = net.load_state_dict(weights, strict=False)
     missing = [key for key in missing if key != "lm_head.weight"]  # tied to transformer.wte.weight
     if missing or unexpected:
-        raise ConfigError(f"model={str(path)!r}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise ConfigError(
+            f"model={str(path)!r}: weights do not match the model (missing {missing}, unexpected {unexpected})"
+        )
     net.tie_weights()
     return net, tokenizer
 
@@ -135,7 +147,9 @@ class _Clock(BaseStreamer):
 
 
 def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+    device = torch.device(
+        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    )
     name = cfg.dtype
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" and auto_precision() == "bf16-mixed" else "float32"
@@ -163,7 +177,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     converted = is_converted(net)
     cache = RecurrentCache(net) if converted else DynamicCache(config=net.config)
     sampling = cfg.temperature > 0
-    options = dict(do_sample=sampling, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p) if sampling else dict(do_sample=False)
+    options = (
+        dict(do_sample=sampling, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+        if sampling
+        else dict(do_sample=False)
+    )
     clock = _Clock(TextStreamer(tokenizer) if len(prompts) == 1 else None)
 
     set_seed(cfg.seed)
@@ -198,7 +216,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 # `model` is a config group in conf/ (for training, model=gpt2 picks conf/model/gpt2.yaml), so Hydra would
 # read `model=<path>` as a group choice. Served from the ConfigStore, whose search path has no such group,
 # conf/generate.yaml takes `model=<anything>` as a value.
-ConfigStore.instance().store(name="generate", node=OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "generate.yaml"))
+ConfigStore.instance().store(
+    name="generate", node=OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "generate.yaml")
+)
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")

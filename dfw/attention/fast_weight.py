@@ -29,7 +29,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from dfw_kernels import KERNELS, decay_fast_weights, recurrent_decay_fast_weights
+from dfw_kernels import KERNELS, decay_fast_weights, decay_fast_weights_step, recurrent_decay_fast_weights
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -164,13 +164,14 @@ class FastWeightAttention(AttentionCore):
         """Token-wise inputs of the recurrence: features, values and gates, all [B, T, H, *]."""
         B, T, H, D = q.shape
         phi_q, phi_k = self._features(q, k)
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # gates in float32 under bf16 autocast
         if self.update_rule == "delta":
-            beta = torch.sigmoid(self.write_strength(x).float()).view(B, T, H, 1)  # (B, T, H, 1)
+            beta = torch.sigmoid(self.write_strength(x).to(gate_dtype)).view(B, T, H, 1)  # (B, T, H, 1)
             return phi_q, phi_k, v, beta, None
-        log_f = None if self.key_gate is None else F.logsigmoid(self.key_gate(x).float()).view(B, T, H, -1)
-        log_z = None if self.value_gate is None else F.logsigmoid(self.value_gate(x).float()).view(B, T, H, -1)
+        log_f = None if self.key_gate is None else F.logsigmoid(self.key_gate(x).to(gate_dtype)).view(B, T, H, -1)
+        log_z = None if self.value_gate is None else F.logsigmoid(self.value_gate(x).to(gate_dtype)).view(B, T, H, -1)
         if self.head_gate is not None:
-            logit = self.head_gate(x).float().view(B, T, H, 1)  # (B, T, H, 1)
+            logit = self.head_gate(x).to(gate_dtype).view(B, T, H, 1)  # (B, T, H, 1)
             log_f = F.logsigmoid(logit)  # log g_t, one scalar per head
             phi_k = phi_k * F.logsigmoid(-logit).exp().to(phi_k.dtype)  # (1 - g_t) phi(k_t)
         if self.normalization == "denominator":
@@ -205,6 +206,17 @@ class FastWeightAttention(AttentionCore):
         else:
             o, state = recurrent_decay_fast_weights(phi_q, phi_k, v, gate_a, gate_b, state, output_final_state=True)
         return self._finish(o), state
+
+    def step(self, q, k, v, x, state: Tensor) -> Tensor:
+        """One decode token [B, 1, H, D]: updates `state` in place (the CUDA decode kernel on GPU) and
+        returns o. The state keeps its address, so a decode step can be captured in a CUDA graph."""
+        phi_q, phi_k, v, gate_a, gate_b = self._prepare(q, k, v, x)
+        if self.update_rule == "delta":
+            o, new_state = recurrent_delta_rule(phi_q, phi_k, v, gate_a, state, output_final_state=True)
+            state.copy_(new_state)
+        else:
+            o = decay_fast_weights_step(phi_q, phi_k, v, gate_a, gate_b, state, kernel=self.kernel)
+        return self._finish(o)
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.

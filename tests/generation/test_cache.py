@@ -1,0 +1,178 @@
+"""RecurrentCache: generation with the recurrent state gives what recomputing the whole sequence gives.
+
+Every preset in conf/attention/ is tested (new ones are picked up by name), on a tiny GPT-2 in float64
+whose parameters are all perturbed, so decay gates and feature maps depend on the data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dfw.cache import RecurrentCache, cache_bytes
+from dfw.model import core_factory
+from dfw.surgery import convert_attention
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+PRESETS = sorted(path.stem for path in (CONF / "attention").glob("*.yaml"))
+RECURRENT = [name for name in PRESETS if name != "softmax"]
+VOCAB, PAD = 97, 0
+
+
+def tiny_model(preset: str, attn_implementation: str = "sdpa", dtype=torch.float64) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD,
+    )  # fmt: skip
+    config._attn_implementation = attn_implementation
+    net = GPT2LMHeadModel(config)
+    attention = OmegaConf.load(CONF / "attention" / f"{preset}.yaml")
+    if "chunk_size" in attention:
+        attention.chunk_size = 16  # the sequences here are short: less padding inside the chunkwise forms
+    convert_attention(net, core_factory(attention))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net.to(dtype).eval()
+
+
+def greedy(net, input_ids, **kwargs):
+    n = 8
+    return net.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_greedy_generation_matches_recomputing_without_cache(preset):
+    net = tiny_model(preset)
+    prompt = torch.randint(1, VOCAB, (3, 9))
+    cached = greedy(net, prompt, cache=RecurrentCache(net))
+    recomputed = greedy(net, prompt, use_cache=False)
+    assert cached.shape == (3, 17)
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_logits_of_prefill_chunks_and_single_tokens_match_the_full_forward(preset):
+    net = tiny_model(preset)
+    ids = torch.randint(1, VOCAB, (2, 20))
+    full = net(ids, use_cache=False).logits  # (B, T, V)
+    cache = RecurrentCache(net)
+    pieces = [net(ids[:, :7], cache=cache).logits, net(ids[:, 7:12], cache=cache).logits]  # two prefill calls
+    pieces += [net(ids[:, t : t + 1], cache=cache).logits for t in range(12, 20)]  # then one token at a time
+    assert cache.get_seq_length() == 20
+    # float64: the chunkwise forms agree with the loop to ~1e-15 (decay) and ~1e-9 (delta's triangular
+    # solve); a state lost or applied twice shows up as ~1e-2.
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-7
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("preset", RECURRENT)
+def test_left_padded_batch_matches_each_prompt_alone(preset, attn_implementation):
+    if attn_implementation == "eager" and preset != "decay":
+        pytest.skip(
+            "the mask format depends on the attention implementation, not on the preset: decay covers it"
+        )
+    net = tiny_model(preset, attn_implementation)
+    lengths = [5, 1, 8]
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in lengths]
+    T = max(lengths)
+    input_ids = torch.full((len(prompts), T), PAD)
+    attention_mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, T - len(prompt) :] = prompt
+        attention_mask[row, T - len(prompt) :] = 1
+    batched = greedy(net, input_ids, attention_mask=attention_mask, cache=RecurrentCache(net))
+    for row, prompt in enumerate(prompts):
+        alone = greedy(net, prompt[None], cache=RecurrentCache(net))  # (equal to recomputing: tested above)
+        assert torch.equal(batched[row, T:], alone[0, len(prompt) :]), (
+            f"row {row} (prompt of {len(prompt)} tokens)"
+        )
+
+
+def test_right_padding_is_refused():
+    net = tiny_model("decay")
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        net(torch.randint(1, VOCAB, (2, 6)), attention_mask=mask, cache=RecurrentCache(net))
+
+
+def test_softmax_refuses_padding_instead_of_attending_to_pads():
+    net = tiny_model("softmax")
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(NotImplementedError, match="cannot skip pad"):
+        net(torch.randint(1, VOCAB, (2, 6)), attention_mask=mask, cache=RecurrentCache(net))
+
+
+@pytest.mark.parametrize("preset", RECURRENT)
+def test_state_memory_does_not_grow_with_the_context(preset):
+    net = tiny_model(preset, dtype=torch.float32)
+    cache = RecurrentCache(net)
+    net(torch.randint(1, VOCAB, (3, 8)), cache=cache)
+    after_prompt = cache.state_bytes()
+    addresses = [layer.state.data_ptr() for layer in cache.layers]
+    net(torch.randint(1, VOCAB, (3, 30)), cache=cache)  # 30 more prompt tokens
+    for _ in range(10):  # 10 decoded tokens
+        net(torch.randint(1, VOCAB, (3, 1)), cache=cache)
+    assert cache.get_seq_length() == 8 + 30 + 10
+    assert cache.state_bytes() == after_prompt == cache_bytes(cache) > 0
+    # Updated in place, so a captured decode step (CUDA graph) keeps reading the live state.
+    assert [layer.state.data_ptr() for layer in cache.layers] == addresses
+    # What the cores say they keep, with the states in float32.
+    assert after_prompt == sum(block.attn.core.state_bytes(3, 48) for block in net.transformer.h)
+
+
+def test_softmax_state_is_the_kv_cache_and_grows():
+    net = tiny_model("softmax", dtype=torch.float32)
+    cache = RecurrentCache(net)
+    net(torch.randint(1, VOCAB, (1, 8)), cache=cache)
+    before = cache.state_bytes()
+    net(torch.randint(1, VOCAB, (1, 4)), cache=cache)
+    per_token = 2 * 2 * 32 * 4  # keys and values, 2 layers, n_embd 32, float32
+    assert before == 8 * per_token and cache.state_bytes() == 12 * per_token
+
+
+def test_beam_search_reorders_the_state():
+    net = tiny_model("decay")
+    prompt = torch.randint(1, VOCAB, (2, 5))
+    cached = greedy(net, prompt, num_beams=2, cache=RecurrentCache(net))
+    recomputed = greedy(net, prompt, num_beams=2, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_generate_without_a_recurrent_cache_fails_loudly():
+    # transformers would make a DynamicCache, which converted layers never fill: every new token would
+    # see no past. That must be an error, not silently wrong text.
+    net = tiny_model("decay")
+    with pytest.raises(RuntimeError, match="RecurrentCache"):
+        greedy(net, torch.randint(1, VOCAB, (1, 5)))
+
+
+def test_a_core_with_a_decode_step_is_decoded_with_it():
+    # `core.step(q, k, v, x, state) -> o`, updating the state in place, is how a core offers a kernel's
+    # decode step (dfw_kernels.decay_fast_weights_step); the cache must prefer it to `recurrent`.
+    net = tiny_model("decay")
+    calls = []
+    for block in net.transformer.h:
+
+        def step(q, k, v, x, state, core=block.attn.core):
+            calls.append(state.data_ptr())
+            o, new_state = core.recurrent(q, k, v, x, state)
+            state.copy_(new_state)
+            return o
+
+        block.attn.core.step = step
+    prompt = torch.randint(1, VOCAB, (2, 6))
+    cached = greedy(net, prompt, cache=RecurrentCache(net))
+    assert len(calls) == 2 * 7  # 2 layers, every generated token after the first (which ends the prefill)
+    assert torch.equal(cached, greedy(net, prompt, use_cache=False))
