@@ -23,7 +23,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from .train import find_config_error, train
+from .errors import run_or_exit
+from .train import train
 
 log = logging.getLogger("dfw.demo")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -95,18 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     teacher_overrides = [a.removeprefix("teacher.") for a in argv if a.startswith("teacher.")]
     student_overrides = [a for a in argv if not a.startswith("teacher.")]
     run_dir = Path("outputs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        teacher_dir, softmax = pretrain_teacher(teacher_overrides, run_dir)
-        if teacher_only:
-            print(teacher_dir.resolve())
-            return 0
-        dfw = finetune(teacher_dir, student_overrides, run_dir)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        log.error("error: %s", config_error)
-        return 2
+    teacher_dir, softmax = run_or_exit(pretrain_teacher, teacher_overrides, run_dir, logger=log)
+    if teacher_only:
+        print(teacher_dir.resolve())
+        return 0
+    dfw = run_or_exit(finetune, teacher_dir, student_overrides, run_dir, logger=log)
     table = results_table(softmax, dfw)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.md").write_text(table + "\n")

@@ -8,7 +8,6 @@ tokens per second and the memory the cache holds at the end: a converted model d
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,8 @@ from .attention import ConvertedAttention
 from .cache import RecurrentCache, cache_bytes
 from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
-from .errors import ConfigError
-from .model import _from_pretrained, core_factory, load_exported, saved_attention
+from .errors import ConfigError, run_or_exit
+from .model import core_factory, from_pretrained, load_exported, saved_attention
 from .surgery import convert_attention
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,7 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
     if attention is not None and attention.get("name") != "softmax":
         net = load_exported(path)
     else:
-        try:
-            net = _from_pretrained(source)
-        except ConfigError as err:  # its message names the training option; here the option is `model`
-            raise ConfigError(str(err).replace("model.pretrained=", "model=")) from None
+        net = from_pretrained(source, option="model")
     tokenizer = (
         load_tokenizer(str(path), None, None) if (path / "tokenizer.json").is_file() else gpt2_tokenizer()
     )
@@ -223,16 +219,7 @@ ConfigStore.instance().store(
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from .train import find_config_error
-
-    try:
-        generate(cfg)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        log.error("error: %s", config_error)
-        sys.exit(2)
+    run_or_exit(generate, cfg, logger=log)
 
 
 if __name__ == "__main__":

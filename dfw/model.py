@@ -32,21 +32,22 @@ def core_factory(attention: DictConfig | dict):
     return instantiate(node)
 
 
-def _from_pretrained(source: str) -> GPT2LMHeadModel:
+def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHeadModel:
+    """GPT2LMHeadModel.from_pretrained with errors that name `option` and say what to do."""
     path = Path(source).expanduser()
     looks_local = path.is_absolute() or source.startswith((".", "~")) or path.exists()
     if looks_local and not (path / "config.json").is_file():
         raise ConfigError(
-            f"model.pretrained={source!r}: no Hugging Face checkpoint there (config.json missing); "
+            f"{option}={source!r}: no Hugging Face checkpoint there (config.json missing); "
             "pass a directory written by save_pretrained or by dfw's export, or a hub id such as gpt2"
         )
     try:
         return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else source, torch_dtype=torch.float32)
     except OSError as err:
         raise ConfigError(
-            f"model.pretrained={source!r}: could not load it from the Hugging Face hub or its local cache "
+            f"{option}={source!r}: could not load it from the Hugging Face hub or its local cache "
             f"({str(err).splitlines()[0][:160]}). Download it once with network access (it is then cached), "
-            "or pass model.pretrained=<local directory>"
+            f"or pass {option}=<local directory>"
         ) from None
 
 
@@ -64,7 +65,7 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
     """
     vocab_size = len(tokenizer)
     if model.get("pretrained"):
-        net = _from_pretrained(str(model.pretrained))
+        net = from_pretrained(str(model.pretrained))
         saved = saved_attention(model.pretrained)
         if saved is not None and saved.get("name") != "softmax":
             # A dfw export: rebuild its attention with the stored config, then load the new parameters too.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dfw  # noqa: F401  (registers the config resolvers)
 
-from .errors import ConfigError
+from .errors import ConfigError, find_config_error, run_or_exit
 from .model import build_model, export
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,22 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
         raise config_error from None
 
 
+# --- Model size, for `dfw.report` (state bytes per sequence and new parameters per variant) -----------------
+def model_size_metrics(net: Any, block_size: int) -> dict[str, float]:
+    """`model/state_bytes_per_sequence`: what one sequence keeps for generation after `block_size` tokens
+    (float32; softmax: its KV cache, which grows with the context; the others: a fixed-size state).
+    `model/params_new`: parameters the attention cores add to GPT-2. `model/state_size`: m of a fast-weight core."""
+    cores = [block.attn.core for block in net.transformer.h]
+    metrics = {
+        "model/state_bytes_per_sequence": float(sum(core.state_bytes(1, block_size) for core in cores)),
+        "model/params_new": float(sum(p.numel() for core in cores for p in core.parameters())),
+    }
+    if hasattr(cores[0], "state_size"):  # fast-weight cores; softmax has no fixed-size state
+        metrics["model/state_size"] = float(cores[0].state_size)
+    return metrics
+# ------------------------------------------------------------------------------------------------------------
+
+
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if cfg.validate_before_fit and not cfg.get("ckpt_path"):
@@ -106,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for logger in trainer.loggers:
         logger.log_hyperparams(config)
+        logger.log_metrics(model_size_metrics(net, cfg.data.block_size), step=0)
         if isinstance(logger, WandbLogger):
             log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
 
@@ -124,25 +140,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def find_config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind `err`, also when Hydra's instantiate wrapped it."""
-    while err is not None:
-        if isinstance(err, ConfigError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        log.error("error: %s", config_error)
-        sys.exit(2)
+    metrics = run_or_exit(train, cfg, logger=log)
     # Returned for Hydra sweepers that optimise a value.
     return metrics.get("val/ppl")
 
