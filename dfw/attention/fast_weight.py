@@ -129,7 +129,7 @@ class FastWeightAttention(AttentionCore):
         self.read_scale = (head_dim**-0.5 if scaling is None else scaling) if normalization == "none" else 1.0
 
         # New parameters of the update rules, all computed from the block input x. Weights start at
-        # zero, so at conversion every gate is a constant set by its bias (see docs/attention.md).
+        # zero, so at conversion every gate is a constant set by its bias (README, "Conversion: what is new").
         self.key_gate = self.value_gate = self.head_gate = self.write_strength = None
         if update_rule == "decay" and gates in ("key", "both"):
             self.key_gate = self._gate(hidden_size, self.state_size, uniform_gate_bias(self.state_size).repeat(num_heads))  # f_t, (C -> H*m)
