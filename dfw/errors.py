@@ -30,4 +30,15 @@ def run_or_exit(fn: Callable[..., Any], *args: Any, logger: logging.Logger) -> A
         if config_error is None:
             raise
         logger.error("error: %s", config_error)
+        if in_multirun():
+            # Hydra records this job as failed and runs the sweep's other jobs; an exit would end them all.
+            raise config_error from None
         sys.exit(2)
+
+
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

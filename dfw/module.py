@@ -33,7 +33,9 @@ class LanguageModel(L.LightningModule):
         run_config: dict | None = None,
     ):
         super().__init__()
-        self.net = net
+        # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode:
+        # fine-tuning runs with the model's dropout.
+        self.net = net.train()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.save_hyperparameters({"config": run_config})
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dfw  # noqa: F401  (registers the config resolvers)
 
-from .errors import ConfigError, find_config_error, run_or_exit
+from .errors import ConfigError, find_config_error, in_multirun, run_or_exit
 from .model import build_model, export
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,9 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
     if cfg.test:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: v for k, v in _metrics(trainer).items() if k.startswith("test/")})
-    if cfg.get("export_dir") and trainer.is_global_zero:
+    if cfg.get("export_dir") and isinstance(trainer.strategy, FSDPStrategy):
+        log.warning("no export under FSDP (the parameters are sharded): use the .ckpt, e.g. with dfw.generate")
+    elif cfg.get("export_dir") and trainer.is_global_zero:
         export(module.net, cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer)
     return metrics
 
@@ -119,6 +123,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [_instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [_instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    if in_multirun() and trainer.num_devices > 1 and "SLURM_JOB_ID" not in os.environ:
+        raise ConfigError(
+            f"trainer.devices={trainer.num_devices} inside a -m sweep: Lightning would start the whole sweep again in "
+            "every process; run multi-GPU jobs one at a time, or sweep through hydra/launcher=slurm"
+        )
     for logger in trainer.loggers:
         logger.log_hyperparams(config)
         logger.log_metrics(model_size_metrics(net, cfg.data.block_size), step=0)
