@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dfw_kernels.reference import accumulation_dtype
 from torch import Tensor
-
-
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def recurrent_delta_rule(
@@ -47,7 +44,7 @@ def recurrent_delta_rule(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _accumulation_dtype(q)
+    dtype = accumulation_dtype(q.dtype)
     S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     outputs = []
     for t in range(T):
@@ -78,7 +75,7 @@ def chunk_delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
-    dtype = _accumulation_dtype(q)
+    dtype = accumulation_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         pad = (-T) % C
 

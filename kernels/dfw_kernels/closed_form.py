@@ -42,6 +42,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .reference import accumulation_dtype
+
 
 class ScanResult(NamedTuple):
     out: Tensor | None  # [B, T, H, V] q_t S_t in out_dtype (None if out_dtype is None)
@@ -68,11 +70,6 @@ class Scan(Protocol):
         output_final_pre_state: bool = False,
         gate_grad_inputs: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> ScanResult: ...
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16-bit and float32 inputs, float64 for float64: the dtype states are kept in."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def scan_reference(

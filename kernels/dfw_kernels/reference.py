@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit and float32 inputs, float64 for float64: the dtype states are kept in."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def recurrent_decay_fast_weights(
@@ -35,7 +36,7 @@ def recurrent_decay_fast_weights(
     """The recurrence as written: a loop over time. Use for decoding and as the test oracle."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = _accumulation_dtype(q)
+    dtype = accumulation_dtype(q.dtype)
     if initial_state is None:
         S = q.new_zeros(B, H, K, V, dtype=dtype)
     else:
@@ -97,7 +98,7 @@ def chunk_decay_fast_weights(
     B, T, H, K = q.shape
     V = v.shape[-1]
     C, c = chunk_size, subchunk_size
-    dtype = _accumulation_dtype(q)
+    dtype = accumulation_dtype(q.dtype)
     qc, kc, vc = (_to_chunks(x, C, dtype) for x in (q, k, v))  # (B, H, N, C, K|V)
     a = _cumulative_log_decay(log_key_gate, C, dtype)  # (B, H, N, C, K or 1) or None
     d = _cumulative_log_decay(log_value_gate, C, dtype)  # (B, H, N, C, V or 1) or None
