@@ -38,7 +38,6 @@ from .surgery import convert_attention
 
 log = logging.getLogger(__name__)
 
-GPT2_HEAD_SIZE = 64  # every released GPT-2 (small to xl) has 64-dimensional heads
 
 
 def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
@@ -70,9 +69,9 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
 def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = checkpoint.get("hyper_parameters", {}).get("config")
-    if config is None:
+    if config is None or "model_config" not in checkpoint:
         raise ConfigError(
-            f"model={str(path)!r} has no run config in its hyperparameters: not a checkpoint written by dfw.train"
+            f"model={str(path)!r} has no run config or model config: not a checkpoint written by dfw.train"
         )
     cfg = OmegaConf.create(config)
     spec = cfg.model.get("tokenizer") or "gpt2"
@@ -83,7 +82,7 @@ def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBa
         for key, value in checkpoint["state_dict"].items()
         if key.startswith("net.")
     }
-    net = GPT2LMHeadModel(_gpt2_config(cfg.model, weights, tokenizer))
+    net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
     if cfg.attention.get("name") != "softmax":
         convert_attention(net, core_factory(cfg.attention))
     missing, unexpected = net.load_state_dict(weights, strict=False)
@@ -94,29 +93,6 @@ def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBa
         )
     net.tie_weights()
     return net, tokenizer
-
-
-def _gpt2_config(model: DictConfig, weights: dict[str, torch.Tensor], tokenizer) -> GPT2Config:
-    """The architecture of a checkpoint's GPT-2, without downloading anything."""
-    if not model.get("pretrained"):  # a random initialisation from model.config, as build_model made it
-        fields = OmegaConf.to_container(model.config, resolve=True) if model.get("config") else {}
-        eos = tokenizer.eos_token_id
-        return GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **fields)
-    try:  # a local directory, or a hub id whose config is in the local cache
-        return GPT2Config.from_pretrained(str(model.pretrained))
-    except OSError:
-        pass
-    vocab_size, n_embd = weights["transformer.wte.weight"].shape
-    n_layer = len({key.split(".")[2] for key in weights if key.startswith("transformer.h.")})
-    log.warning(
-        "config of %s not found locally: architecture read from the checkpoint's shapes (head size %d, as in every GPT-2)",
-        model.pretrained, GPT2_HEAD_SIZE,
-    )  # fmt: skip
-    return GPT2Config(
-        vocab_size=vocab_size, n_positions=weights["transformer.wpe.weight"].shape[0], n_embd=n_embd,
-        n_layer=n_layer, n_head=n_embd // GPT2_HEAD_SIZE,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
 
 
 def is_converted(net: torch.nn.Module) -> bool:

@@ -86,6 +86,8 @@ class LanguageModel(L.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 checkpoint["wandb_run_id"] = logger.experiment.id
+        # The architecture, so a checkpoint rebuilds its model without the hub (dfw.generate).
+        checkpoint["model_config"] = self.net.config.to_dict()
         # Lightning does not store RNG states; dropout after a resume must draw what it would have.
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
