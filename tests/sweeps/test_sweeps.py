@@ -126,3 +126,11 @@ def test_slurm_launcher_composes_with_the_plugin():
     launcher = _hydra_config("hydra/launcher=slurm").launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == launcher.gpus_per_node  # one DDP process per GPU, started by SLURM
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in SWEEPS) + ["small_grid"])
+def test_every_sweep_also_runs_with_csv_logging_only(experiment):
+    extra = ["model.pretrained=/unused"] if experiment == "small_grid" else []
+    cfg = compose(f"experiment={experiment}", "logger=csv", "paths.output_dir=/tmp/unused", *extra)
+    assert list(cfg.logger) == ["csv"]
+    assert cfg.group.startswith(f"{experiment}-") and experiment in cfg.tags
