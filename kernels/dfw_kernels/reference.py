@@ -85,7 +85,7 @@ def chunk_decay_fast_weights(
     chunk_size: int = 64,
     subchunk_size: int = 16,
 ) -> tuple[Tensor, Tensor | None]:
-    """The stable chunkwise form (DFW-MATH.md): parallel inside a chunk, a loop over chunks only.
+    """The stable chunkwise form: parallel inside a chunk, a loop over chunks only.
 
     Every exponent it takes is <= 0, so it stays finite in float32 for gates down to ~1e-3 per step:
     within a chunk, decays between sub-chunks factor through the last token before the query's
