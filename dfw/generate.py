@@ -33,7 +33,7 @@ from .cache import RecurrentCache, cache_bytes
 from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
 from .errors import ConfigError, run_or_exit
-from .model import core_factory, from_pretrained, load_exported, saved_attention
+from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
 from .surgery import convert_attention
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,7 @@ def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBa
     net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
     if cfg.attention.get("name") != "softmax":
         convert_attention(net, core_factory(cfg.attention))
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    missing = [key for key in missing if key != "lm_head.weight"]  # tied to transformer.wte.weight
-    if missing or unexpected:
-        raise ConfigError(
-            f"model={str(path)!r}: weights do not match the model (missing {missing}, unexpected {unexpected})"
-        )
-    net.tie_weights()
-    return net, tokenizer
+    return load_weights(net, weights, f"model={str(path)!r}"), tokenizer
 
 
 def is_converted(net: torch.nn.Module) -> bool:

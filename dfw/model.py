@@ -65,8 +65,7 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
     """
     vocab_size = len(tokenizer)
     if model.get("pretrained"):
-        net = from_pretrained(str(model.pretrained))
-        saved = saved_attention(model.pretrained)
+        saved = saved_attention(model.pretrained) if Path(str(model.pretrained)).expanduser().is_dir() else None
         if saved is not None and saved.get("name") != "softmax":
             # A dfw export: rebuild its attention with the stored config, then load the new parameters too.
             if saved.get("name") != attention.get("name"):
@@ -75,7 +74,8 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
                     f"not attention={attention.get('name')}; pass attention={saved.get('name')} or start from a "
                     "softmax checkpoint"
                 )
-            return load_exported(model.pretrained, net)
+            return load_exported(model.pretrained)
+        net = from_pretrained(str(model.pretrained))
     else:
         fields = OmegaConf.to_container(model.config, resolve=True) if model.get("config") else {}
         eos = tokenizer.eos_token_id
@@ -89,22 +89,25 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
     return net
 
 
-def load_exported(directory: str | Path, net: GPT2LMHeadModel | None = None) -> GPT2LMHeadModel:
+def load_exported(directory: str | Path) -> GPT2LMHeadModel:
     """Rebuild a converted model from `export` output (weights, config and attention config)."""
+    from safetensors.torch import load_file
+
     directory = Path(directory).expanduser()
     attention = saved_attention(directory)
     if attention is None:
         raise ConfigError(f"{directory} has no {ATTENTION_FILE}: not a model exported by dfw")
-    if net is None:
-        net = GPT2LMHeadModel(GPT2Config.from_pretrained(directory))
+    net = GPT2LMHeadModel(GPT2Config.from_pretrained(directory))
     convert_attention(net, core_factory(attention))
-    from safetensors.torch import load_file
+    return load_weights(net, load_file(str(directory / "model.safetensors")), str(directory))
 
-    state = load_file(str(directory / "model.safetensors"))
+
+def load_weights(net: GPT2LMHeadModel, state: dict[str, torch.Tensor], source: str) -> GPT2LMHeadModel:
+    """Every weight of `net` from `state` (lm_head.weight may be absent: it is tied to the embedding)."""
     missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [key for key in missing if key != "lm_head.weight"]  # tied to transformer.wte.weight
+    missing = [key for key in missing if key != "lm_head.weight"]
     if missing or unexpected:
-        raise ConfigError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise ConfigError(f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     net.tie_weights()
     return net
 
