@@ -58,3 +58,20 @@ def convert_attention(model: nn.Module, core_factory: CoreFactory) -> ParameterC
     )
     log.info("converted %d layers to %s: %s", len(blocks), type(blocks[0].attn.core).__name__, counts)
     return counts
+
+
+def model_size_metrics(net: nn.Module, block_size: int) -> dict[str, float]:
+    """What dfw.train logs for dfw.report about a converted model.
+
+    `model/state_bytes_per_sequence`: what one sequence keeps for generation after `block_size` tokens
+    (float32; softmax: its KV cache, which grows with the context; the others: a fixed-size state).
+    `model/params_new`: parameters the attention cores add. `model/state_size`: m of a fast-weight core.
+    """
+    cores = [block.attn.core for block in net.transformer.h]
+    metrics = {
+        "model/state_bytes_per_sequence": float(sum(core.state_bytes(1, block_size) for core in cores)),
+        "model/params_new": float(sum(p.numel() for core in cores for p in core.parameters())),
+    }
+    if hasattr(cores[0], "state_size"):  # fast-weight cores; softmax has no fixed-size state
+        metrics["model/state_size"] = float(cores[0].state_size)
+    return metrics

@@ -25,6 +25,7 @@ import dfw  # noqa: F401  (registers the config resolvers)
 
 from .errors import ConfigError, find_config_error, in_multirun, run_or_exit
 from .model import build_model, export
+from .surgery import model_size_metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +66,6 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
         if config_error is None:
             raise
         raise config_error from None
-
-
-# --- Model size, for `dfw.report` (state bytes per sequence and new parameters per variant) -----------------
-def model_size_metrics(net: Any, block_size: int) -> dict[str, float]:
-    """`model/state_bytes_per_sequence`: what one sequence keeps for generation after `block_size` tokens
-    (float32; softmax: its KV cache, which grows with the context; the others: a fixed-size state).
-    `model/params_new`: parameters the attention cores add to GPT-2. `model/state_size`: m of a fast-weight core."""
-    cores = [block.attn.core for block in net.transformer.h]
-    metrics = {
-        "model/state_bytes_per_sequence": float(sum(core.state_bytes(1, block_size) for core in cores)),
-        "model/params_new": float(sum(p.numel() for core in cores for p in core.parameters())),
-    }
-    if hasattr(cores[0], "state_size"):  # fast-weight cores; softmax has no fixed-size state
-        metrics["model/state_size"] = float(cores[0].state_size)
-    return metrics
-# ------------------------------------------------------------------------------------------------------------
 
 
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
@@ -128,9 +113,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"trainer.devices={trainer.num_devices} inside a -m sweep: Lightning would start the whole sweep again in "
             "every process; run multi-GPU jobs one at a time, or sweep through hydra/launcher=slurm"
         )
+    size = model_size_metrics(net, cfg.data.block_size)
     for logger in trainer.loggers:
         logger.log_hyperparams(config)
-        logger.log_metrics(model_size_metrics(net, cfg.data.block_size), step=0)
+        logger.log_metrics(size, step=0)
         if isinstance(logger, WandbLogger):
             log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
 
