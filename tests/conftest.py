@@ -17,6 +17,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU the Triton kernel (kernel=triton) runs in Triton's interpreter, which must be switched
+# on before anything imports triton (tests/kernels/test_triton.py). Nothing else here uses Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def compose(*overrides: str):

@@ -4,7 +4,9 @@
 place where the implementation is chosen: the CUDA kernel (cuda.py, csrc/) for CUDA tensors when it
 can run (`kernel="auto"` or `"cuda"`), else the pure-PyTorch chunkwise form of reference.py, which the
 tests trust. `kernel="auto"` says once in the log why it fell back; `kernel="cuda"` raises instead.
-A chunked tensor-core kernel would be one more entry of KERNELS, chosen here the same way.
+`kernel="triton"` is the chunked tensor-core kernel of triton_chunk.py, opt-in only: it has passed
+its tests in Triton's interpreter on CPU but not yet on a GPU, so "auto" never picks it (for decoding,
+"triton" uses the same step as "auto").
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 from . import cuda
 from .reference import chunk_decay_fast_weights, recurrent_decay_fast_weights
 
-KERNELS = ("auto", "cuda", "torch")
+KERNELS = ("auto", "cuda", "torch", "triton")
 
 __all__ = [
     "KERNELS",
@@ -35,7 +37,7 @@ def _use_cuda(kernel: str, q: Tensor, k: Tensor, v: Tensor, what: str) -> bool:
     """Whether to take the CUDA path; logs the reason for a fallback once, or raises for kernel="cuda"."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "torch":
+    if kernel in ("torch", "triton"):
         return False
     reason = cuda.unsupported_reason(q, k, v)
     if reason is None:
@@ -74,7 +76,8 @@ def decay_fast_weights(
         initial_state: [B, H, K, V] or None (zeros).
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk of the PyTorch chunkwise form (the CUDA kernel picks its own).
-        kernel: "auto" (CUDA kernel for CUDA tensors when available, else PyTorch), "cuda", "torch".
+        kernel: "auto" (CUDA kernel for CUDA tensors when available, else PyTorch), "cuda", "torch",
+            "triton" (the chunked Triton kernel; CPU tensors only under TRITON_INTERPRET=1).
     Returns:
         (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] in float32, or None).
 
@@ -82,6 +85,12 @@ def decay_fast_weights(
     multiples of 8 are zero-padded), keeps the state in float32 on chip, and differentiates every
     input, the log-gates and the initial state included (closed_form.py).
     """
+    if kernel == "triton":  # imported here: importing dfw_kernels never imports Triton
+        from .triton_chunk import decay_fast_weights_triton
+
+        return decay_fast_weights_triton(
+            q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state
+        )
     if _use_cuda(kernel, q, k, v, "decay_fast_weights"):
         return cuda.decay_fast_weights_cuda(
             q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state
@@ -118,6 +127,7 @@ def decay_fast_weights_step(
         log_key_gate = None if log_key_gate is None else log_key_gate.unsqueeze(1)
         log_value_gate = None if log_value_gate is None else log_value_gate.unsqueeze(1)
     o = None
+    kernel = "auto" if kernel == "triton" else kernel  # the chunked kernel has no decode step
     if _use_cuda(kernel, q, k, v, "decay_fast_weights_step"):
         try:
             o = cuda.decay_fast_weights_step_cuda(q, k, v, log_key_gate, log_value_gate, state)

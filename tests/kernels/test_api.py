@@ -41,7 +41,7 @@ def test_cuda_kernel_fails_clearly_on_cpu():
     with pytest.raises(RuntimeError, match="kernel='cuda' cannot run: .*cpu"):
         decay_fast_weights(**inputs, kernel="cuda")
     with pytest.raises(ValueError, match="kernel must be one of"):
-        decay_fast_weights(**inputs, kernel="triton")
+        decay_fast_weights(**inputs, kernel="nope")
 
 
 def test_unavailable_reason_is_a_sentence_here():

@@ -1,0 +1,221 @@
+"""The chunked Triton kernel (kernel="triton") against the float64 reference.
+
+Without a GPU it runs in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before anything
+imports Triton when torch sees no CUDA device. Small shapes there (the interpreter runs every program
+in NumPy); float32 and float16 inputs only: the interpreter's tl.dot on bfloat16 operands is wrong
+(bfloat16 is covered by the ahead-of-time compile test and the GPU tests, marked `gpu`).
+Outputs, final state and every gradient, the initial state's included, with NaN-poisoned outputs;
+T not a multiple of the chunk (64) or sub-chunk (16); gates near 0, near 1 and mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from dfw_kernels import chunk_decay_fast_weights, decay_fast_weights
+from dfw_kernels.closed_form import scan_reference
+from dfw_kernels.testing import random_inputs, relative_rms_error
+
+triton_chunk = pytest.importorskip("dfw_kernels.triton_chunk")
+if triton_chunk.triton is None:
+    pytest.skip("Triton is not installed (make install brings it on Linux x86_64)", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not ON_GPU and not triton_chunk.interpreting(),
+    reason="needs a GPU, or TRITON_INTERPRET=1 set before Triton is imported (tests/conftest.py does)",
+)
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+
+# Relative RMS error against float64. 16-bit inputs feed the tensor cores 16-bit operands (the decayed
+# q, k, v and the state), rounded once each; float32 products are IEEE.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(triton_chunk, "POISON_OUTPUTS", True)
+
+
+def _reference_and_kernel(inputs, output_final_state=True):
+    """(float64 reference results, kernel results): o, final state and the gradient of every input."""
+    leaves = [n for n, x in inputs.items() if x is not None]
+    reference_inputs = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}
+    g = torch.Generator(device=DEVICE)
+    results = []
+    for ins, extra in ((reference_inputs, {}), (inputs, {"kernel": "triton"})):
+        fn = chunk_decay_fast_weights if not extra else decay_fast_weights
+        o, final = fn(**ins, output_final_state=output_final_state, **extra)
+        g.manual_seed(7)
+        outputs = [o]
+        grad_outputs = [torch.randn(o.shape, generator=g, device=DEVICE, dtype=torch.float64).to(o.dtype)]
+        if output_final_state:
+            outputs.append(final)
+            grad_outputs.append(torch.randn(final.shape, generator=g, device=DEVICE, dtype=torch.float64).to(final.dtype))
+        grads = torch.autograd.grad(outputs, [ins[n] for n in leaves], grad_outputs)
+        results.append({"o": o, "final_state": final, **{f"d{n}": dx for n, dx in zip(leaves, grads, strict=True)}})
+    return results
+
+
+def _assert_close(expected, actual, tol):
+    for name in expected:
+        if expected[name] is None:
+            assert actual[name] is None, name
+            continue
+        error = relative_rms_error(actual[name], expected[name])
+        assert error < tol, f"{name}: relative RMS error {error:.2e} (tolerance {tol:.0e})"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("gates", ["near_one", "near_zero", "mixed"])
+def test_matches_float64_reference(gates, dtype):
+    """T = 100: one full chunk and a partial one (2 of 4 sub-chunks, the last one partial)."""
+    inputs = random_inputs(1, 100, 2, 32, 16, gates=gates, dtype=dtype, device=DEVICE, seed=3)
+    expected, actual = _reference_and_kernel(inputs)
+    _assert_close(expected, actual, TOL[dtype])
+
+
+VARIANTS = ["no_initial_state", "no_final_state", "key_gate_only", "value_gate_only", "no_gates",
+            "scalar_gates", "odd_sizes_two_value_blocks", "one_token", "one_full_chunk"]  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants(variant):
+    shape = {"odd_sizes_two_value_blocks": (1, 21, 1, 20, 72), "one_token": (2, 1, 2, 16, 16),
+             "one_full_chunk": (1, 64, 1, 16, 16)}.get(variant, (2, 37, 2, 16, 16))  # fmt: skip
+    inputs = random_inputs(*shape, device=DEVICE, dtype=torch.float32, initial_state=variant != "no_initial_state")
+    if variant in ("value_gate_only", "no_gates"):
+        inputs["log_key_gate"] = None
+    if variant in ("key_gate_only", "no_gates"):
+        inputs["log_value_gate"] = None
+    if variant == "scalar_gates":
+        for name in ("log_key_gate", "log_value_gate"):
+            inputs[name] = inputs[name][..., :1].detach().requires_grad_()
+    expected, actual = _reference_and_kernel(inputs, output_final_state=variant != "no_final_state")
+    _assert_close(expected, actual, TOL[torch.float32])
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_matches_its_specification(reverse):
+    """The primitive itself, every output at once: out, out_pre, both final states, the epilogue."""
+    B, T, H, K, V = 1, 70, 2, 16, 32
+    x = {n: t.detach() for n, t in random_inputs(B, T, H, K, V, dtype=torch.float32, device=DEVICE).items()}
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    x1, x2 = (torch.randn(B, T, H, V, generator=gen, device=DEVICE) for _ in range(2))
+    start = torch.randn(B, H, V, generator=gen, device=DEVICE)
+    s0 = torch.randn(B, H, V, K, generator=gen, device=DEVICE).transpose(-1, -2)  # strided [B, H, K, V]
+    kwargs = dict(reverse=reverse, output_pre=True, output_final_state=True, output_final_pre_state=True)
+    names = ("q", "k", "v", "log_key_gate", "log_value_gate")
+    actual = triton_chunk.triton_scan(
+        *(x[n] for n in names), s0, out_dtype=torch.float32, gate_grad_inputs=(x1, x2, start), **kwargs
+    )
+    expected = scan_reference(
+        *(x[n].double() for n in names), s0.double(), out_dtype=torch.float64,
+        gate_grad_inputs=(x1.double(), x2.double(), start.double()), **kwargs,
+    )  # fmt: skip
+    for name in expected._fields:
+        error = relative_rms_error(getattr(actual, name), getattr(expected, name))
+        assert error < TOL[torch.float32], f"{name}: relative RMS error {error:.2e}"
+
+
+def test_cpu_tensors_without_the_interpreter_fail_clearly(monkeypatch):
+    monkeypatch.setattr(triton_chunk, "interpreting", lambda: False)
+    inputs = {n: x.detach() for n, x in random_inputs(1, 5, 1, 4, 4, dtype=torch.float32).items()}
+    with pytest.raises(RuntimeError, match="kernel='triton' cannot run: .*TRITON_INTERPRET=1"):
+        decay_fast_weights(**inputs, kernel="triton")
+
+
+def test_unsupported_inputs_fail_clearly():
+    inputs = {n: x.detach() for n, x in random_inputs(1, 5, 1, 4, 4).items()}  # float64
+    with pytest.raises(RuntimeError, match="kernel='triton' cannot run: .*float64"):
+        decay_fast_weights(**inputs, kernel="triton")
+
+
+AOT_SCRIPT = """
+import json, sys, torch
+from dfw_kernels.triton_chunk import compile_ahead_of_time
+results = []
+for arch in (80, 90):
+    for D in (64, 128):
+        for reverse in (False, True):
+            info = compile_ahead_of_time(arch, torch.bfloat16, D, D, reverse=reverse)
+            results.append(dict(arch=arch, D=D, reverse=reverse, **info))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_compiles_ahead_of_time_for_sm80_and_sm90():
+    """triton.compile for CUDA targets without a GPU: PTX and cubin at the production shapes (bfloat16,
+    K = V = 64 and 128, the forward and the backward's reverse scan with its epilogue), which checks
+    what the interpreter does not: tl.dot's shape and dtype rules, shared memory, registers."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    for r in results:
+        assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, r
+        limit = 227 * 1024 if r["arch"] == 90 else 163 * 1024
+        assert 0 <= r["shared"] <= limit, r
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files):
+    """Two steps of the real pipeline (tiny GPT-2, attention=decay): the same losses as kernel=torch."""
+    from dfw.train import train
+
+    from tests.conftest import compose, tiny_overrides
+
+    metrics = {}
+    for kernel in ("torch", "triton"):
+        cfg = compose(*tiny_overrides(
+            tmp_path / kernel, text_files, "attention=decay", f"attention.kernel={kernel}", "trainer.max_steps=2",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "module.scheduler.num_training_steps=2",
+        ))  # fmt: skip
+        metrics[kernel] = train(cfg)
+    for key in ("train/loss", "val/ppl_converted", "val/ppl", "test/ppl"):
+        torch.testing.assert_close(
+            torch.tensor(float(metrics["triton"][key])), torch.tensor(float(metrics["torch"][key])), rtol=1e-4, atol=0
+        )
+
+
+# On a GPU (kernels/gpu_check.sh): the production shapes, bfloat16 included.
+GPU_SHAPES = [(8, 77, 12, 64, 64), (8, 1024, 12, 64, 64), (2, 300, 4, 128, 128), (2, 1000, 3, 64, 32)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gates", ["near_one", "near_zero", "mixed"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}-T{}-H{}-K{}-V{}".format(*s))
+def test_gpu_production_shapes(shape, gates, dtype):
+    inputs = random_inputs(*shape, gates=gates, dtype=dtype, device=DEVICE, seed=sum(shape))
+    expected, actual = _reference_and_kernel(inputs)
+    _assert_close(expected, actual, TOL[dtype])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_no_per_step_state_in_memory():
+    """fwd + bwd at T = 8192: the per-step states would be 512 MiB; the kernel stays far below."""
+    B, T, H, D = 1, 8192, 4, 64
+    inputs = random_inputs(B, T, H, D, D, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    o, final = decay_fast_weights(**inputs, output_final_state=True, kernel="triton")
+    (o.float().square().sum() + final.square().sum()).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak < B * T * H * D * D * 4 / 4, f"peak {peak / 2**20:.1f} MiB"
