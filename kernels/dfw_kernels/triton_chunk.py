@@ -76,7 +76,7 @@ if triton is not None:
 
     @triton.jit
     def _chunk_scan_kernel(
-        q, k, v, acum, dcum, s0, r0, x1, x2,  # inputs (unused pointers are dummies, never read)
+        q, k, v, acum, dcum, lo_a, lo_d, s0, r0, x1, x2,  # inputs (unused pointers are dummies, never read)
         out, out_pre, gate_grad, final, final_pre,  # outputs
         T, H, K, V,
         REVERSE: tl.constexpr, HAS_S0: tl.constexpr, HAS_R0: tl.constexpr, WRITE_OUT: tl.constexpr,
@@ -85,8 +85,8 @@ if triton is not None:
         BV: tl.constexpr, BKD: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """q, k [B, T, H, K]; v, x1, x2, out, out_pre, gate_grad [B, T, H, V]: token order.
-        acum [B, NC, H, K], dcum [B, NC, H, V]: chunk-local cumulative log-gates in scan order, NC = T
-        rounded up to C (zero log-gates beyond T). s0, final, final_pre [B, H, K, V]; r0 [B, H, V].
+        acum [2, B, NC, H, K], dcum [2, B, NC, H, V]: chunk-local cumulative log-gates in scan order as
+        hi, lo float32 pairs (lo at offsets lo_a, lo_d), NC = T rounded up to C (log-gates 0 beyond T). s0, final, final_pre [B, H, K, V]; r0 [B, H, V].
         Grid: (cdiv(V, BV), B * H)."""
         i_v = tl.program_id(0)
         i_bh = tl.program_id(1)
@@ -131,7 +131,9 @@ if triton is not None:
             k_c = tl.load(k + base_k + off_c, mask=ok_c[:, None] & mk[None, :], other=0.0).to(tl.float32)
             v_c = tl.load(v + base_v + off_vc, mask=ok_c[:, None] & mv[None, :], other=0.0).to(tl.float32)
             a_c = tl.load(acum + base_a + sc[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)  # (C, BK)
+            a_c_lo = tl.load(acum + lo_a + base_a + sc[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)
             d_c = tl.load(dcum + base_d + sc[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)  # (C, BV)
+            d_c_lo = tl.load(dcum + lo_d + base_d + sc[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)
 
             for J in tl.static_range(C // SUB):
                 si = start + J * SUB + rows  # (SUB,) scan steps
@@ -148,29 +150,33 @@ if triton is not None:
                 k_J = tl.load(k + base_k + off_k, mask=m_k, other=0.0).to(tl.float32)
                 v_J = tl.load(v + base_v + off_v, mask=m_v, other=0.0).to(tl.float32)  # (SUB, BV)
                 a_J = tl.load(acum + base_a + si[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)
+                a_J_lo = tl.load(acum + lo_a + base_a + si[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)
                 d_J = tl.load(dcum + base_d + si[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)
+                d_J_lo = tl.load(dcum + lo_d + base_d + si[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)
 
                 # The state from earlier chunks: q_t P_t's first term.
-                o_state = tl.dot((q_J * tl.exp(a_J)).to(dt), S.to(dt), input_precision=PRECISION)
-                o_state = o_state * tl.exp(d_J)  # (SUB, BV)
+                o_state = tl.dot((q_J * tl.exp(a_J + a_J_lo)).to(dt), S.to(dt), input_precision=PRECISION)
+                o_state = o_state * tl.exp(d_J + d_J_lo)  # (SUB, BV)
                 # Earlier sub-chunks of this chunk, factored through the boundary b = the step before J.
                 # Keys of sub-chunk J and later are masked (before exp: their exponents would be > 0).
                 o_before = tl.zeros([SUB, BV], dtype=tl.float32)
                 if J > 0:
                     b = start + J * SUB - 1
                     a_b = tl.load(acum + base_a + b * HK + ck, mask=mk, other=0.0)  # (BK,)
+                    a_b_lo = tl.load(acum + lo_a + base_a + b * HK + ck, mask=mk, other=0.0)
                     d_b = tl.load(dcum + base_d + b * HV + cv, mask=mv, other=0.0)  # (BV,)
+                    d_b_lo = tl.load(dcum + lo_d + base_d + b * HV + cv, mask=mv, other=0.0)
                     before = (rows_c < J * SUB)[:, None]  # (C, 1)
-                    q_dec = (q_J * tl.exp(a_J - a_b[None, :])).to(dt)  # (SUB, BK)
-                    k_dec = (k_c * tl.exp(tl.where(before, a_b[None, :] - a_c, float("-inf")))).to(dt)  # (C, BK)
-                    v_dec = (v_c * tl.exp(tl.where(before, d_b[None, :] - d_c, float("-inf")))).to(dt)  # (C, BV)
+                    q_dec = (q_J * tl.exp((a_J - a_b[None, :]) + (a_J_lo - a_b_lo[None, :]))).to(dt)  # (SUB, BK)
+                    k_dec = (k_c * tl.exp(tl.where(before, (a_b[None, :] - a_c) + (a_b_lo[None, :] - a_c_lo), float("-inf")))).to(dt)  # (C, BK)
+                    v_dec = (v_c * tl.exp(tl.where(before, (d_b[None, :] - d_c) + (d_b_lo[None, :] - d_c_lo), float("-inf")))).to(dt)  # (C, BV)
                     scores = tl.dot(q_dec, tl.trans(k_dec), input_precision=PRECISION)  # (SUB, C)
                     o_before = tl.dot(scores.to(dt), v_dec, input_precision=PRECISION)  # (SUB, BV)
-                    o_before = o_before * tl.exp(d_J - d_b[None, :])
+                    o_before = o_before * tl.exp((d_J - d_b[None, :]) + (d_J_lo - d_b_lo[None, :]))
                 # The diagonal sub-chunk, s < t: pairwise decays, masked before exp. Scores over key
                 # columns in slices of BKD (reloaded: registers cannot be sliced), values at once.
                 if BKD == BK:  # the sub-chunk's tiles as loaded
-                    key_decay = tl.exp(tl.where(causal, a_J[:, None, :] - a_J[None, :, :], float("-inf")))
+                    key_decay = tl.exp(tl.where(causal, (a_J[:, None, :] - a_J[None, :, :]) + (a_J_lo[:, None, :] - a_J_lo[None, :, :]), float("-inf")))
                     scores_diag = tl.sum(q_J[:, None, :] * k_J[None, :, :] * key_decay, axis=2)  # (SUB, SUB)
                 else:
                     scores_diag = tl.zeros([SUB, SUB], dtype=tl.float32)
@@ -181,9 +187,11 @@ if triton is not None:
                         q_d = tl.load(q + base_k + off_d, mask=m, other=0.0).to(tl.float32)
                         k_d = tl.load(k + base_k + off_d, mask=m, other=0.0).to(tl.float32)
                         a_d = tl.load(acum + base_a + si[:, None] * HK + cd[None, :], mask=(cd < K)[None, :], other=0.0)
-                        key_decay = tl.exp(tl.where(causal, a_d[:, None, :] - a_d[None, :, :], float("-inf")))
+                        a_d_lo = tl.load(acum + lo_a + base_a + si[:, None] * HK + cd[None, :], mask=(cd < K)[None, :], other=0.0)
+                        key_decay = tl.exp(tl.where(causal, (a_d[:, None, :] - a_d[None, :, :]) + (a_d_lo[:, None, :] - a_d_lo[None, :, :]),
+                            float("-inf")))
                         scores_diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * key_decay, axis=2)
-                value_decay = tl.exp(tl.where(causal, d_J[:, None, :] - d_J[None, :, :], float("-inf")))
+                value_decay = tl.exp(tl.where(causal, (d_J[:, None, :] - d_J[None, :, :]) + (d_J_lo[:, None, :] - d_J_lo[None, :, :]), float("-inf")))
                 o_diag = tl.sum(scores_diag[:, :, None] * v_J[None, :, :] * value_decay, axis=1)  # (SUB, BV)
                 own = tl.sum(q_J * k_J, axis=1)[:, None] * v_J  # (SUB, BV) the token's own write
 
@@ -210,11 +218,13 @@ if triton is not None:
             # difference. Beyond T the log-gates are 0, so the chunk's end is the last step's decay.
             e = start + C - 1
             a_e = tl.load(acum + base_a + e * HK + ck, mask=mk, other=0.0)  # (BK,)
+            a_e_lo = tl.load(acum + lo_a + base_a + e * HK + ck, mask=mk, other=0.0)
             d_e = tl.load(dcum + base_d + e * HV + cv, mask=mv, other=0.0)  # (BV,)
+            d_e_lo = tl.load(dcum + lo_d + base_d + e * HV + cv, mask=mv, other=0.0)
             write = (sc < T - 1)[:, None]  # (C, 1)
-            k_dec = (tl.where(write, k_c, 0.0) * tl.exp(a_e[None, :] - a_c)).to(dt)  # (C, BK)
-            v_dec = (v_c * tl.exp(d_e[None, :] - d_c)).to(dt)  # (C, BV)
-            S = S * tl.exp(a_e)[:, None] * tl.exp(d_e)[None, :]
+            k_dec = (tl.where(write, k_c, 0.0) * tl.exp((a_e[None, :] - a_c) + (a_e_lo[None, :] - a_c_lo))).to(dt)  # (C, BK)
+            v_dec = (v_c * tl.exp((d_e[None, :] - d_c) + (d_e_lo[None, :] - d_c_lo))).to(dt)  # (C, BV)
+            S = S * tl.exp(a_e + a_e_lo)[:, None] * tl.exp(d_e + d_e_lo)[None, :]
             S += tl.dot(tl.trans(k_dec), v_dec, input_precision=PRECISION)  # (BK, BV)
 
         state_offsets = base_s + ck[:, None] * V + cv[None, :]
@@ -234,16 +244,25 @@ else:
 
 
 def _chunk_local_cumsum(log_gate: Tensor | None, width: int, like: Tensor, reverse: bool, n_pad: int) -> Tensor:
-    """[B, T, H, D] log-gates (or None: zeros) -> [B, NC, H, D] float32 cumulative sums from each chunk's
-    start, in scan order: reversed, step i takes the gate of token T - i (none at the first step)."""
+    """[B, T, H, D] log-gates (or None: zeros) -> [2, B, NC, H, D]: cumulative sums from each chunk's
+    start in scan order (reversed, step i takes the gate of token T - i; none at the first step), as
+    float32 pairs hi + lo of the float64 sum.
+
+    Why pairs: the kernel takes decays as differences a_t - a_s of these sums. In one float32 the sums
+    reach hundreds of nats within a chunk when gates are small, and the difference of two of them
+    keeps only ~|a| * 6e-8 absolute accuracy (1e-5 relative error on a one-step decay with gates
+    ~2e-3). (hi_t - hi_s) + (lo_t - lo_s) is accurate to float32 rounding of the difference itself.
+    """
     B, T, H = like.shape[:3]
     if log_gate is None:
-        return like.new_zeros(B, T + n_pad, H, width, dtype=torch.float32)
-    g = log_gate.float()
+        return like.new_zeros(2, B, T + n_pad, H, width, dtype=torch.float32)
+    g = log_gate.double()
     if reverse:  # scan step i (token T-1-i) applies the gate of token T-i before its write
         g = torch.cat([g.new_zeros(B, 1, H, width), g.flip(1)[:, : T - 1]], dim=1)  # (B, T, H, D)
     g = torch.nn.functional.pad(g, (0, 0, 0, 0, 0, n_pad))  # (B, NC, H, D)
-    return g.view(B, -1, CHUNK, H, width).cumsum(2).view(B, -1, H, width)  # (B, NC, H, D)
+    total = g.view(B, -1, CHUNK, H, width).cumsum(2).view(B, -1, H, width)  # (B, NC, H, D) float64
+    hi = total.float()
+    return torch.stack([hi, (total - hi.double()).float()])  # (2, B, NC, H, D)
 
 
 def _empty(shape, dtype, like: Tensor) -> Tensor:
@@ -274,8 +293,8 @@ def triton_scan(
     q = q.contiguous()
     k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
     n_pad = (-T) % CHUNK
-    acum = _chunk_local_cumsum(log_key_gate, K, q, reverse, n_pad)  # (B, NC, H, K)
-    dcum = _chunk_local_cumsum(log_value_gate, V, q, reverse, n_pad)  # (B, NC, H, V)
+    acum = _chunk_local_cumsum(log_key_gate, K, q, reverse, n_pad)  # (2, B, NC, H, K)
+    dcum = _chunk_local_cumsum(log_value_gate, V, q, reverse, n_pad)  # (2, B, NC, H, V)
     dummy = acum
     out = _empty((B, T, H, V), out_dtype, q) if out_dtype is not None else dummy
     out_pre = _empty((B, T, H, V), torch.float32, q) if output_pre else dummy
@@ -292,7 +311,7 @@ def triton_scan(
     if T > 0:
         grid = (triton.cdiv(V, tiles["BV"]), B * H)
         _chunk_scan_kernel[grid](
-            q, k, v, acum, dcum,
+            q, k, v, acum, dcum, acum[0].numel(), dcum[0].numel(),
             dummy if s0 is None else s0, dummy if r0 is None else r0,
             dummy if x1 is None else x1, dummy if x2 is None else x2,
             out, out_pre, dummy if gate_grad is None else gate_grad, final, final_pre,
@@ -366,7 +385,9 @@ def compile_ahead_of_time(arch: int, dtype: torch.dtype, K: int, V: int, *, reve
         WRITE_FINAL=True, WRITE_FINAL_PRE=not reverse, C=CHUNK, SUB=SUBCHUNK,
         PRECISION="ieee" if dtype == torch.float32 else "tf32", **tiles,
     )  # fmt: skip
-    signature = {**{n: "*" + ty for n, ty in pointers.items()}, **dict.fromkeys(("T", "H", "K", "V"), "i32")}
+    signature = {n: "*" + ty for n, ty in pointers.items()}
+    signature = {**{n: signature[n] for n in ("q", "k", "v", "acum", "dcum")}, "lo_a": "i32", "lo_d": "i32", **signature}
+    signature.update(dict.fromkeys(("T", "H", "K", "V"), "i32"))
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = triton.compiler.ASTSource(fn=_chunk_scan_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(
