@@ -71,7 +71,7 @@ class FastWeightAttention(AttentionCore):
     normalization: none | denominator | sum.       state_size: m; null for the feature map's natural size.
     gates: decay only, which side is gated (key | value | both).
     output_norm: LayerNorm over each head's output (off in the paper).
-    chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch (add, gated, decay).
+    chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch | triton (add, gated, decay).
     eps: clamp of the denominator and of feature sums.
     redraw_interval, seed: random feature maps (favor, rff): redraw every N training calls (null: never),
         deterministically from (seed, layer_idx, draw number).

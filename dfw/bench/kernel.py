@@ -5,6 +5,7 @@ Shapes (fixed, named): H = 12 heads of D = 64, 16,384 tokens per batch (B = 1638
 times, in this process, forward and forward+backward (medians over --reps after --warmup runs, CUDA
 events):
   dfw cuda       this project's fused recurrent kernel (dfw_kernels, kernel="cuda")
+  dfw triton     this project's chunked tensor-core kernel (kernel="triton", triton_chunk.py)
   torch chunked  the PyTorch chunkwise reference (chunk 64), the fallback
   sdpa           torch SDPA, causal, FlashAttention backend: softmax attention, the floor to aim at
   fla recurrent  fla's fused_recurrent_gla(q, k, v, gk, gv, scale=1.0): the same two-sided recurrence
@@ -107,6 +108,14 @@ def _fla_ops():
     return recurrent, chunk
 
 
+def _ratios(numerators, denominators) -> str:
+    """'a/b x, ...' for (fwd, fwd+bwd) pairs; n/a where either is not a time."""
+    return ", ".join(
+        f"{a / b:5.2f}x" if isinstance(a, float) and isinstance(b, float) else "  n/a"
+        for a, b in zip(numerators, denominators, strict=True)
+    )
+
+
 def _fmt(x: float | str) -> str:
     return f"{x:8.2f}" if isinstance(x, float) else f"{'n/a' if x.startswith('error') else x:>8}"
 
@@ -125,6 +134,7 @@ def _bench_seq_len(T: int, dtype, warmup: int, reps: int, with_torch: bool, fla)
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
 
     ops = {"dfw cuda": (lambda: decay_fast_weights(q, k, v, gk, gv, kernel="cuda")[0], leaves)}
+    ops["dfw triton"] = (lambda: decay_fast_weights(q, k, v, gk, gv, kernel="triton")[0], leaves)
     if with_torch:
         ops["torch chunked"] = (lambda: chunk_decay_fast_weights(q, k, v, gk, gv, chunk_size=64)[0], leaves)
     ops["sdpa"] = (sdpa, (q, k, v))
@@ -151,6 +161,7 @@ def bench_training(seq_lens, dtype, warmup, reps, with_torch: bool) -> list[dict
     ratio_name = "fla recurrent" if fla is not None else None
     if ratio_name:
         header += " | fla recurrent / dfw (fwd, fwd+bwd)"
+    header += " | dfw triton / sdpa (fwd, fwd+bwd)"
     print(
         f"\nTraining: H={HEADS}, D={HEAD_DIM}, {TOKENS_PER_BATCH} tokens per batch, {dtype}, ms (median of {reps})"
     )
@@ -161,12 +172,8 @@ def bench_training(seq_lens, dtype, warmup, reps, with_torch: bool) -> list[dict
             f"{_fmt(row[n][0]):>17} {_fmt(row[n][1])}" for n in names
         )
         if ratio_name:
-            ratios = [
-                f"{a / b:5.1f}x" if isinstance(a, float) and isinstance(b, float) else "  n/a"
-                for a, b in zip(row[ratio_name], row["dfw cuda"], strict=True)
-            ]
-            line += f" | {ratios[0]}, {ratios[1]}"
-        print(line)
+            line += " | " + _ratios(row[ratio_name], row["dfw cuda"])
+        print(line + " | " + _ratios(row["dfw triton"], row["sdpa"]))
     if fla is None:
         print("(fla not installed: pip install -e '.[fla]' for the fused_recurrent_gla and chunk_gla rows)")
     print("fla chunk = chunk_gla with the key-side gate only (it takes no value-side gate).")

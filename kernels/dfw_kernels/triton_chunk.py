@@ -29,7 +29,6 @@ imports triton): that is how the tests run it without a GPU.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -130,10 +129,18 @@ if triton is not None:
             off_vc = tok_c[:, None] * HV + cv[None, :]  # (C, BV) into v
             k_c = tl.load(k + base_k + off_c, mask=ok_c[:, None] & mk[None, :], other=0.0).to(tl.float32)
             v_c = tl.load(v + base_v + off_vc, mask=ok_c[:, None] & mv[None, :], other=0.0).to(tl.float32)
-            a_c = tl.load(acum + base_a + sc[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)  # (C, BK)
-            a_c_lo = tl.load(acum + lo_a + base_a + sc[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)
-            d_c = tl.load(dcum + base_d + sc[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)  # (C, BV)
-            d_c_lo = tl.load(dcum + lo_d + base_d + sc[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)
+            a_c = tl.load(
+                acum + base_a + sc[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0
+            )  # (C, BK)
+            a_c_lo = tl.load(
+                acum + lo_a + base_a + sc[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0
+            )
+            d_c = tl.load(
+                dcum + base_d + sc[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0
+            )  # (C, BV)
+            d_c_lo = tl.load(
+                dcum + lo_d + base_d + sc[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0
+            )
 
             for J in tl.static_range(C // SUB):
                 si = start + J * SUB + rows  # (SUB,) scan steps
@@ -150,9 +157,13 @@ if triton is not None:
                 k_J = tl.load(k + base_k + off_k, mask=m_k, other=0.0).to(tl.float32)
                 v_J = tl.load(v + base_v + off_v, mask=m_v, other=0.0).to(tl.float32)  # (SUB, BV)
                 a_J = tl.load(acum + base_a + si[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)
-                a_J_lo = tl.load(acum + lo_a + base_a + si[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0)
+                a_J_lo = tl.load(
+                    acum + lo_a + base_a + si[:, None] * HK + ck[None, :], mask=mk[None, :], other=0.0
+                )
                 d_J = tl.load(dcum + base_d + si[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)
-                d_J_lo = tl.load(dcum + lo_d + base_d + si[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0)
+                d_J_lo = tl.load(
+                    dcum + lo_d + base_d + si[:, None] * HV + cv[None, :], mask=mv[None, :], other=0.0
+                )
 
                 # The state from earlier chunks: q_t P_t's first term.
                 o_state = tl.dot((q_J * tl.exp(a_J + a_J_lo)).to(dt), S.to(dt), input_precision=PRECISION)
@@ -167,16 +178,34 @@ if triton is not None:
                     d_b = tl.load(dcum + base_d + b * HV + cv, mask=mv, other=0.0)  # (BV,)
                     d_b_lo = tl.load(dcum + lo_d + base_d + b * HV + cv, mask=mv, other=0.0)
                     before = (rows_c < J * SUB)[:, None]  # (C, 1)
-                    q_dec = (q_J * tl.exp((a_J - a_b[None, :]) + (a_J_lo - a_b_lo[None, :]))).to(dt)  # (SUB, BK)
-                    k_dec = (k_c * tl.exp(tl.where(before, (a_b[None, :] - a_c) + (a_b_lo[None, :] - a_c_lo), float("-inf")))).to(dt)  # (C, BK)
-                    v_dec = (v_c * tl.exp(tl.where(before, (d_b[None, :] - d_c) + (d_b_lo[None, :] - d_c_lo), float("-inf")))).to(dt)  # (C, BV)
+                    q_dec = (q_J * tl.exp((a_J - a_b[None, :]) + (a_J_lo - a_b_lo[None, :]))).to(
+                        dt
+                    )  # (SUB, BK)
+                    k_dec = (
+                        k_c
+                        * tl.exp(
+                            tl.where(before, (a_b[None, :] - a_c) + (a_b_lo[None, :] - a_c_lo), float("-inf"))
+                        )
+                    ).to(dt)  # (C, BK)
+                    v_dec = (
+                        v_c
+                        * tl.exp(
+                            tl.where(before, (d_b[None, :] - d_c) + (d_b_lo[None, :] - d_c_lo), float("-inf"))
+                        )
+                    ).to(dt)  # (C, BV)
                     scores = tl.dot(q_dec, tl.trans(k_dec), input_precision=PRECISION)  # (SUB, C)
                     o_before = tl.dot(scores.to(dt), v_dec, input_precision=PRECISION)  # (SUB, BV)
                     o_before = o_before * tl.exp((d_J - d_b[None, :]) + (d_J_lo - d_b_lo[None, :]))
                 # The diagonal sub-chunk, s < t: pairwise decays, masked before exp. Scores over key
                 # columns in slices of BKD (reloaded: registers cannot be sliced), values at once.
                 if BKD == BK:  # the sub-chunk's tiles as loaded
-                    key_decay = tl.exp(tl.where(causal, (a_J[:, None, :] - a_J[None, :, :]) + (a_J_lo[:, None, :] - a_J_lo[None, :, :]), float("-inf")))
+                    key_decay = tl.exp(
+                        tl.where(
+                            causal,
+                            (a_J[:, None, :] - a_J[None, :, :]) + (a_J_lo[:, None, :] - a_J_lo[None, :, :]),
+                            float("-inf"),
+                        )
+                    )
                     scores_diag = tl.sum(q_J[:, None, :] * k_J[None, :, :] * key_decay, axis=2)  # (SUB, SUB)
                 else:
                     scores_diag = tl.zeros([SUB, SUB], dtype=tl.float32)
@@ -186,12 +215,30 @@ if triton is not None:
                         off_d = tok[:, None] * HK + cd[None, :]
                         q_d = tl.load(q + base_k + off_d, mask=m, other=0.0).to(tl.float32)
                         k_d = tl.load(k + base_k + off_d, mask=m, other=0.0).to(tl.float32)
-                        a_d = tl.load(acum + base_a + si[:, None] * HK + cd[None, :], mask=(cd < K)[None, :], other=0.0)
-                        a_d_lo = tl.load(acum + lo_a + base_a + si[:, None] * HK + cd[None, :], mask=(cd < K)[None, :], other=0.0)
-                        key_decay = tl.exp(tl.where(causal, (a_d[:, None, :] - a_d[None, :, :]) + (a_d_lo[:, None, :] - a_d_lo[None, :, :]),
-                            float("-inf")))
+                        a_d = tl.load(
+                            acum + base_a + si[:, None] * HK + cd[None, :], mask=(cd < K)[None, :], other=0.0
+                        )
+                        a_d_lo = tl.load(
+                            acum + lo_a + base_a + si[:, None] * HK + cd[None, :],
+                            mask=(cd < K)[None, :],
+                            other=0.0,
+                        )
+                        key_decay = tl.exp(
+                            tl.where(
+                                causal,
+                                (a_d[:, None, :] - a_d[None, :, :])
+                                + (a_d_lo[:, None, :] - a_d_lo[None, :, :]),
+                                float("-inf"),
+                            )
+                        )
                         scores_diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * key_decay, axis=2)
-                value_decay = tl.exp(tl.where(causal, (d_J[:, None, :] - d_J[None, :, :]) + (d_J_lo[:, None, :] - d_J_lo[None, :, :]), float("-inf")))
+                value_decay = tl.exp(
+                    tl.where(
+                        causal,
+                        (d_J[:, None, :] - d_J[None, :, :]) + (d_J_lo[:, None, :] - d_J_lo[None, :, :]),
+                        float("-inf"),
+                    )
+                )
                 o_diag = tl.sum(scores_diag[:, :, None] * v_J[None, :, :] * value_decay, axis=1)  # (SUB, BV)
                 own = tl.sum(q_J * k_J, axis=1)[:, None] * v_J  # (SUB, BV) the token's own write
 
@@ -222,7 +269,9 @@ if triton is not None:
             d_e = tl.load(dcum + base_d + e * HV + cv, mask=mv, other=0.0)  # (BV,)
             d_e_lo = tl.load(dcum + lo_d + base_d + e * HV + cv, mask=mv, other=0.0)
             write = (sc < T - 1)[:, None]  # (C, 1)
-            k_dec = (tl.where(write, k_c, 0.0) * tl.exp((a_e[None, :] - a_c) + (a_e_lo[None, :] - a_c_lo))).to(dt)  # (C, BK)
+            k_dec = (
+                tl.where(write, k_c, 0.0) * tl.exp((a_e[None, :] - a_c) + (a_e_lo[None, :] - a_c_lo))
+            ).to(dt)  # (C, BK)
             v_dec = (v_c * tl.exp((d_e[None, :] - d_c) + (d_e_lo[None, :] - d_c_lo))).to(dt)  # (C, BV)
             S = S * tl.exp(a_e + a_e_lo)[:, None] * tl.exp(d_e + d_e_lo)[None, :]
             S += tl.dot(tl.trans(k_dec), v_dec, input_precision=PRECISION)  # (BK, BV)
@@ -243,7 +292,9 @@ else:
     _chunk_scan_kernel = None
 
 
-def _chunk_local_cumsum(log_gate: Tensor | None, width: int, like: Tensor, reverse: bool, n_pad: int) -> Tensor:
+def _chunk_local_cumsum(
+    log_gate: Tensor | None, width: int, like: Tensor, reverse: bool, n_pad: int
+) -> Tensor:
     """[B, T, H, D] log-gates (or None: zeros) -> [2, B, NC, H, D]: cumulative sums from each chunk's
     start in scan order (reversed, step i takes the gate of token T - i; none at the first step), as
     float32 pairs hi + lo of the float64 sum.
@@ -278,9 +329,11 @@ def _next_power_of_2(n: int) -> int:
 def _tiles(K: int, V: int) -> dict:
     """Tile sizes and warps for key size K and value size V (<= 128): all of K in one program, V in
     blocks of BV <= 32 (one program each: more programs, and [SUB, SUB, BV] diagonal terms that fit
-    registers), the diagonal's key-side terms in slices of BKD columns."""
+    registers), the diagonal's key-side terms in slices of BKD = 16 columns; 8 warps from K = 64 on."""
     BK, BV = max(16, _next_power_of_2(K)), min(32, max(16, _next_power_of_2(V)))
-    return {"BK": BK, "BV": BV, "BKD": min(BK, 32), "num_warps": 4 if BK <= 64 else 8}
+    # num_stages=1: no software pipelining of the chunk loop's loads (with it, compiling takes minutes
+    # and the async copies need more shared memory; a tuning question for a GPU session).
+    return {"BK": BK, "BV": BV, "BKD": min(BK, 16), "num_warps": 4 if BK <= 32 else 8, "num_stages": 1}
 
 
 def triton_scan(
@@ -373,27 +426,32 @@ def compile_ahead_of_time(arch: int, dtype: torch.dtype, K: int, V: int, *, reve
     from triton.backends.compiler import GPUTarget
 
     if interpreting():
-        raise RuntimeError("compile_ahead_of_time needs Triton outside its interpreter (unset TRITON_INTERPRET)")
+        raise RuntimeError(
+            "compile_ahead_of_time needs Triton outside its interpreter (unset TRITON_INTERPRET)"
+        )
     t = _TRITON_DTYPES[dtype]
     pointers = {"q": t, "k": t, "v": t, "acum": "fp32", "dcum": "fp32", "s0": "fp32", "r0": "fp32",
                 "x1": "fp32", "x2": t, "out": t, "out_pre": "fp32", "gate_grad": "fp32", "final": "fp32",
                 "final_pre": "fp32"}  # fmt: skip
     tiles = _tiles(K, V)
-    num_warps = tiles.pop("num_warps")
+    options = {"num_warps": tiles.pop("num_warps"), "num_stages": tiles.pop("num_stages")}
     constexprs = dict(
         REVERSE=reverse, HAS_S0=True, HAS_R0=reverse, WRITE_OUT=True, WRITE_PRE=not reverse, GATE_GRAD=reverse,
         WRITE_FINAL=True, WRITE_FINAL_PRE=not reverse, C=CHUNK, SUB=SUBCHUNK,
         PRECISION="ieee" if dtype == torch.float32 else "tf32", **tiles,
     )  # fmt: skip
     signature = {n: "*" + ty for n, ty in pointers.items()}
-    signature = {**{n: signature[n] for n in ("q", "k", "v", "acum", "dcum")}, "lo_a": "i32", "lo_d": "i32", **signature}
+    signature = {
+        **{n: signature[n] for n in ("q", "k", "v", "acum", "dcum")},
+        "lo_a": "i32",
+        "lo_d": "i32",
+        **signature,
+    }
     signature.update(dict.fromkeys(("T", "H", "K", "V"), "i32"))
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = triton.compiler.ASTSource(fn=_chunk_scan_kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
-    )
-    registers = -1
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    registers = stack = -1
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if cuobjdump.exists() or shutil.which("cuobjdump"):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -403,11 +461,14 @@ def compile_ahead_of_time(arch: int, dtype: torch.dtype, K: int, V: int, *, reve
             usage = subprocess_output([exe, "--dump-resource-usage", f.name])
         match = re.search(r"REG:(\d+)", usage)
         registers = int(match.group(1)) if match else -1
+        match = re.search(r"STACK:(\d+)", usage)
+        stack = int(match.group(1)) if match else -1
     return {
         "ptx_bytes": len(compiled.asm["ptx"]),
         "cubin_bytes": len(compiled.asm["cubin"]),
         "shared": compiled.metadata.shared,
         "registers": registers,
+        "stack_bytes": stack,  # per thread: > 0 means registers spill to local memory
         "num_warps": compiled.metadata.num_warps,
     }
 

@@ -46,7 +46,9 @@ def poison_outputs(monkeypatch):
 def _reference_and_kernel(inputs, output_final_state=True):
     """(float64 reference results, kernel results): o, final state and the gradient of every input."""
     leaves = [n for n, x in inputs.items() if x is not None]
-    reference_inputs = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}
+    reference_inputs = {
+        n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()
+    }
     g = torch.Generator(device=DEVICE)
     results = []
     for ins, extra in ((reference_inputs, {}), (inputs, {"kernel": "triton"})):
@@ -57,9 +59,13 @@ def _reference_and_kernel(inputs, output_final_state=True):
         grad_outputs = [torch.randn(o.shape, generator=g, device=DEVICE, dtype=torch.float64).to(o.dtype)]
         if output_final_state:
             outputs.append(final)
-            grad_outputs.append(torch.randn(final.shape, generator=g, device=DEVICE, dtype=torch.float64).to(final.dtype))
+            grad_outputs.append(
+                torch.randn(final.shape, generator=g, device=DEVICE, dtype=torch.float64).to(final.dtype)
+            )
         grads = torch.autograd.grad(outputs, [ins[n] for n in leaves], grad_outputs)
-        results.append({"o": o, "final_state": final, **{f"d{n}": dx for n, dx in zip(leaves, grads, strict=True)}})
+        results.append(
+            {"o": o, "final_state": final, **{f"d{n}": dx for n, dx in zip(leaves, grads, strict=True)}}
+        )
     return results
 
 
@@ -90,8 +96,10 @@ VARIANTS = ["no_initial_state", "no_final_state", "key_gate_only", "value_gate_o
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(variant):
     shape = {"odd_sizes_two_value_blocks": (1, 21, 1, 20, 72), "one_token": (2, 1, 2, 16, 16),
-             "one_full_chunk": (1, 64, 1, 16, 16)}.get(variant, (2, 37, 2, 16, 16))  # fmt: skip
-    inputs = random_inputs(*shape, device=DEVICE, dtype=torch.float32, initial_state=variant != "no_initial_state")
+             "one_full_chunk": (1, 64, 1, 16, 16)}.get(variant, (1, 37, 2, 16, 16))  # fmt: skip
+    inputs = random_inputs(
+        *shape, device=DEVICE, dtype=torch.float32, initial_state=variant != "no_initial_state"
+    )
     if variant in ("value_gate_only", "no_gates"):
         inputs["log_key_gate"] = None
     if variant in ("key_gate_only", "no_gates"):
@@ -144,11 +152,10 @@ AOT_SCRIPT = """
 import json, sys, torch
 from dfw_kernels.triton_chunk import compile_ahead_of_time
 results = []
-for arch in (80, 90):
-    for D in (64, 128):
-        for reverse in (False, True):
-            info = compile_ahead_of_time(arch, torch.bfloat16, D, D, reverse=reverse)
-            results.append(dict(arch=arch, D=D, reverse=reverse, **info))
+for arch, D, reverse in ((90, 64, False), (90, 128, True), (80, 64, True), (80, 128, False)):
+    info = compile_ahead_of_time(arch, torch.bfloat16, D, D, reverse=reverse)
+    results.append(dict(arch=arch, D=D, reverse=reverse, **info))
+    print(json.dumps(results[-1]), file=sys.stderr)
 print(json.dumps(results))
 """
 
@@ -156,13 +163,16 @@ print(json.dumps(results))
 @pytest.mark.slow
 def test_compiles_ahead_of_time_for_sm80_and_sm90():
     """triton.compile for CUDA targets without a GPU: PTX and cubin at the production shapes (bfloat16,
-    K = V = 64 and 128, the forward and the backward's reverse scan with its epilogue), which checks
-    what the interpreter does not: tl.dot's shape and dtype rules, shared memory, registers."""
+    K = V = 64 and 128, the forward and the backward's reverse scan with its epilogue, each on sm_90 and
+    sm_80 once), which checks what the interpreter does not: tl.dot's shape and dtype rules, shared
+    memory. ~20 s of CPU per compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 4
     for r in results:
         assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, r
         limit = 227 * 1024 if r["arch"] == 90 else 163 * 1024
@@ -174,7 +184,6 @@ def test_compiles_ahead_of_time_for_sm80_and_sm90():
 def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files):
     """Two steps of the real pipeline (tiny GPT-2, attention=decay): the same losses as kernel=torch."""
     from dfw.train import train
-
     from tests.conftest import compose, tiny_overrides
 
     metrics = {}
@@ -186,7 +195,10 @@ def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files):
         metrics[kernel] = train(cfg)
     for key in ("train/loss", "val/ppl_converted", "val/ppl", "test/ppl"):
         torch.testing.assert_close(
-            torch.tensor(float(metrics["triton"][key])), torch.tensor(float(metrics["torch"][key])), rtol=1e-4, atol=0
+            torch.tensor(float(metrics["triton"][key])),
+            torch.tensor(float(metrics["torch"][key])),
+            rtol=1e-4,
+            atol=0,
         )
 
 
