@@ -77,7 +77,7 @@ if triton is not None:
     def _chunk_scan_kernel(
         q, k, v, acum, dcum, lo_a, lo_d, s0, r0, x1, x2,  # inputs (unused pointers are dummies, never read)
         out, out_pre, gate_grad, final, final_pre,  # outputs
-        T, H, K, V,
+        T, n_chunks, H, K, V,
         REVERSE: tl.constexpr, HAS_S0: tl.constexpr, HAS_R0: tl.constexpr, WRITE_OUT: tl.constexpr,
         WRITE_PRE: tl.constexpr, GATE_GRAD: tl.constexpr, WRITE_FINAL: tl.constexpr,
         WRITE_FINAL_PRE: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
@@ -85,13 +85,12 @@ if triton is not None:
     ):  # fmt: skip
         """q, k [B, T, H, K]; v, x1, x2, out, out_pre, gate_grad [B, T, H, V]: token order.
         acum [2, B, NC, H, K], dcum [2, B, NC, H, V]: chunk-local cumulative log-gates in scan order as
-        hi, lo float32 pairs (lo at offsets lo_a, lo_d), NC = T rounded up to C (log-gates 0 beyond T). s0, final, final_pre [B, H, K, V]; r0 [B, H, V].
-        Grid: (cdiv(V, BV), B * H)."""
+        hi, lo float32 pairs (lo at offsets lo_a, lo_d), NC = n_chunks * C (log-gates 0 beyond T).
+        s0, final, final_pre [B, H, K, V]; r0 [B, H, V]. Grid: (cdiv(V, BV), B * H)."""
         i_v = tl.program_id(0)
         i_bh = tl.program_id(1)
         i_b = i_bh // H
         i_h = i_bh % H
-        n_chunks = tl.cdiv(T, C)
         ck = tl.arange(0, BK)  # (BK,) key columns
         cv = i_v * BV + tl.arange(0, BV)  # (BV,) value columns of this program
         mk = ck < K
@@ -368,7 +367,7 @@ def triton_scan(
             dummy if s0 is None else s0, dummy if r0 is None else r0,
             dummy if x1 is None else x1, dummy if x2 is None else x2,
             out, out_pre, dummy if gate_grad is None else gate_grad, final, final_pre,
-            T, H, K, V,
+            T, triton.cdiv(T, CHUNK), H, K, V,
             REVERSE=reverse, HAS_S0=s0 is not None, HAS_R0=r0 is not None, WRITE_OUT=out_dtype is not None,
             WRITE_PRE=output_pre, GATE_GRAD=gate_grad is not None,
             WRITE_FINAL=output_final_state or output_final_pre_state, WRITE_FINAL_PRE=output_final_pre_state,
@@ -447,7 +446,7 @@ def compile_ahead_of_time(arch: int, dtype: torch.dtype, K: int, V: int, *, reve
         "lo_d": "i32",
         **signature,
     }
-    signature.update(dict.fromkeys(("T", "H", "K", "V"), "i32"))
+    signature.update(dict.fromkeys(("T", "n_chunks", "H", "K", "V"), "i32"))
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = triton.compiler.ASTSource(fn=_chunk_scan_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

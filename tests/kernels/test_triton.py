@@ -168,7 +168,7 @@ def test_compiles_ahead_of_time_for_sm80_and_sm90():
     memory. ~20 s of CPU per compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=1800
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
@@ -179,7 +179,9 @@ def test_compiles_ahead_of_time_for_sm80_and_sm90():
         assert 0 <= r["shared"] <= limit, r
 
 
-@needs_kernel
+@pytest.mark.skipif(
+    not triton_chunk.interpreting(), reason="trains on CPU, so needs Triton's interpreter (TRITON_INTERPRET=1)"
+)
 @pytest.mark.slow
 def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files):
     """Two steps of the real pipeline (tiny GPT-2, attention=decay): the same losses as kernel=torch."""
