@@ -183,25 +183,28 @@ def test_compiles_ahead_of_time_for_sm80_and_sm90():
     not triton_chunk.interpreting(), reason="trains on CPU, so needs Triton's interpreter (TRITON_INTERPRET=1)"
 )
 @pytest.mark.slow
-def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files):
-    """Two steps of the real pipeline (tiny GPT-2, attention=decay): the same losses as kernel=torch."""
+def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files, monkeypatch):
+    """Two steps of the real pipeline (tiny GPT-2, attention=decay, state size 16 to keep the interpreter
+    quick): the same losses and perplexities as kernel=torch."""
     from dfw.train import train
+
     from tests.conftest import compose, tiny_overrides
 
+    calls = []
+    scan = triton_chunk.triton_scan
+    monkeypatch.setattr(triton_chunk, "triton_scan", lambda *a, **kw: calls.append(1) or scan(*a, **kw))
     metrics = {}
     for kernel in ("torch", "triton"):
-        cfg = compose(*tiny_overrides(
-            tmp_path / kernel, text_files, "attention=decay", f"attention.kernel={kernel}", "trainer.max_steps=2",
-            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "module.scheduler.num_training_steps=2",
-        ))  # fmt: skip
-        metrics[kernel] = train(cfg)
-    for key in ("train/loss", "val/ppl_converted", "val/ppl", "test/ppl"):
-        torch.testing.assert_close(
-            torch.tensor(float(metrics["triton"][key])),
-            torch.tensor(float(metrics["torch"][key])),
-            rtol=1e-4,
-            atol=0,
-        )
+        overrides = tiny_overrides(
+            tmp_path / kernel, text_files, "attention=decay", f"attention.kernel={kernel}",
+            "attention.state_size=16", "data.batch_size=2", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+            "module.scheduler.num_training_steps=2", "test=false",
+        )  # fmt: skip
+        metrics[kernel] = train(compose(*overrides))
+        assert bool(calls) == (kernel == "triton")  # the Triton kernel ran, and only when asked for
+    for key in ("train/loss", "val/ppl_converted", "val/ppl"):
+        actual, expected = (torch.tensor(float(metrics[kernel][key])) for kernel in ("triton", "torch"))
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=0, msg=key)
 
 
 # On a GPU (kernels/gpu_check.sh): the production shapes, bfloat16 included.
