@@ -180,19 +180,24 @@ def test_compiles_ahead_of_time_for_sm80_and_sm90():
 
 
 @pytest.mark.skipif(
-    not triton_chunk.interpreting(), reason="trains on CPU, so needs Triton's interpreter (TRITON_INTERPRET=1)"
+    not triton_chunk.interpreting(),
+    reason="trains on CPU, so needs Triton's interpreter (TRITON_INTERPRET=1)",
 )
 @pytest.mark.slow
 def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files, monkeypatch):
     """Two steps of the real pipeline (tiny GPT-2, attention=decay, state size 16 to keep the interpreter
     quick): the same losses and perplexities as kernel=torch."""
     from dfw.train import train
-
     from tests.conftest import compose, tiny_overrides
 
     calls = []
     scan = triton_chunk.triton_scan
-    monkeypatch.setattr(triton_chunk, "triton_scan", lambda *a, **kw: calls.append(1) or scan(*a, **kw))
+
+    def counted_scan(*args, **kwargs):
+        calls.append(1)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(triton_chunk, "triton_scan", counted_scan)
     metrics = {}
     for kernel in ("torch", "triton"):
         overrides = tiny_overrides(
