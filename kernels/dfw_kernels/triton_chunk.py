@@ -11,15 +11,17 @@ Inside a chunk, split into sub-chunks of SUB = 16 tokens, with a = chunk-local c
 and d = the value-side one (every exponent taken is <= 0):
 
 - state read:        q_t S_prev -> [(Q_J * e^{a_J}) @ S_prev] * e^{d_J}                    (tl.dot)
-- earlier sub-chunks: through the boundary b = the last token before J,
-      [(Q_J * e^{a_J - a_b}) @ (K_I * e^{a_b - a_I})^T] @ (V_I * e^{d_b - d_I}), then * e^{d_J - d_b}  (tl.dot)
+- earlier sub-chunks I < J, all at once, through the boundary b = the last token before J:
+      [(Q_J * e^{a_J - a_b}) @ (K_<J * e^{a_b - a_<J})^T] @ (V_<J * e^{d_b - d_<J}), then * e^{d_J - d_b}
+  (two tl.dots over the chunk's keys, those of J and later masked to 0 before the exp)
 - diagonal sub-chunk: pairwise decays e^{a_t - a_s}, e^{d_t - d_s} for s < t elementwise (masked before
   exp), plus the token's own write (q_t . k_t) v_t, kept apart so the scan returns both
   `out` = q_t S_t and `out_pre` = q_t P_t (the read before the write);
 - state to the next chunk: e^{a_C} S e^{d_C} + (K * e^{a_C - a})^T @ (V * e^{d_C - d})       (tl.dot)
 
 No per-token state is ever written: only outputs of the size of q, k, v and the chunk-local cumulative
-log-gates (computed here in PyTorch, like fla's chunk_local_cumsum). Matmul operands are cast to the
+log-gates (computed here in PyTorch, like fla's chunk_local_cumsum, as float32 hi + lo pairs of a
+float64 sum: see `_chunk_local_cumsum`). Matmul operands are cast to the
 input dtype (float32 inputs: IEEE float32 products; bfloat16/float16: tensor-core inputs), every
 accumulation is float32. fla's `fla/ops/gla/chunk.py` (key gate only) was the design anchor.
 
