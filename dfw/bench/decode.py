@@ -198,7 +198,9 @@ def run(
                     else:
                         raise
                 rows.append(row)
-                print(f"  {name}, batch {batch}, context {context}: {row.ms_per_token:.3g} ms/token", flush=True)
+                print(
+                    f"  {name}, batch {batch}, context {context}: {row.ms_per_token:.3g} ms/token", flush=True
+                )
             del decoder
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -207,7 +209,10 @@ def run(
 
 
 def table(rows: list[Row], title: str, steps: int) -> Table:
-    out = Table(title, ["model", "batch", "context", "ms/token", "tokens/s", "state MiB", "MiB/seq", "peak MiB", "notes"])
+    out = Table(
+        title,
+        ["model", "batch", "context", "ms/token", "tokens/s", "state MiB", "MiB/seq", "peak MiB", "notes"],
+    )
     for row in rows:
         ok = row.ms_per_token == row.ms_per_token
         out.add(
@@ -336,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     size = Size(**{**size.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     where = device_name(device)
-    print(f"decode benchmark on {where}: {size.steps} timed steps after {size.warmup} warm-up steps per point", flush=True)
+    print(
+        f"decode benchmark on {where}: {size.steps} timed steps after {size.warmup} warm-up steps per point",
+        flush=True,
+    )
     rows, notes = run(size, device, graphs=not args.no_cuda_graph, attention=args.attention)
     result = table(rows, f"decode: ms per token (median ±IQR/2 of {size.steps} steps) on {where}", size.steps)
     result.notes += summary(rows) + notes
@@ -344,5 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{where}; {notes[0]}"
     plot(rows, args.plot, title)
     print(f"plot: {args.plot}")
-    write_json(args.json, "decode", device, [result], size={**asdict(size), "dtype": str(size.dtype)}, plot=str(args.plot))
+    write_json(
+        args.json,
+        "decode",
+        device,
+        [result],
+        size={**asdict(size), "dtype": str(size.dtype)},
+        plot=str(args.plot),
+    )
     return 0

@@ -147,12 +147,16 @@ def bench_training(seq_lens, dtype, warmup, reps, with_torch: bool) -> Table:
                     errors.add(x)
         if fla is not None:
             cells[ratio] = ", ".join(
-                f"{a.median_ms / b.median_ms:.1f}x" if isinstance(a, Timing) and isinstance(b, Timing) else "n/a"
+                f"{a.median_ms / b.median_ms:.1f}x"
+                if isinstance(a, Timing) and isinstance(b, Timing)
+                else "n/a"
                 for a, b in zip(row["fla recurrent"], row["dfw cuda"], strict=True)
             )
         table.add(**cells)
     if fla is None:
-        table.notes.append("(fla not installed: pip install -e '.[fla]' for the fused_recurrent_gla and chunk_gla rows)")
+        table.notes.append(
+            "(fla not installed: pip install -e '.[fla]' for the fused_recurrent_gla and chunk_gla rows)"
+        )
     table.notes.append("fla chunk = chunk_gla with the key-side gate only (it takes no value-side gate).")
     table.notes += [f"n/a: {note}" for note in sorted(errors)]
     table.print()

@@ -314,7 +314,9 @@ def decay_fast_weights_step_cuda(q, k, v, log_key_gate, log_value_gate, state):
     load_extension()
     K, V = q.shape[-1], v.shape[-1]
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise KernelUnavailable(f"the decode step takes key and value sizes up to {MAX_HEAD_DIM}, got {K} and {V}")
+        raise KernelUnavailable(
+            f"the decode step takes key and value sizes up to {MAX_HEAD_DIM}, got {K} and {V}"
+        )
     if state.dtype != torch.float32:
         raise KernelUnavailable(f"the decode step updates a float32 state in place, got {state.dtype}")
     out_dtype = v.dtype
