@@ -24,13 +24,14 @@
 #   demo    python -m dfw.demo on the GPU (bf16), its retained table -> demo.txt
 # Then OUT_DIR/summary.json: each stage's status and time, and every number of the JSON files.
 #
-# REQUIRE_CUDA=0 lets it run on a CPU torch (the offline-install test on CPU machines does, with
-# STAGES="env train" and the benchmarks at their CPU sizes).
+# REQUIRE_CUDA=0 lets it run on a CPU torch: kernels/offline_install_check.sh does, with a few stages
+# (STAGES, TESTS) at their CPU sizes, to test the offline install on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${1:-outputs/gpu-check/$(date +%Y-%m-%d_%H-%M-%S)}
 STAGES=${STAGES:-env build tests kernel decode train demo}
+TESTS=${TESTS:-tests/kernels}
 WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}
 mkdir -p "$OUT"
@@ -99,7 +100,8 @@ info = {'python': sys.version.split()[0], 'torch': torch.__version__, 'cuda': to
         'ninja': shutil.which('ninja')}
 print(json.dumps(info, indent=2)); open('$OUT/env.json', 'w').write(json.dumps(info, indent=2))"
 stage build "$PY" -m dfw_kernels
-stage tests "$PY" -m pytest tests/kernels -q -rs -p no:cacheprovider --junitxml "$OUT/kernel-tests.xml"
+# shellcheck disable=SC2086
+stage tests "$PY" -m pytest $TESTS -q -rs -p no:cacheprovider --junitxml "$OUT/kernel-tests.xml"
 stage kernel "$PY" -m dfw.bench kernel --json "$OUT/kernel.json"
 stage decode "$PY" -m dfw.bench decode --plot "$OUT/decode.png" --json "$OUT/decode.json"
 stage train "$PY" -m dfw.bench train --json "$OUT/train.json"

