@@ -55,8 +55,16 @@ if [[ -z "${PY:-}" ]]; then
     fi
 fi
 torch_ok "$PY" || { echo "error: $PY has no CUDA build of torch" >&2; exit 2; }
-PY_BIN=$("$PY" -c "import os, sys, sysconfig; print(sysconfig.get_path('scripts') + os.pathsep + os.path.join(sys.base_prefix, 'bin'))")
-export PATH="$PY_BIN:$PATH"  # ninja (torch's extension builder finds it on PATH)
+# ninja for torch's extension builder, which looks on PATH: the interpreter's bin/, its base's, and the
+# folder of the ninja Python package's binary (wherever it is installed: a parent environment too).
+PY_BIN=$("$PY" -c "
+import importlib.util, os, sys, sysconfig
+dirs = [sysconfig.get_path('scripts'), os.path.join(sys.base_prefix, 'bin')]
+if importlib.util.find_spec('ninja'):
+    import ninja
+    dirs.insert(1, ninja.BIN_DIR)
+print(os.pathsep.join(dirs))")
+export PATH="$PY_BIN:$PATH"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export DFW_KERNELS_BUILD_DIR=${DFW_KERNELS_BUILD_DIR:-$ROOT/build/dfw_kernels}
 echo "gpu check: $PY (torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')), output in $OUT"

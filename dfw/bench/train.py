@@ -23,6 +23,7 @@ CPU tests run).
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines per variant
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[("gpu" if device.type == "cuda" else "cpu") if args.size == "auto" else args.size]
     overrides = {"steps": args.steps, "warmup": args.warmup}
