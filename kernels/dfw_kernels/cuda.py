@@ -133,13 +133,13 @@ def scan_op(
     """(out, out_pre, final_state, final_pre_state, gate_grad); empty tensors for those not asked for.
 
     The scan of closed_form.scan_reference. q, k [B, T, H, K], v [B, T, H, V] in one of DTYPES (any
-    strides: copied here when not contiguous and 16-byte aligned); log-gates float32 or None; states [B, H, K, V] float32 (any strides). K and V multiples
-    of 8 up to 128. The gate-gradient epilogue runs when gate_grad_x1 and gate_grad_x2 are given.
+    strides: copied here unless contiguous and 16-byte aligned); log-gates float32 or None; states
+    [B, H, K, V] float32 (any strides). K and V multiples of 8 up to 128. The gate-gradient epilogue runs when gate_grad_x1 and gate_grad_x2 are given.
     """
-    q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2 = (
-        _aligned(x) for x in (q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2)
+    q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start = (
+        _aligned(x)
+        for x in (q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start)
     )
-    gate_grad_start = None if gate_grad_start is None else gate_grad_start.contiguous()
     B, T, H, K = q.shape
     V = v.shape[-1]
     f32 = torch.float32
