@@ -5,6 +5,7 @@
 #
 #     kernels/gpu_check.sh OUT_DIR        # everything below, tables and numbers into OUT_DIR
 #     make gpu-check OUT=OUT_DIR          # the same
+#     STAGES="train demo" kernels/gpu_check.sh OUT_DIR   # some stages (e.g. under a per-command time limit)
 #
 # The interpreter: $PY if set; else .venv/bin/python if its torch has CUDA; else .venv-gpu/, made
 # once with `$PYTHON -m venv --system-site-packages` (PYTHON default python3), which sees that
@@ -85,8 +86,7 @@ start=$SECONDS
 }
 echo "install: $((SECONDS - start)) s"
 
-STATUS=$OUT/stages.tsv
-: > "$STATUS"
+STATUS=$OUT/stages.tsv  # appended to: runs of a few STAGES each can share one OUT_DIR; the last run of a stage counts
 stage() {  # stage NAME COMMAND...: run it if selected, output to OUT/NAME.txt, record status and seconds
     local name=$1
     shift
@@ -125,8 +125,11 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-stages = [dict(zip(("stage", "exit", "seconds"), line.split("\t"))) for line in (out / "stages.tsv").read_text().splitlines()]
-summary = {"stages": [{**s, "exit": int(s["exit"]), "seconds": int(s["seconds"])} for s in stages]}
+stages = {}  # stage -> its last run
+for line in (out / "stages.tsv").read_text().splitlines():
+    name, code, seconds = line.split("\t")
+    stages[name] = {"stage": name, "exit": int(code), "seconds": int(seconds)}
+summary = {"stages": list(stages.values())}
 for name in ("env", "kernel", "decode", "train"):
     path = out / f"{name}.json"
     if path.is_file():
