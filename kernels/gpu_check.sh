@@ -57,13 +57,17 @@ if [[ -z "${PY:-}" ]]; then
 fi
 torch_ok "$PY" || { echo "error: $PY has no CUDA build of torch" >&2; exit 2; }
 # ninja for torch's extension builder, which looks on PATH: the interpreter's bin/, its base's, and the
-# folder of the ninja Python package's binary (wherever it is installed: a parent environment too).
+# folder of the ninja package's binary, wherever the package is installed (its file list says;
+# ninja.BIN_DIR would name the running interpreter's bin/, wrong for a package seen from a parent env).
 PY_BIN=$("$PY" -c "
-import importlib.util, os, sys, sysconfig
+import os, sys, sysconfig
+from importlib import metadata
 dirs = [sysconfig.get_path('scripts'), os.path.join(sys.base_prefix, 'bin')]
-if importlib.util.find_spec('ninja'):
-    import ninja
-    dirs.insert(1, ninja.BIN_DIR)
+try:
+    files = metadata.distribution('ninja').files or []
+except metadata.PackageNotFoundError:
+    files = []
+dirs[1:1] = [str(f.locate().resolve().parent) for f in files if f.name in ('ninja', 'ninja.exe') and f.parent.name in ('bin', 'Scripts')]
 print(os.pathsep.join(dirs))")
 export PATH="$PY_BIN:$PATH"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
