@@ -152,7 +152,7 @@ AOT_SCRIPT = """
 import json, sys, torch
 from dfw_kernels.triton_chunk import compile_ahead_of_time
 results = []
-for arch, D, reverse in ((90, 64, False), (90, 128, True), (80, 64, True), (80, 128, False)):
+for arch, D, reverse in ((90, 128, True), (80, 64, False)):
     info = compile_ahead_of_time(arch, torch.bfloat16, D, D, reverse=reverse)
     results.append(dict(arch=arch, D=D, reverse=reverse, **info))
     print(json.dumps(results[-1]), file=sys.stderr)
@@ -163,16 +163,16 @@ print(json.dumps(results))
 @pytest.mark.slow
 def test_compiles_ahead_of_time_for_sm80_and_sm90():
     """triton.compile for CUDA targets without a GPU: PTX and cubin at the production shapes (bfloat16,
-    K = V = 64 and 128, the forward and the backward's reverse scan with its epilogue, each on sm_90 and
-    sm_80 once), which checks what the interpreter does not: tl.dot's shape and dtype rules, shared
-    memory. ~20 s of CPU per compile."""
+    K = V = 128 with the backward's reverse scan and its epilogue on sm_90, K = V = 64 forward on sm_80),
+    which checks what the interpreter does not: tl.dot's shape and dtype rules, shared memory.
+    About a minute of CPU per compile (the unrolled chunk loop makes ~1 MB of PTX)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=1800
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 4
+    assert len(results) == 2
     for r in results:
         assert r["ptx_bytes"] > 0 and r["cubin_bytes"] > 0, r
         limit = 227 * 1024 if r["arch"] == 90 else 163 * 1024
