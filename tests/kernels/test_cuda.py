@@ -153,14 +153,15 @@ def test_decode_step_updates_the_state_in_place(dtype):
     assert relative_rms_error(state, final) < 1e-5
 
 
-def test_no_per_step_state_in_memory():
+@pytest.mark.parametrize("kernel", ["cuda", "triton"])  # triton: the chunked kernel, triton_chunk.py
+def test_no_per_step_state_in_memory(kernel):
     """fwd + bwd at T = 8192: the per-step states would be 512 MiB; the kernel stays far below."""
     B, T, H, D = 1, 8192, 4, 64
     inputs = random_inputs(B, T, H, D, D, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    o, final = decay_fast_weights(**inputs, output_final_state=True, kernel="cuda")
+    o, final = decay_fast_weights(**inputs, output_final_state=True, kernel=kernel)
     (o.float().square().sum() + final.square().sum()).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
