@@ -18,11 +18,8 @@ C, H, D, CHUNK = 16, 2, 8, 16
 
 
 def preset(name: str, **overrides):
-    """The preset's config node with `overrides` applied (state_size shrunk to the test head size)."""
-    node = OmegaConf.load(CONF / "attention" / f"{name}.yaml")
-    if node.get("state_size") is not None and "state_size" not in overrides:
-        overrides["state_size"] = D
-    return OmegaConf.merge(node, overrides)
+    """The preset's config node with `overrides` applied."""
+    return OmegaConf.merge(OmegaConf.load(CONF / "attention" / f"{name}.yaml"), overrides)
 
 
 def build(node, layer_idx: int = 0) -> FastWeightAttention:
