@@ -21,18 +21,24 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, raising a ConfigError of the target (or of a nested node) as itself.
 
     Hydra wraps whatever a target raises in an InstantiationException with its own multi-line message;
-    the ConfigError it wraps is the one line the user needs. Every config node in dfw is built here.
+    the ConfigError it wraps is the one line the user needs. Lightning's MisconfigurationException (a bad
+    Trainer or callback option; its message names the option) becomes a ConfigError too. Every config
+    node in dfw is built here.
     """
     from hydra.utils import instantiate as hydra_instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         return hydra_instantiate(node, *args, **kwargs)
     except Exception as err:
         cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ConfigError):
+        while cause is not None and not isinstance(cause, ConfigError | MisconfigurationException):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
+        if isinstance(cause, MisconfigurationException):
+            target = node.get("_target_", "the config") if hasattr(node, "get") else "the config"
+            raise ConfigError(f"{target}: {' '.join(str(cause).split())}") from None
         raise cause from None
 
 

@@ -36,6 +36,13 @@ def test_instantiate_raises_the_config_error_that_hydra_wraps():
     assert instantiate({"_target_": TARGET, "_partial_": True})(value=4) == 4
 
 
+def test_instantiate_turns_lightnings_misconfiguration_into_one_line():
+    trainer = {"_target_": "lightning.pytorch.Trainer", "max_steps": -5, "logger": False}
+    with pytest.raises(ConfigError, match=r"^lightning\.pytorch\.Trainer: `max_steps` must be a non-negative integer") as error:
+        instantiate(trainer)
+    assert "\n" not in str(error.value)
+
+
 def test_instantiate_leaves_other_errors_as_they_are():
     with pytest.raises(InstantiationException, match="a bug, not bad input"):
         instantiate({"_target_": f"{__name__}.fail", "value": 1})
