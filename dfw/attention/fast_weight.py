@@ -29,6 +29,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from dfw_kernels import cuda as cuda_kernel
 from dfw_kernels import KERNELS, decay_fast_weights, decay_fast_weights_step, recurrent_decay_fast_weights
 from torch import Tensor, nn
 
@@ -105,6 +106,8 @@ class FastWeightAttention(AttentionCore):
         _check_choice("attention.update_rule", update_rule, UPDATE_RULES)
         _check_choice("attention.normalization", normalization, NORMALIZATIONS)
         _check_choice("attention.kernel", kernel, KERNELS)
+        if kernel == "cuda" and (reason := cuda_kernel.unavailable_reason()) is not None:
+            raise ConfigError(f"attention.kernel=cuda cannot run here: {reason}; use attention.kernel=auto or torch")
         if state_size is not None and (not isinstance(state_size, int) or state_size <= 0):
             raise ConfigError(f"attention.state_size must be a positive integer or null, got {state_size!r}")
         if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
