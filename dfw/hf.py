@@ -59,7 +59,8 @@ class DFWForCausalLM(GPT2LMHeadModel):
         if not config.attention:
             raise ValueError("DFWConfig.attention is empty: not a converted model")
         # config.attention comes from a file (config.json), so it is checked as untrusted input.
-        convert_attention(self, core_factory(config.attention, source=f"{MODEL_TYPE} config (attention)"))
+        source = f"{config._name_or_path}/config.json" if config._name_or_path else "DFWConfig"
+        convert_attention(self, core_factory(config.attention, source=source))
 
 
 def as_dfw_model(net: GPT2LMHeadModel, attention: dict[str, Any], **metadata: Any) -> DFWForCausalLM:

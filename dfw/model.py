@@ -162,8 +162,8 @@ def load_exported(directory: str | Path) -> GPT2LMHeadModel:
     if config.get("model_type") == MODEL_TYPE:
         try:
             return DFWForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-        except ConfigError as err:
-            raise ConfigError(f"{directory / 'config.json'}: {err}") from None
+        except ConfigError:
+            raise
         except Exception as err:
             raise ConfigError(
                 f"{directory}: the exported model cannot be read, a file may be truncated or corrupt "

@@ -45,7 +45,7 @@ def plain(node: Any) -> Any:
 
 
 def _kind_names(base: type) -> str:
-    return f"a subclass of {base.__module__.split('.')[0]}'s {base.__name__} defined in dfw"
+    return f"dfw's own {base.__name__} classes"
 
 
 def resolve_own_class(target: Any, base: type, where: str) -> type:
@@ -54,14 +54,14 @@ def resolve_own_class(target: Any, base: type, where: str) -> type:
     Only modules of the `dfw` package are imported to find out.
     """
     if not isinstance(target, str) or not (target == "dfw" or target.startswith("dfw.")):
-        raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named here")
+        raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named in a stored config")
     module_name, _, attr = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError):
         raise UnsafeConfigError(f"{where}._target_={target!r}: no such class in dfw") from None
     if not (inspect.isclass(obj) and issubclass(obj, base) and obj.__module__.split(".")[0] == "dfw"):
-        raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named here")
+        raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named in a stored config")
     return obj
 
 
