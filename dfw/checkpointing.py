@@ -56,6 +56,12 @@ class TrainingInterrupted(Exception):
         self.step, self.path = step, path
 
 
+def error_summary(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def load_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
     """torch.load(path, weights_only=True) with one ConfigError (naming `option`) for what is not a checkpoint."""
     try:
@@ -63,7 +69,7 @@ def load_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{option}={str(path)!r} does not exist; pass the path of a .ckpt file") from None
     except Exception as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = error_summary(err)
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             reason = "it holds pickled Python objects, not only data; dfw does not load those"
         raise ConfigError(
@@ -171,7 +177,7 @@ class LatestCheckpoint(Checkpoint):
 
     # -- saving --------------------------------------------------------------------------------------
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = trainer.global_step
         log.info("step %d: wrote %s", trainer.global_step, self.path)
 
@@ -230,6 +236,9 @@ class CrashCheckpoint(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step  # the restore (if any) has finished by now
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = None  # training is over: a failure in testing leaves the checkpoints as they are
+
     def _free_path(self) -> Path:
         base = Path(self.dirpath) / self.filename
         candidates = [base.with_name(f"{base.name}.ckpt")] + [base.with_name(f"{base.name}-v{i}.ckpt") for i in range(1, 1000)]
@@ -243,7 +252,7 @@ class CrashCheckpoint(Callback):
             return
         path = self._free_path()
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         except Exception as err:  # never hide the exception that stopped training
             log.error("could not write the crash checkpoint %s: %s", path, err)
             return

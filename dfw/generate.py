@@ -31,9 +31,9 @@ import dfw  # noqa: F401  (registers the config resolvers)
 
 from .attention import ConvertedAttention
 from .cache import RecurrentCache, cache_bytes
+from .checkpointing import load_checkpoint
 from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
-from .checkpointing import load_checkpoint
 from .errors import ConfigError, run_or_exit
 from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
 from .safe_config import build_checked

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .attention import AttentionCore
+from .checkpointing import error_summary
 from .errors import ConfigError
 from .hf import MODEL_TYPE, DFWForCausalLM, as_dfw_model
 from .safe_config import build_checked, check_options, plain
@@ -54,10 +55,6 @@ def core_factory(attention: DictConfig | dict, source: str | None = None):
     return instantiate(node)
 
 
-def _load_error(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-
-
 def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHeadModel:
     """GPT2LMHeadModel.from_pretrained with errors that name `option` and say what to do."""
     path = Path(source).expanduser()
@@ -71,10 +68,10 @@ def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHead
         return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else source, dtype=torch.float32)
     except OSError as err:
         if looks_local:
-            raise ConfigError(f"{option}={source!r}: could not read the model ({_load_error(err)})") from None
+            raise ConfigError(f"{option}={source!r}: could not read the model ({error_summary(err)})") from None
         raise ConfigError(
             f"{option}={source!r}: could not load it from the Hugging Face hub or its local cache "
-            f"({_load_error(err)[:160]}). Download it once with network access (it is then cached), "
+            f"({error_summary(err)[:160]}). Download it once with network access (it is then cached), "
             f"or pass {option}=<local directory>"
         ) from None
     except Exception as err:  # a truncated or corrupt weights file (safetensors raises its own errors)
@@ -82,7 +79,7 @@ def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHead
             raise
         raise ConfigError(
             f"{option}={source!r}: the weights there cannot be read, the file may be truncated or corrupt "
-            f"({_load_error(err)}); export or download it again"
+            f"({error_summary(err)}); export or download it again"
         ) from None
 
 
@@ -93,7 +90,7 @@ def _config_json(directory: Path) -> dict[str, Any] | None:
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{file}: not a readable JSON config ({_load_error(err)})") from None
+        raise ConfigError(f"{file}: not a readable JSON config ({error_summary(err)})") from None
 
 
 def saved_attention(source: str | Path) -> dict[str, Any] | None:
@@ -109,7 +106,7 @@ def saved_attention(source: str | Path) -> dict[str, Any] | None:
     try:
         node = plain(OmegaConf.load(file))
     except Exception as err:
-        raise ConfigError(f"{file}: not a readable YAML file ({_load_error(err)})") from None
+        raise ConfigError(f"{file}: not a readable YAML file ({error_summary(err)})") from None
     if not isinstance(node, dict):
         raise ConfigError(f"{file}: expected a mapping of attention options")
     return node
@@ -167,19 +164,19 @@ def load_exported(directory: str | Path) -> GPT2LMHeadModel:
         except Exception as err:
             raise ConfigError(
                 f"{directory}: the exported model cannot be read, a file may be truncated or corrupt "
-                f"({_load_error(err)}); export it again"
+                f"({error_summary(err)}); export it again"
             ) from None
     try:
         net = GPT2LMHeadModel(GPT2Config.from_pretrained(directory))
     except Exception as err:
-        raise ConfigError(f"{directory / 'config.json'}: not a GPT-2 config ({_load_error(err)})") from None
+        raise ConfigError(f"{directory / 'config.json'}: not a GPT-2 config ({error_summary(err)})") from None
     convert_attention(net, core_factory(attention, source=str(directory / ATTENTION_FILE)))
     weights = directory / "model.safetensors"
     try:
         state = load_file(str(weights))
     except Exception as err:
         raise ConfigError(
-            f"{weights}: cannot be read, it may be truncated or corrupt ({_load_error(err)}); export it again"
+            f"{weights}: cannot be read, it may be truncated or corrupt ({error_summary(err)}); export it again"
         ) from None
     return load_weights(net, state, str(directory))
 

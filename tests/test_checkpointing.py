@@ -20,11 +20,11 @@ from dfw.train import train
 from tests.conftest import REPO, compose, tiny_overrides
 
 STEPS = 8
-# Validation (and last.ckpt) every 2 steps. lr 3e-2 makes the tiny model's val/ppl rise after step 2, so the
+# Validation (and last.ckpt) every 2 steps. lr 0.3 makes the tiny model's val/ppl rise after step 2, so the
 # best checkpoint stays at step 2 while training goes on: last.ckpt must not follow it back.
 COMMON = [
     "trainer.val_check_interval=2", f"module.scheduler.num_training_steps={STEPS}",
-    "module.optimizer.lr=3e-2", "validate_before_fit=false", "test=false", "export_dir=null",
+    "module.optimizer.lr=0.3", "validate_before_fit=false", "test=false", "export_dir=null",
 ]  # fmt: skip
 
 

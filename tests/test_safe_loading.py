@@ -23,7 +23,7 @@ from dfw.hf import MODEL_TYPE, DFWForCausalLM
 from dfw.model import ATTENTION_FILE, build_model, export, load_exported
 from dfw.safe_config import UnsafeConfigError, checked_node
 from dfw.train import train
-from tests.conftest import REPO, compose, tiny_overrides
+from tests.conftest import compose, tiny_overrides
 
 
 class _Payload:
@@ -38,6 +38,13 @@ class _Payload:
 
 def _malicious_target(marker: Path) -> dict:
     return {"_target_": "builtins.open", "_args_": [str(marker), "w"], "name": "decay"}
+
+
+def _assert_same_weights(actual: torch.nn.Module, expected: torch.nn.Module) -> None:
+    a, b = actual.state_dict(), expected.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +208,7 @@ def test_an_export_loads_as_its_own_model_type_through_the_auto_classes(exported
     ids = torch.randint(0, net.config.vocab_size, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(auto(ids).logits, net(ids).logits, rtol=0, atol=0)
-    rebuilt = load_exported(exported)
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values()))
+    _assert_same_weights(load_exported(exported), net)
 
 
 def test_without_dfw_transformers_refuses_an_export_naming_its_model_type(exported):
@@ -222,6 +228,6 @@ def test_an_old_style_export_still_loads(tmp_path, converted, tokenizer):
     assert json.loads((old / "config.json").read_text())["model_type"] == "gpt2"
     for rebuilt in (load_exported(old), load_for_generation(str(old))[0]):
         assert isinstance(rebuilt.transformer.h[0].attn.core, FastWeightAttention)
-        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values()))
+        _assert_same_weights(rebuilt, net)
     cfg = compose("model=tiny", "attention=decay", f"model.pretrained={old}", "paths.output_dir=/tmp/unused")
     assert isinstance(build_model(cfg.model, cfg.attention, tokenizer).transformer.h[1].attn.core, FastWeightAttention)

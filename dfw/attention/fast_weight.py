@@ -29,8 +29,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from dfw_kernels import cuda as cuda_kernel
 from dfw_kernels import KERNELS, decay_fast_weights, decay_fast_weights_step, recurrent_decay_fast_weights
+from dfw_kernels import cuda as cuda_kernel
 from torch import Tensor, nn
 
 from ..errors import ConfigError
