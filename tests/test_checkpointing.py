@@ -64,11 +64,9 @@ def straight(tmp_path_factory, text_files) -> Path:
     return root / "run" / "checkpoints"
 
 
-def test_last_ckpt_is_the_latest_state_while_val_ppl_rises(straight):
-    last = _load(straight / "last.ckpt")
-    assert last["global_step"] == STEPS
-    best = list(straight.glob("best-*.ckpt"))
-    assert len(best) == 1 and _load(best[0])["global_step"] < STEPS, "val/ppl must rise in this test"
+def test_an_uninterrupted_run_leaves_last_best_and_nothing_else(straight):
+    assert _load(straight / "last.ckpt")["global_step"] == STEPS
+    assert len(list(straight.glob("best-step*.ckpt"))) == 1
     assert not list(straight.glob("on-exception*")) and not list(straight.glob(".*.tmp"))
 
 
@@ -78,6 +76,7 @@ def test_kill_9_between_checkpoints_resumes_bit_identical_from_last_ckpt(tmp_pat
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert _load(checkpoints / "last.ckpt")["global_step"] == 4  # written at step 4, killed during step 5
+    assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-step2.ckpt"]  # val/ppl rose at step 4
     assert not list(checkpoints.glob(".*.tmp"))
     train(_cfg(tmp_path / "resumed", text_files, f"ckpt_path={checkpoints / 'last.ckpt'}"))
     assert _load(checkpoints / "last.ckpt")["global_step"] == STEPS
@@ -127,16 +126,16 @@ def test_a_write_failure_halfway_through_a_checkpoint_keeps_the_previous_file(tm
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
-def test_a_full_disk_during_training_is_one_error_and_keeps_last_ckpt(tmp_path, text_files, monkeypatch, caplog):
+def test_last_ckpt_is_the_latest_state_and_a_full_disk_keeps_it(tmp_path, text_files, monkeypatch, caplog):
     real_save = torch.save
 
-    def disk_full_at_step_4(obj, f):
-        if isinstance(obj, dict) and obj.get("global_step") == 4:
+    def disk_full_at_step_6(obj, f):
+        if isinstance(obj, dict) and obj.get("global_step") == 6:
             real_save({"partial": torch.zeros(10)}, f)
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, f)
 
-    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    monkeypatch.setattr(torch, "save", disk_full_at_step_6)
     cfg = _cfg(tmp_path, text_files, "trainer.max_steps=6")
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
         run_or_exit(train, cfg, logger=logging.getLogger("dfw.train"))
@@ -144,7 +143,9 @@ def test_a_full_disk_during_training_is_one_error_and_keeps_last_ckpt(tmp_path, 
     errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: no space left writing "), errors
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert _load(checkpoints / "last.ckpt")["global_step"] == 2
+    # last.ckpt is the latest state written (step 4), not the best (step 2: val/ppl rose at step 4), and intact.
+    assert _load(checkpoints / "last.ckpt")["global_step"] == 4
+    assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-step2.ckpt"]
     assert not list(checkpoints.glob("on-exception*")) and not list(checkpoints.glob(".*.tmp"))
 
 
@@ -152,7 +153,8 @@ def test_a_crash_writes_its_checkpoint_without_replacing_one_it_did_not_write(tm
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "on-exception.ckpt").write_bytes(b"someone else's")
-    cfg = _cfg(tmp_path, text_files, "+callbacks.fail._target_=tests.checkpoint_faults.FailAtStep", "+callbacks.fail.step=3")
+    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "+callbacks.fail._target_=tests.checkpoint_faults.FailAtStep",
+               "+callbacks.fail.step=3")  # fmt: skip
     with pytest.raises(RuntimeError, match="injected failure"):
         train(cfg)
     assert (checkpoints / "on-exception.ckpt").read_bytes() == b"someone else's"
@@ -187,7 +189,7 @@ def test_bad_trainer_options_are_one_error(tmp_path, text_files, override, messa
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_files, caplog):
-    cfg = _cfg(tmp_path, text_files, "module.optimizer.lr=1e6", "export_dir=" + str(tmp_path / "model"))
+    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "module.optimizer.lr=1e6", f"export_dir={tmp_path / 'model'}")
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
         run_or_exit(train, cfg, logger=logging.getLogger("dfw.train"))
     assert exit_.value.code == 2
