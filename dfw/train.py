@@ -56,7 +56,8 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
     if not isinstance(stored.get("attention"), dict):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} has no run config: not a checkpoint written by dfw.train")
     requested = OmegaConf.to_container(cfg.attention, resolve=True)
-    keys = ["name", *sorted((set(stored["attention"]) | set(requested)) - RUNTIME_ATTENTION_OPTIONS - {"name"})]
+    # The checkpoint's keys: an option added to dfw after it was written is not held against it.
+    keys = ["name", *sorted(set(stored["attention"]) - RUNTIME_ATTENTION_OPTIONS - {"name"})]
     differ = _differences(stored["attention"], requested, "attention", keys)
     if differ:
         raise ConfigError(

@@ -4,6 +4,7 @@ resumes bit-identical, failed resumes and crashes never destroy a checkpoint, a 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 
 from dfw.checkpointing import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted, atomic_torch_save
 from dfw.errors import ConfigError, run_or_exit
+from dfw.model import load_exported
 from dfw.train import train
 from tests.conftest import REPO, compose, tiny_overrides
 
@@ -60,7 +62,7 @@ def _listing(directory: Path) -> dict[str, tuple[int, int]]:
 def straight(tmp_path_factory, text_files) -> Path:
     """An uninterrupted 8-step run; its checkpoint folder."""
     root = tmp_path_factory.mktemp("straight")
-    train(_cfg(root, text_files))
+    train(_cfg(root, text_files, f"export_dir={root / 'model'}", "export_weights=best"))
     return root / "run" / "checkpoints"
 
 
@@ -68,6 +70,15 @@ def test_an_uninterrupted_run_leaves_last_best_and_nothing_else(straight):
     assert _load(straight / "last.ckpt")["global_step"] == STEPS
     assert len(list(straight.glob("best-step*.ckpt"))) == 1
     assert not list(straight.glob("on-exception*")) and not list(straight.glob(".*.tmp"))
+
+
+def test_the_export_says_which_weights_it_holds(straight):
+    best = _load(next(straight.glob("best-step*.ckpt")))
+    config = json.loads((straight.parent.parent / "model" / "config.json").read_text())
+    assert (config["exported_weights"], config["exported_step"]) == ("best", best["global_step"])
+    exported = load_exported(straight.parent.parent / "model").state_dict()
+    for key, value in best["state_dict"].items():
+        assert torch.equal(exported[key.removeprefix("net.")], value), key
 
 
 @pytest.mark.slow
