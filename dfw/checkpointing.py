@@ -81,6 +81,15 @@ def load_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
     return checkpoint
 
 
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether `err` or an exception behind it is ENOSPC / EDQUOT (torch's zip writer wraps it in a RuntimeError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save(obj, path) through a temporary file beside `path`: `path` is the old file or the whole new one."""
     path = Path(path)
@@ -94,7 +103,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _disk_full(err):
             raise CheckpointWriteError(
                 f"no space left writing {path} (the previous file there, if any, is intact); free some disk space "
                 "and resume from the last checkpoint"

@@ -137,6 +137,25 @@ def test_a_write_failure_halfway_through_a_checkpoint_keeps_the_previous_file(tm
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_real_full_disk_error_is_one_error_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC, through torch's zip writer (which wraps it in a RuntimeError)."""
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 1}, path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    def onto_a_full_device(fd, mode="r", *args, **kwargs):
+        os.close(fd)  # the temporary file stays empty; every byte goes to /dev/full instead
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", onto_a_full_device)
+    with pytest.raises(CheckpointWriteError, match=f"^no space left writing {path}"):
+        atomic_torch_save({"global_step": 2, "w": torch.zeros(100_000)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 def test_last_ckpt_is_the_latest_state_and_a_full_disk_keeps_it(tmp_path, text_files, monkeypatch, caplog):
     real_save = torch.save
 
