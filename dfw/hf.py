@@ -66,7 +66,8 @@ class DFWForCausalLM(GPT2LMHeadModel):
 def as_dfw_model(net: GPT2LMHeadModel, attention: dict[str, Any], **metadata: Any) -> DFWForCausalLM:
     """`net` (converted by dfw.surgery) as a DFWForCausalLM sharing its tensors (no copy)."""
     fields = {k: v for k, v in net.config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    config = DFWConfig(attention=attention, **metadata, **fields)
+    # metadata replaces what a pretrained model's config may carry from an earlier export (exported_step, ...)
+    config = DFWConfig(**{**fields, **metadata, "attention": attention})
     with torch.device("meta"):
         model = DFWForCausalLM(config)
     model.load_state_dict(net.state_dict(), strict=True, assign=True)

@@ -231,3 +231,15 @@ def test_an_old_style_export_still_loads(tmp_path, converted, tokenizer):
         _assert_same_weights(rebuilt, net)
     cfg = compose("model=tiny", "attention=decay", f"model.pretrained={old}", "paths.output_dir=/tmp/unused")
     assert isinstance(build_model(cfg.model, cfg.attention, tokenizer).transformer.h[1].attn.core, FastWeightAttention)
+
+
+def test_a_model_converted_from_an_export_is_exported_with_its_own_metadata(tmp_path, converted, tokenizer):
+    """A softmax export (the demo's teacher) carries exported_* fields; its converted child gets new ones."""
+    net, attention = converted
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tokenizer)))
+    export(teacher, {"name": "softmax", "_target_": "dfw.attention.SoftmaxAttention", "_partial_": True}, tmp_path / "t", step=3)
+    cfg = compose("model=tiny", "attention=decay", f"model.pretrained={tmp_path / 't'}", "paths.output_dir=/tmp/unused")
+    child = build_model(cfg.model, cfg.attention, tokenizer)
+    export(child, attention, tmp_path / "c", weights="best", step=5)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (config["model_type"], config["exported_weights"], config["exported_step"]) == (MODEL_TYPE, "best", 5)
