@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .attention import AttentionCore
 from .checkpointing import error_summary
-from .errors import ConfigError
+from .errors import ConfigError, instantiate
 from .hf import MODEL_TYPE, DFWForCausalLM, as_dfw_model
 from .safe_config import build_checked, check_options, plain
 from .surgery import convert_attention

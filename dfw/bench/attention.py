@@ -50,8 +50,6 @@ SHAPES = {
 
 def build_core(preset: str, shape: Shape, device: torch.device):
     node = OmegaConf.load(CONF / f"{preset}.yaml")
-    if node.get("state_size") is not None and node.state_size == 64:
-        node.state_size = shape.head_dim  # the presets' m = GPT-2's head size; follow the shape's
     factory = core_factory(node)
     return factory(hidden_size=shape.hidden_size, num_heads=shape.num_heads, head_dim=shape.head_dim, layer_idx=0).to(device)
 

@@ -3,7 +3,7 @@
 In one process, for each batch size, two models of the same shape and random weights:
   softmax   Hugging Face GPT2LMHeadModel (SDPA) with its KV cache (DynamicCache), one eager forward per
             token, as `generate` runs it: the KV cache grows by 2 * layers * width values per token.
-  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size 64)
+  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size m = the head size)
             with `dfw.cache.RecurrentCache`: a fixed-size state per layer. On a GPU its decode step is
             also captured in a CUDA graph (static state and input buffers, updated in place), so that
             kernel-launch overhead on the host does not hide the O(1) cost per token: row `dfw (graph)`.

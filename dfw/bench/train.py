@@ -139,7 +139,7 @@ def _compose(variant: Variant, size: Size, root: Path):
 
 def measure(variant: Variant, size: Size, device: torch.device) -> dict[str, object]:
     """One row: tokens/s, step time and peak memory of `variant` at `size` (raises if it cannot run)."""
-    from hydra.utils import instantiate
+    from dfw.errors import instantiate
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
