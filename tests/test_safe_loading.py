@@ -248,8 +248,11 @@ def test_a_model_converted_from_an_export_is_exported_with_its_own_metadata(tmp_
 
 
 def test_an_option_a_class_does_not_take_is_refused_by_its_signature():
-    from dfw.attention import SoftmaxAttention
+    from dfw.safe_config import check_options
 
-    with pytest.raises(ConfigError, match="attention.stat_size is not an option of SoftmaxAttention"):
-        checked_node({"_target_": "dfw.attention.SoftmaxAttention", "_partial_": True, "stat_size": 3}, AttentionCore, "f", "attention")
-    assert checked_node({"_target_": "dfw.attention.SoftmaxAttention"}, AttentionCore, "f", "attention")[0] is SoftmaxAttention
+    class Core:
+        def __init__(self, hidden_size: int, state_size: int = 8): ...
+
+    with pytest.raises(ConfigError, match="attention.stat_size is not an option of Core"):
+        check_options(Core, {"_target_": "x", "name": "n", "stat_size": 3}, "attention")
+    check_options(Core, {"_target_": "x", "name": "n", "state_size": 3}, "attention")
