@@ -200,7 +200,7 @@ def test_failed_or_finished_resumes_write_and_delete_nothing(tmp_path, text_file
     last = checkpoints / "on-exception.ckpt"
     cases = [
         ("softmax", "", r"other attention options \(attention.name: checkpoint 'decay', requested 'softmax'"),
-        ("decay", "attention.state_size=32", "attention.state_size: checkpoint 64, requested 32"),
+        ("decay", "attention.state_size=32", "attention.state_size: checkpoint None, requested 32"),
         ("decay", "model.config.n_layer=3", r"another model \(model.n_layer: checkpoint 2, requested 3\)"),
         ("decay", f"trainer.max_steps={STEPS}", f"already at step {STEPS} and trainer.max_steps={STEPS}: nothing left to train"),
     ]
