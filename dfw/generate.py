@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
+from lightning import LightningDataModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import (
     DynamicCache,
@@ -30,10 +31,12 @@ import dfw  # noqa: F401  (registers the config resolvers)
 
 from .attention import ConvertedAttention
 from .cache import RecurrentCache, cache_bytes
+from .checkpointing import load_checkpoint
 from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
-from .errors import ConfigError, instantiate, run_or_exit
+from .errors import ConfigError, run_or_exit
 from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
+from .safe_config import build_checked
 from .surgery import convert_attention
 
 log = logging.getLogger(__name__)
@@ -67,24 +70,29 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
 
 
 def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = checkpoint.get("hyper_parameters", {}).get("config")
-    if config is None or "model_config" not in checkpoint:
+    # Data only (weights_only=True); the stored configs are checked before anything is built from them.
+    checkpoint = load_checkpoint(path, "model")
+    config = (checkpoint.get("hyper_parameters") or {}).get("config")
+    if not isinstance(config, dict) or not isinstance(checkpoint.get("model_config"), dict):
         raise ConfigError(
             f"model={str(path)!r} has no run config or model config: not a checkpoint written by dfw.train"
         )
-    cfg = OmegaConf.create(config)
-    spec = cfg.model.get("tokenizer") or "gpt2"
+    attention, data = config.get("attention") or {}, config.get("data") or {}
+    spec = (config.get("model") or {}).get("tokenizer") or "gpt2"
+    source = f"{path} (stored run config)"
     # gpt2 and saved directories need no corpus; bpe-<N> is found through the run's data config.
-    tokenizer = gpt2_tokenizer() if spec == "gpt2" else instantiate(cfg.data).tokenizer
+    tokenizer = gpt2_tokenizer() if spec == "gpt2" else build_checked(data, LightningDataModule, source, "data").tokenizer
     weights = {
         key.removeprefix("net."): value
         for key, value in checkpoint["state_dict"].items()
         if key.startswith("net.")
     }
-    net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
-    if cfg.attention.get("name") != "softmax":
-        convert_attention(net, core_factory(cfg.attention))
+    try:
+        net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
+    except Exception as err:
+        raise ConfigError(f"model={str(path)!r}: the stored model config is not a GPT-2 config ({err})") from None
+    if attention.get("name") != "softmax":
+        convert_attention(net, core_factory(attention, source=source))
     return load_weights(net, weights, f"model={str(path)!r}"), tokenizer
 
 

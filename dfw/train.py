@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dfw  # noqa: F401  (registers the config resolvers)
 
+from .checkpointing import TrainingInterrupted, load_checkpoint
 from .errors import ConfigError, in_multirun, instantiate, run_or_exit
 from .model import build_model, export
 from .surgery import model_size_metrics
@@ -29,18 +30,69 @@ from .surgery import model_size_metrics
 log = logging.getLogger(__name__)
 
 
-def _resume_settings(cfg: DictConfig) -> None:
-    """On `ckpt_path=...`: check the file, keep writing checkpoints beside it, reuse its W&B run."""
+# Attention options that change how a core is computed, not what it computes: a resume may change them.
+RUNTIME_ATTENTION_OPTIONS = frozenset({"kernel", "chunk_size"})
+# GPT2Config fields that fix the architecture: a checkpoint resumes only into the same ones.
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "n_inner", "n_positions", "vocab_size", "activation_function")
+
+
+def _differences(stored: dict, requested: dict, prefix: str, keys: Any) -> list[str]:
+    return [
+        f"{prefix}.{key}: checkpoint {stored.get(key)!r}, requested {requested.get(key)!r}"
+        for key in keys
+        if stored.get(key) != requested.get(key)
+    ]
+
+
+def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
+    """On `ckpt_path=...`: check the file and that it continues this run (same attention, steps left),
+    keep writing checkpoints beside it, reuse its W&B run. Returns its model config (GPT2Config fields)."""
     ckpt = Path(cfg.ckpt_path).expanduser()
     if not ckpt.is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass the path of a .ckpt file to resume from")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt, "ckpt_path")
+    stored = (state.get("hyper_parameters") or {}).get("config") or {}
+    if not isinstance(stored.get("attention"), dict):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} has no run config: not a checkpoint written by dfw.train")
+    requested = OmegaConf.to_container(cfg.attention, resolve=True)
+    # The checkpoint's keys: an option added to dfw after it was written is not held against it.
+    keys = ["name", *sorted(set(stored["attention"]) - RUNTIME_ATTENTION_OPTIONS - {"name"})]
+    differ = _differences(stored["attention"], requested, "attention", keys)
+    if differ:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} was trained with other attention options ({'; '.join(differ)}); resume "
+            f"with the checkpoint's options (attention={stored['attention'].get('name')} ...) or start a new run"
+        )
+    step = int(state.get("global_step", 0))
+    if step >= cfg.trainer.max_steps:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} is already at step {step} and trainer.max_steps={cfg.trainer.max_steps}: "
+            "nothing left to train; raise trainer.max_steps to train further"
+        )
     with open_dict(cfg):
         for callback in cfg.callbacks.values():
             if callback is not None and "dirpath" in callback:
                 callback.dirpath = str(ckpt.parent)
         if "wandb" in cfg.logger and state.get("wandb_run_id"):
             cfg.logger.wandb.id = state["wandb_run_id"]
+    return dict(state.get("model_config") or {})
+
+
+def _check_resumed_model(cfg: DictConfig, stored: dict[str, Any], net: Any) -> None:
+    differ = _differences(stored, net.config.to_dict(), "model", ARCHITECTURE_FIELDS)
+    if differ:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} holds another model ({'; '.join(differ)}); resume with the model it was "
+            "trained with or start a new run"
+        )
+
+
+def _check_run_options(cfg: DictConfig) -> None:
+    max_steps = cfg.trainer.get("max_steps")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be a positive integer (training is step-based), got {max_steps!r}")
+    if cfg.get("export_weights", "final") not in ("final", "best"):
+        raise ConfigError(f"export_weights must be final or best, got {cfg.export_weights!r}")
 
 
 def _check_sizes(cfg: DictConfig, net: Any) -> None:
@@ -65,8 +117,8 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics.update(_metrics(trainer))
 
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
     if best and checkpoint.best_model_score is not None:
         metrics["val/ppl_best"] = float(checkpoint.best_model_score)
     if cfg.test:
@@ -75,14 +127,21 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
     if cfg.get("export_dir") and isinstance(trainer.strategy, FSDPStrategy):
         log.warning("no export under FSDP (the parameters are sharded): use the .ckpt, e.g. with dfw.generate")
     elif cfg.get("export_dir") and trainer.is_global_zero:
-        export(module.net, cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer)
+        weights, step = "final", trainer.global_step
+        if cfg.get("export_weights") == "best" and best:
+            checkpoint = load_checkpoint(best, "best checkpoint")
+            module.load_state_dict(checkpoint["state_dict"])
+            weights, step = "best", int(checkpoint["global_step"])
+        elif cfg.get("export_weights") == "best":
+            log.warning("export_weights=best, but no best checkpoint was written: exporting the final weights")
+        export(module.net, cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer, weights=weights, step=step)
     return metrics
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; returns the final metrics (val/ppl at conversion as `val/ppl_converted`)."""
-    if cfg.get("ckpt_path"):
-        _resume_settings(cfg)
+    _check_run_options(cfg)
+    resumed = _resume_settings(cfg) if cfg.get("ckpt_path") else None
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
@@ -90,6 +149,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
     _check_sizes(cfg, net)
+    if resumed is not None:
+        _check_resumed_model(cfg, resumed, net)
     config = OmegaConf.to_container(cfg, resolve=True)
     module = instantiate(cfg.module, _partial_=True)(net=net, run_config=config)
 
@@ -125,7 +186,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_or_exit(train, cfg, logger=log)
+    try:
+        metrics = run_or_exit(train, cfg, logger=log)
+    except TrainingInterrupted as stop:
+        log.error("%s; resume with ckpt_path=%s", stop, stop.path)
+        sys.exit(130)  # the shell's code for a run ended by Ctrl-C
     # Returned for Hydra sweepers that optimise a value.
     return metrics.get("val/ppl")
 

@@ -114,7 +114,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path, text_files):
         ("attention.state_size=0", "attention.state_size must be a positive integer"),
         ("data.block_size=300", "data.block_size=300 is longer than the model's context"),
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
-        ("trainer.max_steps=-5", "`max_steps` must be a non-negative integer"),
+        ("trainer.max_steps=-5", "trainer.max_steps must be a positive integer"),
         ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode must be online, offline, disabled or null"),
         ("data.files.validation=/nonexistent/valid.txt", "/nonexistent/valid.txt"),
         ("model=gpt2", "model.pretrained='gpt2': could not load it"),

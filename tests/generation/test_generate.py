@@ -6,6 +6,7 @@ must give the same greedy text as the model in memory would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_checkpoint_and_export_of_one_run_generate_the_same_text(trained_run, capsys):
     checkpoint, exported = trained_run / "checkpoints" / "last.ckpt", trained_run / "model"
-    assert checkpoint.is_file() and (exported / "dfw_attention.yaml").is_file()
+    assert checkpoint.is_file() and json.loads((exported / "config.json").read_text())["model_type"] == "dfw-gpt2"
     from_checkpoint = generate(generate_cfg(checkpoint, "temperature=0", "max_new_tokens=8", "device=cpu"))
     from_export = generate(generate_cfg(exported, "temperature=0", "max_new_tokens=8", "device=cpu"))
     assert from_checkpoint["texts"] == from_export["texts"]

@@ -1,0 +1,92 @@
+"""A converted GPT-2 as a transformers model type of its own, so an export says what it is.
+
+An export's config.json has `model_type: dfw-gpt2` and holds the attention config it was converted
+with (`attention`), which weights it holds (`exported_weights`: final or best, `exported_step`).
+`import dfw` registers the type with transformers' Auto classes, so
+
+    import dfw
+    from transformers import AutoModelForCausalLM
+    net = AutoModelForCausalLM.from_pretrained("<export>")   # a DFWForCausalLM, attention converted
+
+Without dfw, transformers refuses the unknown model type `dfw-gpt2` (rather than loading a softmax
+GPT-2 that silently drops the converted attention). The stored attention config is checked against
+dfw's own attention classes before anything is built from it (`dfw.safe_config`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+MODEL_TYPE = "dfw-gpt2"
+
+
+class DFWConfig(GPT2Config):
+    """GPT2Config plus the attention a dfw model was converted to.
+
+    attention: the `conf/attention/*.yaml` node (resolved, plain data) every layer's core is built from.
+    exported_weights: "final" (the weights at the end of training) or "best" (the best-by-val/ppl checkpoint).
+    exported_step: the optimizer step those weights are from.
+    """
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        attention: dict[str, Any] | None = None,
+        exported_weights: str | None = None,
+        exported_step: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.attention = dict(attention or {})
+        self.exported_weights = exported_weights
+        self.exported_step = exported_step
+        super().__init__(**kwargs)
+
+
+class DFWForCausalLM(GPT2LMHeadModel):
+    """GPT2LMHeadModel whose every layer's attention is converted to `config.attention`."""
+
+    config_class = DFWConfig
+
+    def __init__(self, config: DFWConfig) -> None:
+        from .model import core_factory
+        from .surgery import convert_attention
+
+        super().__init__(config)
+        if not config.attention:
+            raise ValueError("DFWConfig.attention is empty: not a converted model")
+        # config.attention comes from a file (config.json), so it is checked as untrusted input.
+        source = f"{config._name_or_path}/config.json" if config._name_or_path else "DFWConfig"
+        convert_attention(self, core_factory(config.attention, source=source))
+
+
+def as_dfw_model(net: GPT2LMHeadModel, attention: dict[str, Any], **metadata: Any) -> DFWForCausalLM:
+    """`net` (converted by dfw.surgery) as a DFWForCausalLM sharing its tensors (no copy)."""
+    fields = {k: v for k, v in net.config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    # metadata replaces what a pretrained model's config may carry from an earlier export (exported_step, ...)
+    config = DFWConfig(**{**fields, **metadata, "attention": attention})
+    with torch.device("meta"):
+        model = DFWForCausalLM(config)
+    model.load_state_dict(net.state_dict(), strict=True, assign=True)
+    for name, buffer in net.named_buffers():  # non-persistent buffers are not in the state dict
+        module_name, _, buffer_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if getattr(module, buffer_name).is_meta:
+            module.register_buffer(buffer_name, buffer, persistent=False)
+    model.tie_weights()
+    return model.train(net.training)
+
+
+def register() -> None:
+    """Make `AutoConfig` / `AutoModelForCausalLM` know `dfw-gpt2` (idempotent)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, DFWConfig)
+    except ValueError:  # already registered (a second call)
+        pass
+    try:
+        AutoModelForCausalLM.register(DFWConfig, DFWForCausalLM)
+    except ValueError:
+        pass

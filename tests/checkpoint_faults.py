@@ -1,0 +1,46 @@
+"""Faults injected into a real training run (added as `+callbacks.<name>._target_=tests.checkpoint_faults.<Class>`).
+
+Each fires during the optimizer step that takes the run from `step - 1` to `step` (before the update), so
+the fault lands mid-step, between checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+
+class _AtStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step == self.step - 1:
+            self.fire()
+
+    def fire(self) -> None:
+        raise NotImplementedError
+
+
+class KillAtStep(_AtStep):
+    """kill -9 of the training process itself: no Python cleanup, no exception hook runs."""
+
+    def fire(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CtrlCAtStep(_AtStep):
+    """A Ctrl-C (SIGINT to the process), as a terminal sends it."""
+
+    def fire(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+
+class FailAtStep(_AtStep):
+    """A crash of the training code (a bug, an out-of-memory error)."""
+
+    def fire(self) -> None:
+        raise RuntimeError("injected failure")
