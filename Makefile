@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m dfw.demo
 
+# The whole suite, slow tests included, on two workers; tests sharing an expensive fixture share a worker.
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadgroup
 
 # On a machine with an NVIDIA GPU: build the kernel, run the GPU tests, print the kernel benchmark.
 gpu-check: install

@@ -24,7 +24,23 @@ CONF = REPO / "conf"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs two pytest-xdist workers on this 2-core machine: one thread each (else two).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+
+# Fixtures worth building once: under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), every
+# test that uses one of them runs in the same worker.
+SHARED_FIXTURE_GROUPS = {"trained_run": "trained_run", "resumed_run": "trained_run", "multirun": "multirun",
+                         "compiled": "nvcc"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        groups = {SHARED_FIXTURE_GROUPS[name] for name in item.fixturenames if name in SHARED_FIXTURE_GROUPS}
+        if groups:
+            assert len(groups) == 1, f"{item.nodeid} uses fixtures of two xdist groups: {groups}"
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
 
 
 def compose(*overrides: str):

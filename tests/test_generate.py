@@ -91,6 +91,7 @@ def test_a_softmax_hugging_face_directory_uses_the_kv_cache(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_model_that_is_not_there_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="no such checkpoint"):
         load_for_generation(str(tmp_path / "missing.ckpt"))

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
-from dfw.attention import ConvertedAttention, FastWeightAttention
+from dfw.attention import ConvertedAttention
 from dfw.model import build_model
 from tests.conftest import CONF, VocabTokenizer, save_tiny_gpt2
 
@@ -41,21 +41,6 @@ def test_decay_conversion_keeps_pretrained_weights_and_adds_only_core_parameters
     H, d, C, m = 2, 16, 32, 16
     new_per_layer = H * m * d + (C * H * m + H * m) + (C * H * d + H * d)
     assert sum(after[k].numel() for k in new_keys) == 2 * new_per_layer
-
-
-def test_decay_initialisation_is_documented_one(tmp_path):
-    save_tiny_gpt2(tmp_path)
-    attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
-    core = build_model(_model_cfg(tmp_path), attention, VocabTokenizer()).transformer.h[0].attn.core
-    assert isinstance(core, FastWeightAttention)
-    # Feature map: the identity when m == d.
-    torch.testing.assert_close(core.feature_map.weight, torch.eye(16).expand(2, 16, 16))
-    # Gates: zero weights; biases logit(u), u evenly over (1/n, 1 - 1/n) within each head.
-    for gate in (core.key_gate, core.value_gate):
-        assert torch.count_nonzero(gate.weight) == 0
-        u = torch.sigmoid(gate.bias.view(2, 16))
-        torch.testing.assert_close(u[0], torch.linspace(1 / 16, 1 - 1 / 16, 16))
-        torch.testing.assert_close(u[0], u[1])
 
 
 def test_an_exported_converted_model_is_rebuilt_with_its_new_parameters(tmp_path):

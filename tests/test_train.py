@@ -46,6 +46,7 @@ def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_short_training_run_logs_checkpoints_and_exports(trained_run):
     metrics, run = trained_run.metrics, trained_run.dir
     for key in ("val/ppl_converted", "val/ppl", "test/ppl", "train/loss"):
@@ -117,6 +118,7 @@ def test_bad_input_raises_one_clear_error_before_writing_anything(tmp_path, text
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
     result = run_module("dfw.train", *tiny_overrides(tmp_path, text_files, "attention.state_size=-3"), f"hydra.run.dir={tmp_path}/hydra")
     assert result.returncode == 2

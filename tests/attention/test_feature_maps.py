@@ -102,6 +102,12 @@ def test_conversion_initialisation():
     # linear (DFW): the identity when m == D.
     decay = build(preset("decay"))
     torch.testing.assert_close(decay.feature_map.weight, torch.eye(D).expand(H, D, D))
+    # decay gates (DFW): zero weights; biases logit(u), u evenly over (1/n, 1 - 1/n) within each head.
+    for gate in (decay.key_gate, decay.value_gate):
+        assert torch.count_nonzero(gate.weight) == 0
+        u = torch.sigmoid(gate.bias.view(H, D))
+        torch.testing.assert_close(u[0], torch.linspace(1 / D, 1 - 1 / D, D))
+        torch.testing.assert_close(u[0], u[1])
     # gated (RFA): zero weights; heads remember over 32 .. 1024 tokens.
     rfa = build(preset("rfa"))
     assert torch.count_nonzero(rfa.head_gate.weight) == 0

@@ -105,7 +105,8 @@ def test_a_run_directory_reads_back_its_config_and_metrics(trained_run):
     assert run.config["attention.name"] == "decay" and run.config["trainer.max_steps"] == 4
     assert run.val_ppl_converted == pytest.approx(trained_run.metrics["val/ppl_converted"])
     assert run.last("test/ppl") == pytest.approx(trained_run.metrics["test/ppl"])
-    assert list(run.val_curve().index) == [0, 2, 4]  # before fit(), then every 2 steps
+    # Every validation in order: before fit(), then every 2 of the 4 steps.
+    assert list(run.val_curve()) == _logged(_csv(trained_run.dir), "val/ppl") and len(run.val_curve()) == 3
 
 
 @pytest.mark.slow
@@ -213,9 +214,13 @@ def test_unreachable_wandb_project_is_a_one_line_error(monkeypatch):
         report.load_runs("e/p")
 
 
+@pytest.mark.slow
 def test_bad_source_exits_with_one_line(tmp_path):
     result = run_module("dfw.report", str(tmp_path / "no" / "such" / "dir"), timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: '{tmp_path}/no/such/dir' is neither a run or multirun directory nor a W&B project (entity/project)"
-    empty = run_module("dfw.report", str(tmp_path), timeout=120)
-    assert empty.returncode == 2 and empty.stderr.strip() == f"error: no runs found in '{tmp_path}' (a run directory holds csv/metrics.csv)"
+
+
+def test_a_directory_without_runs_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^no runs found in '.*' \(a run directory holds csv/metrics\.csv\)$"):
+        report.report(str(tmp_path))
