@@ -15,7 +15,7 @@ from tests.conftest import run_module, tiny_overrides
 def test_ddp_on_cpu_with_two_processes(tmp_path, text_files):
     overrides = [o for o in tiny_overrides(tmp_path, text_files, "attention=decay") if not o.startswith("trainer=")]
     result = run_module("dfw.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                        "trainer.precision=32-true", "export_dir=null", f"hydra.run.dir={tmp_path / 'hydra'}", timeout=240)  # fmt: skip
+                        "trainer.precision=32-true", "export_dir=null", f"hydra.run.dir={tmp_path / 'hydra'}", timeout=600)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     # Lightning started the second process itself and joined both with gloo.
