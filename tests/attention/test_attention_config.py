@@ -25,6 +25,8 @@ BAD = [
     ({"chunk_size": 24}, r"chunk_size must be a positive multiple of 16"),
     ({"feature_map": "favor", "normalization": "sum", "redraw_interval": 0}, r"redraw_interval must be a positive integer"),
     ({"feature_map": "dpfp", "state_size": None, "dpfp_order": 0}, r"dpfp_order must be an integer"),
+    ({"gates": "sideways"}, r"attention\.gates must be one of \['both', 'key', 'value'\], got 'sideways'"),
+    ({"gatez": "key"}, r"attention has no option gatez; remove it"),
 ]
 
 
@@ -54,7 +56,7 @@ def test_gates_and_output_norm_options():
     same recurrence as without it."""
     torch.manual_seed(0)
     core = build(preset("decay", gates="key", output_norm=True))
-    assert core.value_gate is None and isinstance(core.key_gate, torch.nn.Linear)
+    assert core.gate_names == ("key_gate",) and isinstance(core.key_gate, torch.nn.Linear)
     plain = build(preset("decay", gates="key"))
     assert plain.output_norm is None
     plain.load_state_dict({k: v for k, v in core.state_dict().items() if not k.startswith("output_norm.")})
