@@ -33,6 +33,7 @@ SHARED_FIXTURE_GROUPS = {"trained_run": "trained_run", "resumed_run": "trained_r
                          "compiled": "nvcc"}  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(config, items):
     if not config.pluginmanager.hasplugin("xdist"):
         return
