@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m dfw.demo
 
+# The whole suite, slow tests included, on two workers; tests sharing an expensive fixture share a worker.
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadgroup
 
 # On a machine with an NVIDIA GPU (see the README, "GPU machine without internet"): builds the kernel,
 # runs the kernel tests, every benchmark and the demo, writes tables and summary.json to OUT. It uses

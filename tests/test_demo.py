@@ -1,12 +1,17 @@
-"""The embedded default (`python -m dfw.demo`) end to end, on a tiny budget."""
+"""`python -m dfw.demo` end to end on a tiny budget: pretrain the teacher, cache it, fine-tune it as softmax and
+as DFW, print the table; a second run reuses the cached teacher.
+
+Hermetic: the cache (teacher, tokenizer, tokens) is a temporary directory ($DFW_CACHE), the corpus is the
+session's text files instead of the Shakespeare download (tests/data covers that corpus), and the seed is the
+config's, so every run trains the same teacher."""
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
-import time
 from pathlib import Path
+
+import pytest
 
 from dfw import demo
 
@@ -19,16 +24,19 @@ TINY = [
     "data.batch_size=4",
     "data.block_size=64",
 ]
+ROW = re.compile(r"^\| ([\w ,-]+) \| ([\d.]+) \| ([\d.]+)% \|$", re.M)
 
 
-def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, monkeypatch, capsys, caplog):
+@pytest.mark.slow
+def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, text_files, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)  # the demo writes outputs/demo/<time>/ under the working directory
-    # A seed of its own: the teacher is trained here, not found in the cache from an earlier run.
-    seed = f"teacher.seed={time.time_ns() % 10**9}"
-    teacher = [f"teacher.{o}" for o in TINY] + [seed, "teacher.model.config.n_layer=1", "teacher.model.config.n_embd=64"]
-    assert demo.main([*teacher, *TINY]) == 0
+    monkeypatch.setenv("DFW_CACHE", str(tmp_path / "cache"))
+    corpus = ["data=text", *(f"data.files.{split}={path}" for split, path in text_files.items())]
+    student = [*TINY, *corpus]
+    teacher = [f"teacher.{o}" for o in student] + ["teacher.model.config.n_layer=1", "teacher.model.config.n_embd=64"]
+    assert demo.main([*teacher, *student]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| ([\w ,-]+) \| ([\d.]+) \| ([\d.]+)% \|$", out, re.M)
+    rows = ROW.findall(out)
     assert [name for name, _, _ in rows] == [
         "softmax teacher, as pretrained", "softmax, fine-tuned", "DFW, right after conversion", "DFW, fine-tuned",
     ]  # fmt: skip
@@ -36,13 +44,12 @@ def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, monkey
     for _, ppl, share in rows:
         assert abs(float(share) - 100 * reference / float(ppl)) < 0.1
     results = list(tmp_path.glob("outputs/demo/*/results.md"))
-    assert len(results) == 1 and "DFW, fine-tuned" in results[0].read_text()
+    assert len(results) == 1 and ROW.findall(results[0].read_text()) == rows  # the printed table, saved
 
     # A second run reuses the cached teacher instead of pretraining it again.
     caplog.set_level(logging.INFO, logger="dfw.demo")
-    capsys.readouterr()
     assert demo.main([*teacher, "--teacher-only"]) == 0
     assert "reusing the softmax teacher" in caplog.text
     teacher_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert teacher_dir.parent == tmp_path / "cache" / "teachers"
     assert (teacher_dir / "dfw_attention.yaml").is_file() and (teacher_dir / "tokenizer.json").is_file()
-    shutil.rmtree(teacher_dir)

@@ -5,26 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
-from dfw.attention import ConvertedAttention, FastWeightAttention
+from dfw.attention import ConvertedAttention
 from dfw.model import build_model
-from tests.conftest import CONF
-
-
-class _Tokenizer:  # the two things build_model asks of a tokenizer
-    eos_token_id = 0
-
-    def __len__(self) -> int:
-        return 97
-
-
-def _save_tiny_gpt2(path) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=97, n_layer=2, n_head=2, n_embd=32, n_positions=64, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(path)
-    return model
+from tests.conftest import CONF, VocabTokenizer, save_tiny_gpt2
 
 
 def _model_cfg(path):
@@ -32,9 +17,9 @@ def _model_cfg(path):
 
 
 def test_softmax_conversion_gives_the_hugging_face_logits(tmp_path):
-    _save_tiny_gpt2(tmp_path)
+    save_tiny_gpt2(tmp_path)
     reference = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    converted = build_model(_model_cfg(tmp_path), OmegaConf.load(CONF / "attention/softmax.yaml"), _Tokenizer()).eval()
+    converted = build_model(_model_cfg(tmp_path), OmegaConf.load(CONF / "attention/softmax.yaml"), VocabTokenizer()).eval()
     assert all(isinstance(block.attn, ConvertedAttention) for block in converted.transformer.h)
     input_ids = torch.randint(0, 97, (3, 50))
     with torch.no_grad():
@@ -44,9 +29,9 @@ def test_softmax_conversion_gives_the_hugging_face_logits(tmp_path):
 
 
 def test_decay_conversion_keeps_pretrained_weights_and_adds_only_core_parameters(tmp_path):
-    original = _save_tiny_gpt2(tmp_path)
+    original = save_tiny_gpt2(tmp_path)
     attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
-    converted = build_model(_model_cfg(tmp_path), attention, _Tokenizer())
+    converted = build_model(_model_cfg(tmp_path), attention, VocabTokenizer())
     before, after = original.state_dict(), converted.state_dict()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0)
@@ -58,36 +43,21 @@ def test_decay_conversion_keeps_pretrained_weights_and_adds_only_core_parameters
     assert sum(after[k].numel() for k in new_keys) == 2 * new_per_layer
 
 
-def test_decay_initialisation_is_documented_one(tmp_path):
-    _save_tiny_gpt2(tmp_path)
-    attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
-    core = build_model(_model_cfg(tmp_path), attention, _Tokenizer()).transformer.h[0].attn.core
-    assert isinstance(core, FastWeightAttention)
-    # Feature map: the identity when m == d.
-    torch.testing.assert_close(core.feature_map.weight, torch.eye(16).expand(2, 16, 16))
-    # Gates: zero weights; biases logit(u), u evenly over (1/n, 1 - 1/n) within each head.
-    for gate in (core.key_gate, core.value_gate):
-        assert torch.count_nonzero(gate.weight) == 0
-        u = torch.sigmoid(gate.bias.view(2, 16))
-        torch.testing.assert_close(u[0], torch.linspace(1 / 16, 1 - 1 / 16, 16))
-        torch.testing.assert_close(u[0], u[1])
-
-
 def test_an_exported_converted_model_is_rebuilt_with_its_new_parameters(tmp_path):
     from dfw.errors import ConfigError
     from dfw.model import export
 
-    _save_tiny_gpt2(tmp_path / "hf")
+    save_tiny_gpt2(tmp_path / "hf")
     attention = OmegaConf.merge(OmegaConf.load(CONF / "attention/decay.yaml"), {"state_size": 16})
-    trained = build_model(_model_cfg(tmp_path / "hf"), attention, _Tokenizer()).eval()
+    trained = build_model(_model_cfg(tmp_path / "hf"), attention, VocabTokenizer()).eval()
     with torch.no_grad():  # stand-in for fine-tuning: the new parameters move away from their init
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
     export(trained, attention, tmp_path / "export")
-    rebuilt = build_model(_model_cfg(tmp_path / "export"), attention, _Tokenizer()).eval()
+    rebuilt = build_model(_model_cfg(tmp_path / "export"), attention, VocabTokenizer()).eval()
     input_ids = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(input_ids, use_cache=False).logits, trained(input_ids, use_cache=False).logits)
     other = OmegaConf.create({"name": "linear", "_target_": "dfw.attention.FastWeightAttention", "_partial_": True})
     with pytest.raises(ConfigError, match="was converted to attention=decay"):
-        build_model(_model_cfg(tmp_path / "export"), other, _Tokenizer())
+        build_model(_model_cfg(tmp_path / "export"), other, VocabTokenizer())

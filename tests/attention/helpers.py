@@ -43,6 +43,19 @@ def build(node, layer_idx: int = 0) -> FastWeightAttention:
     return core_factory(node)(hidden_size=C, num_heads=H, head_dim=D, layer_idx=layer_idx, scaling=None)
 
 
+def build_at_gpt2_shapes(node):
+    """The core a config node gives one layer of GPT-2 small (as surgery builds it), after a check that its
+    parallel form runs: finite outputs of the right shape for 5 tokens, and the configured state size."""
+    core = core_factory(node)(hidden_size=768, num_heads=12, head_dim=64, layer_idx=0, scaling=0.125)
+    q, k, v = (torch.randn(1, 5, 12, 64) for _ in range(3))
+    with torch.no_grad():
+        o, _ = core(q, k, v, torch.randn(1, 5, 768))
+    assert o.shape == (1, 5, 12, 64) and torch.isfinite(o).all(), node
+    if node.get("state_size") is not None:
+        assert core.state_size == node.state_size, node
+    return core
+
+
 def random_state(core: FastWeightAttention, batch: int, dtype=torch.float64) -> torch.Tensor:
     """A plausible initial state: for a denominator, the z column is positive (it sums features)."""
     columns = core.head_dim + (core.normalization == "denominator")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from dfw.errors import ConfigError
-from tests.attention.helpers import CONF, PRESETS, build, preset
+from tests.attention.helpers import CONF, PRESETS, C, D, H, build, preset
 
 BAD = [
     ({"update_rule": "delta", "normalization": "none"}, r"update_rule=delta needs attention\.normalization=sum"),
@@ -48,3 +49,20 @@ def test_every_preset_names_its_paper(name):
     text = (CONF / "attention" / f"{name}.yaml").read_text()
     assert text.startswith("#") and re.search(r"(19|20)\d\d", text.split("\n")[0] + text.split("\n")[1])
     assert OmegaConf.load(CONF / "attention" / f"{name}.yaml").name == name
+
+
+def test_gates_and_output_norm_options():
+    """gates=key builds only the key gate; output_norm=true is a LayerNorm over each head's output, after the
+    same recurrence as without it."""
+    torch.manual_seed(0)
+    core = build(preset("decay", gates="key", output_norm=True))
+    assert core.gate_names == ("key_gate",) and isinstance(core.key_gate, torch.nn.Linear)
+    plain = build(preset("decay", gates="key"))
+    assert plain.output_norm is None
+    plain.load_state_dict({k: v for k, v in core.state_dict().items() if not k.startswith("output_norm.")})
+    inputs = (*(torch.randn(1, 5, H, D) for _ in range(3)), torch.randn(1, 5, C))
+    o, S = core(*inputs, output_state=True)
+    o_plain, S_plain = plain(*inputs, output_state=True)
+    assert o.shape == (1, 5, H, D) and S.shape == (1, H, D, D)
+    torch.testing.assert_close(S, S_plain)
+    torch.testing.assert_close(o, torch.nn.functional.layer_norm(o_plain, (D,)))

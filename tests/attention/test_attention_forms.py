@@ -1,6 +1,7 @@
 """Every attention preset, every registered update rule with each normalisation it accepts, and a sample of
 off-preset combinations: the parallel (training) form, the recurrent (generation) form and the in-place
-decode step agree in float64 on outputs, final state and every gradient."""
+decode step agree in float64 on outputs, final state and every gradient; DFW's forms also agree with the
+paper's formula, step by step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from dfw_kernels.testing import relative_rms_error as rel
 from omegaconf import OmegaConf
 
+from dfw.attention import FastWeightAttention
 from tests.attention.helpers import CHUNK, RECURRENT_PRESETS, C, D, H, build, preset, random_state, rule_cases
 
 B, T = 2, 37  # T odd, and not a multiple of CHUNK
@@ -148,3 +150,55 @@ def test_state_bytes_is_the_size_of_the_state(node):
     core = build(node)
     _, state = core(*(torch.randn(3, 5, H, D) for _ in range(3)), torch.randn(3, 5, C), output_state=True)
     assert core.state_bytes(3, 5) == core.state_bytes(3, 5000) == state.numel() * state.element_size()
+
+
+def _paper_loop(core, q, k, v, x, S0):
+    """S_t = (z_t f_t^T) ⊙ S_{t-1} + v_t phi(k_t)^T, y_t = S_t phi(q_t): the paper's d x m state, step by step,
+    written from the formula (Mao, 2022), independently of the chunked and recurrent forms."""
+    W = core.feature_map.weight  # (H, m, d)
+    m = W.shape[1]
+    S = S0.transpose(-1, -2)  # (B, H, d, m)
+    outputs = []
+    for t in range(q.shape[1]):
+        f = torch.sigmoid(core.key_gate(x[:, t])).view(B, H, m)  # (B, H, m)
+        z = torch.sigmoid(core.value_gate(x[:, t])).view(B, H, D)  # (B, H, d)
+        phi_q = torch.einsum("bhd,hmd->bhm", q[:, t], W) * D**-0.5
+        phi_k = torch.einsum("bhd,hmd->bhm", k[:, t], W)
+        S = (z.unsqueeze(-1) * f.unsqueeze(-2)) * S + v[:, t].unsqueeze(-1) * phi_k.unsqueeze(-2)
+        outputs.append(torch.einsum("bhdm,bhm->bhd", S, phi_q))
+    return torch.stack(outputs, dim=1), S.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("gate_bias", [None, -7.0, 7.0], ids=["uniform-init", "gates-near-0", "gates-near-1"])
+def test_decay_forms_match_the_paper_loop(gate_bias):
+    """DFW's chunked and recurrent forms against the paper's formula in float64: outputs, final state and
+    every gradient, with data-dependent gates, also near 0 and near 1 (sigmoid(-+7) ~ 9e-4 from the bound)."""
+    torch.manual_seed(0)
+    core = FastWeightAttention(C, H, D, state_size=12, chunk_size=32).double()
+    with torch.no_grad():
+        for gate in (core.key_gate, core.value_gate):
+            gate.weight.normal_(0, 0.3)  # data-dependent gates
+            if gate_bias is not None:
+                gate.bias.fill_(gate_bias)
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+    S0 = torch.randn(B, H, 12, D, dtype=torch.float64, requires_grad=True)
+    inputs = [q, k, v, x, S0, *core.parameters()]
+
+    results = {
+        "chunked": core(q, k, v, x, state=S0, output_state=True),
+        "recurrent": core.recurrent(q, k, v, x, state=S0),
+        "paper": _paper_loop(core, q, k, v, x, S0),
+    }
+    grad_o, grad_S = torch.randn_like(results["paper"][0]), torch.randn_like(results["paper"][1])
+    grads = {}
+    for name, (o, S) in results.items():
+        assert torch.isfinite(o).all() and torch.isfinite(S).all()
+        grads[name] = torch.autograd.grad((o * grad_o).sum() + (S * grad_S).sum(), inputs)
+    o_ref, S_ref = results["paper"]
+    for name in ("chunked", "recurrent"):
+        o, S = results[name]
+        assert rel(o, o_ref) < 1e-6, name
+        assert rel(S, S_ref) < 1e-6, name
+        for g, g_ref in zip(grads[name], grads["paper"], strict=True):
+            assert rel(g, g_ref) < 1e-6, name

@@ -7,26 +7,22 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from dfw.model import build_model, load_exported
 from dfw.train import train
 from tests.attention.helpers import PRESETS
-from tests.conftest import compose, tiny_overrides
-
-GPT2_VOCAB = 50257  # data=text uses GPT-2's tokenizer (model.tokenizer=gpt2)
+from tests.conftest import GPT2_VOCAB, VocabTokenizer, compose, save_tiny_gpt2, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def pretrained_dir(tmp_path_factory):
-    """A tiny random GPT-2, written as a pretrained checkpoint (head size 16)."""
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=GPT2_VOCAB, n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    """A tiny random GPT-2 with GPT-2's vocabulary, written as a pretrained checkpoint (head size 16)."""
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(path)
+    save_tiny_gpt2(path, vocab_size=GPT2_VOCAB, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
     extra = [f"attention={name}", f"model.pretrained={pretrained_dir}", "module.optimizer.lr=1e-3", "test=false"]
@@ -39,7 +35,8 @@ def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
     # The export rebuilds the trained model: its new parameters moved away from their conversion
     # values; its random features are the ones drawn at conversion (4 steps < redraw interval).
     trained = load_exported(cfg.export_dir).eval()
-    converted = build_model(cfg.model, cfg.attention, _Tokenizer()).eval()
+    assert type(trained.transformer.h[0].attn.core).__name__ == ("SoftmaxAttention" if name == "softmax" else "FastWeightAttention")
+    converted = build_model(cfg.model, cfg.attention, VocabTokenizer(GPT2_VOCAB)).eval()
     before, after = converted.state_dict(), trained.state_dict()
     core_keys = [key for key in before if ".attn.core." in key]
     assert set(core_keys) <= set(after)
@@ -54,9 +51,3 @@ def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
     with torch.no_grad():
         assert torch.isfinite(trained(input_ids, use_cache=False).logits).all()
 
-
-class _Tokenizer:  # what build_model asks of a tokenizer
-    eos_token_id = 0
-
-    def __len__(self) -> int:
-        return GPT2_VOCAB

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dfw_kernels.testing import relative_rms_error
 
 from dfw.attention import FEATURE_MAPS, head_gate_bias
 from tests.attention.helpers import D, H, build, preset
@@ -36,7 +37,7 @@ def test_performer_attention_approximates_softmax_attention():
     q, k, v = (0.5 * torch.randn(1, 20, H, D, dtype=torch.float64) for _ in range(3))
     o, _ = core(q, k, v, torch.zeros(1, 20, 16, dtype=torch.float64))
     expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
-    assert ((o - expected).norm() / expected.norm()) < 0.05
+    assert relative_rms_error(o, expected) < 0.05
 
 
 def test_rff_estimates_a_gaussian_kernel_of_normalised_inputs():
@@ -101,6 +102,12 @@ def test_conversion_initialisation():
     # linear (DFW): the identity when m == D.
     decay = build(preset("decay"))
     torch.testing.assert_close(decay.feature_map.weight, torch.eye(D).expand(H, D, D))
+    # decay gates (DFW): zero weights; biases logit(u), u evenly over (1/n, 1 - 1/n) within each head.
+    for gate in (decay.key_gate, decay.value_gate):
+        assert torch.count_nonzero(gate.weight) == 0
+        u = torch.sigmoid(gate.bias.view(H, D))
+        torch.testing.assert_close(u[0], torch.linspace(1 / D, 1 - 1 / D, D))
+        torch.testing.assert_close(u[0], u[1])
     # gated (RFA): zero weights; heads remember over 32 .. 1024 tokens.
     rfa = build(preset("rfa"))
     assert torch.count_nonzero(rfa.head_gate.weight) == 0

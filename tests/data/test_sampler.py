@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -68,6 +69,7 @@ def fit(dm: LanguageModelingDataModule, root: Path, ckpt_path: str | None = None
     return model
 
 
+@pytest.mark.slow
 def test_lightning_resume_from_a_mid_run_checkpoint_sees_the_same_batches(tmp_path):
     # One training document of 60 numbered lines: ~120 blocks of 3 tokens, enough for 6 steps x 2 x 2 samples.
     (tmp_path / "train.txt").write_text("".join(f"line {i} of the training text\n" for i in range(60)))

@@ -66,8 +66,9 @@ def test_loop_is_the_recurrence():
 def test_chunked_stays_finite_in_float32_with_small_gates():
     """Gates of ~1e-3 for 200 steps: ~1400 nats of decay, which a split exponent would overflow."""
     inputs = {n: x.detach() for n, x in random_inputs(1, 200, 1, 16, 16, gates="near_zero").items()}
-    expected, _ = recurrent_decay_fast_weights(**inputs)
+    expected, expected_final = recurrent_decay_fast_weights(**inputs, output_final_state=True)
     inputs32 = {n: x.float() for n, x in inputs.items()}
     o, final = chunk_decay_fast_weights(**inputs32, output_final_state=True)
     assert torch.isfinite(o).all() and torch.isfinite(final).all()
     assert relative_rms_error(o, expected) < 1e-5
+    assert relative_rms_error(final, expected_final) < 1e-5

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import run_module, tiny_overrides
 
 
 @pytest.mark.slow
 def test_ddp_on_cpu_with_two_processes(tmp_path, text_files):
     overrides = [o for o in tiny_overrides(tmp_path, text_files, "attention=decay") if not o.startswith("trainer=")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, "-m", "dfw.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.precision=32-true", "export_dir=null", f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    result = run_module("dfw.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                        "trainer.precision=32-true", "export_dir=null", f"hydra.run.dir={tmp_path / 'hydra'}", timeout=600)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     # Lightning started the second process itself and joined both with gloo.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dfw.report import expected_jobs
+from tests.attention.helpers import build_at_gpt2_shapes
 from tests.conftest import CONF, REPO, compose
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -71,9 +74,7 @@ def test_every_job_composes_builds_its_attention_and_carries_group_and_tags(expe
     for job in jobs:
         extra = ["model.pretrained=/unused"] if experiment == "small_grid" else []
         cfg = compose(f"experiment={experiment}", "paths.output_dir=/tmp/unused", *extra, *sorted(job))
-        node = {k: v for k, v in cfg.attention.items() if k != "name"}
-        core = instantiate(node)(hidden_size=768, num_heads=12, head_dim=64, layer_idx=0, scaling=0.125)
-        assert core is not None
+        build_at_gpt2_shapes(cfg.attention)
         assert cfg.logger.wandb.group.startswith(f"{experiment}-")
         assert experiment in cfg.logger.wandb.tags
         names.add(cfg.logger.wandb.name)
@@ -92,8 +93,24 @@ def test_the_small_grid_converts_a_given_teacher():
     unset = compose("experiment=small_grid", "paths.output_dir=/tmp/unused")
     with pytest.raises(Exception, match="DFW_TEACHER"):  # never a silent random-weight model
         _ = unset.model.pretrained
-    script = (REPO / "sweeps" / "small_grid.sh").read_text()
-    assert "dfw.demo --teacher-only" in script and "experiment=small_grid" in script and "dfw.report" in script
+
+
+def test_small_grid_script_passes_the_teacher_to_the_sweep_and_reports_it(tmp_path):
+    """sweeps/small_grid.sh with a stand-in interpreter (PY) that records its arguments: the teacher the demo
+    prints last is the one the multirun converts, and the report reads that multirun's directory."""
+    calls = tmp_path / "calls.txt"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "pretraining..."\necho /cache/teachers/abc\n')
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PY": str(fake_python)}
+    subprocess.run([REPO / "sweeps" / "small_grid.sh", "trainer.max_steps=3"], env=env, check=True, capture_output=True, timeout=60)
+    demo, sweep, report = calls.read_text().splitlines()
+    assert demo == "-m dfw.demo --teacher-only"
+    assert sweep.startswith("-m dfw.train -m experiment=small_grid model.pretrained=/cache/teachers/abc "
+                            "model.tokenizer=/cache/teachers/abc hydra.sweep.dir=outputs/multirun/small_grid_")
+    assert sweep.endswith(" trainer.max_steps=3")
+    sweep_dir = sweep.split("hydra.sweep.dir=")[1].split()[0]
+    assert report == f"-m dfw.report {sweep_dir}"
 
 
 def test_ddp_and_fsdp_configs_build_their_strategies():

@@ -6,18 +6,17 @@ whose parameters are all perturbed, so decay gates and feature maps depend on th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from dfw_kernels.testing import relative_rms_error
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dfw.cache import RecurrentCache, cache_bytes
 from dfw.model import core_factory
 from dfw.surgery import convert_attention
+from tests.conftest import CONF
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted(path.stem for path in (CONF / "attention").glob("*.yaml"))
 RECURRENT = [name for name in PRESETS if name != "softmax"]
 VOCAB, PAD = 97, 0
@@ -46,10 +45,6 @@ def greedy(net, input_ids, **kwargs):
     return net.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
 
 
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_greedy_generation_matches_recomputing_without_cache(preset):
     net = tiny_model(preset)
@@ -71,7 +66,7 @@ def test_logits_of_prefill_chunks_and_single_tokens_match_the_full_forward(prese
     assert cache.get_seq_length() == 20
     # float64: the chunkwise forms agree with the loop to ~1e-15 (decay) and ~1e-9 (delta's triangular
     # solve); a state lost or applied twice shows up as ~1e-2.
-    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-7
+    assert relative_rms_error(torch.cat(pieces, dim=1), full) < 1e-7
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

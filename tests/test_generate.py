@@ -1,28 +1,25 @@
 """`python -m dfw.generate`: loads an exported directory, a training checkpoint and a Hugging Face directory.
 
-The checkpoint and the exported directory come from one real (tiny, 2-step) `dfw.train` run, so they
-must give the same greedy text as the model in memory would.
+The checkpoint and the exported directory come from one real (tiny, 4-step) `dfw.train` run (the session's
+`trained_run`), so they must give the same greedy text.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize, initialize_config_dir
+from hydra import compose, initialize
 from omegaconf import OmegaConf
 
 from dfw.data.tokenizers import gpt2_tokenizer
 from dfw.errors import ConfigError
 from dfw.generate import generate, load_for_generation
 from dfw.model import build_model, export
-from dfw.train import train
+from tests.conftest import REPO, run_module
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox"
 
 
@@ -34,35 +31,9 @@ def generate_cfg(model: str | Path, *overrides: str):
         return compose(config_name="generate", overrides=[f"model={model}", f"prompt={PROMPT}", *overrides])
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A 2-step dfw.train run of a tiny decay model on a small text corpus: checkpoint and export."""
-    root = tmp_path_factory.mktemp("run")
-    files = {}
-    for split, n in (("train", 200), ("validation", 20), ("test", 20)):
-        files[split] = root / f"{split}.txt"
-        files[split].write_text(
-            "The quick brown fox jumps over the lazy dog. A stitch in time saves nine.\n" * n
-        )
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "model=tiny", "attention=decay", "data=text",
-                *(f"data.files.{split}={path}" for split, path in files.items()),
-                "data.block_size=32", "data.batch_size=2", f"paths.output_dir={root / 'out'}",
-                f"paths.cache_dir={root / 'cache'}", "logger=csv", "trainer=cpu", "trainer.max_steps=2",
-                "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false", "module.scheduler.num_warmup_steps=1",
-                "validate_before_fit=false", "test=false",
-            ],
-        )  # fmt: skip
-    train(cfg)
-    return root / "out"
-
-
+@pytest.mark.slow
 def test_checkpoint_and_export_of_one_run_generate_the_same_text(trained_run, capsys):
-    checkpoint, exported = trained_run / "checkpoints" / "last.ckpt", trained_run / "model"
+    checkpoint, exported = trained_run.dir / "checkpoints" / "last.ckpt", trained_run.dir / "model"
     assert checkpoint.is_file() and json.loads((exported / "config.json").read_text())["model_type"] == "dfw-gpt2"
     from_checkpoint = generate(generate_cfg(checkpoint, "temperature=0", "max_new_tokens=8", "device=cpu"))
     from_export = generate(generate_cfg(exported, "temperature=0", "max_new_tokens=8", "device=cpu"))
@@ -121,13 +92,11 @@ def test_a_softmax_hugging_face_directory_uses_the_kv_cache(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_model_that_is_not_there_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="no such checkpoint"):
         load_for_generation(str(tmp_path / "missing.ckpt"))
     with pytest.raises(ConfigError, match="config.json missing"):
         load_for_generation(str(tmp_path))
-    done = subprocess.run(
-        [sys.executable, "-m", "dfw.generate", f"model={tmp_path / 'missing.ckpt'}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+    done = run_module("dfw.generate", f"model={tmp_path / 'missing.ckpt'}", timeout=120)
     assert done.returncode == 2 and "no such checkpoint" in done.stderr and "Traceback" not in done.stderr
