@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import cuda
+from .chunked import chunked_decay_fast_weights
 from .reference import chunk_decay_fast_weights, recurrent_decay_fast_weights
 
 KERNELS = ("auto", "cuda", "torch")
@@ -22,6 +23,7 @@ KERNELS = ("auto", "cuda", "torch")
 __all__ = [
     "KERNELS",
     "chunk_decay_fast_weights",
+    "chunked_decay_fast_weights",
     "decay_fast_weights",
     "decay_fast_weights_step",
     "recurrent_decay_fast_weights",
@@ -86,7 +88,7 @@ def decay_fast_weights(
         return cuda.decay_fast_weights_cuda(
             q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state
         )
-    return chunk_decay_fast_weights(
+    return chunked_decay_fast_weights(
         q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state, chunk_size=chunk_size
     )
 

@@ -1,0 +1,226 @@
+"""The fast PyTorch path: chunks of matrix products forward, three chunked scans backward, nothing stored.
+
+`chunked_decay_fast_weights` is closed_form.py's `ScanDecayFastWeights` (the forward as one scan, the
+backward as three that recompute their states, with the cancellation-free gate gradients of the CUDA
+kernel) run with `chunk_scan`, a chunked form of `closed_form.scan_reference` in plain PyTorch. Autograd
+keeps only q, k, v, the log-gates, the initial state and one [B, T, H, V] read for the backward; the
+plain differentiable chunkwise form of reference.py keeps every pairwise sub-chunk tensor instead.
+
+`chunk_scan`, per chunk of c tokens, with a, d the log-decays accumulated from the chunk's start
+(a_c, d_c: the whole chunk's) and P_t the state before token t's write:
+  - within the chunk (s < t), e^{a_t - a_s} = e^{a_t - m} e^{m - a_s} with m = a_c / 2, so the strictly
+    causal read sum_s (q_t . k_s decayed) v_s decayed is two matrix products of
+    q e^{a - m}, k e^{m - a} and v e^{n - d} (n = d_c / 2), scaled by e^{d - n}. Every factor lies in
+    [e^{-R/2}, e^{R/2}] with R = max(-a_c, -d_c), so c is halved until every chunk decays by at most
+    `max_chunk_decay(dtype)` nats on every channel (80 in float32: factors up to e^40, no overflow and
+    no denormals); with tiny gates it ends at c = 1, where nothing is factored (a loop over tokens);
+  - the state carried from chunk to chunk and the read of it use the exact decays, all <= 1:
+    P-part_t = (q_t e^{a_t}) S_prev e^{d_t},  S_next = e^{a_c} S_prev e^{d_c} + (k e^{a_c - a})^T (v e^{d_c - d});
+  - out_t = out_pre_t + (q_t . k_t) v_t: the token's own term is added, never subtracted.
+A reverse scan is the forward scan on time-reversed inputs, its gates shifted by one token.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .closed_form import ScanDecayFastWeights, ScanResult
+from .reference import accumulation_dtype, log_gate_floor
+
+
+def max_chunk_decay(dtype: torch.dtype) -> float:
+    """How many nats a chunk may decay by (its largest key-side decay plus its largest value-side one) for
+    the factored form: 60 in float32, 600 in float64.
+
+    Every factor, and every product of two that the chunk's matrix products form, then stays within
+    e^{+-60}: far from overflow (float32 max ~3e38 = e^88), and from denormals (below ~1e-38 = e^-87),
+    which x86 multiplies ~100x slower than normal numbers."""
+    return 600.0 if dtype == torch.float64 else 60.0
+
+
+def chunk_size_for(
+    log_key_gate: Tensor | None, log_value_gate: Tensor | None, max_chunk_size: int, dtype: torch.dtype
+) -> int:
+    """The largest power of two c <= max_chunk_size for which any c consecutive tokens decay by at most
+    `max_chunk_decay(dtype)` nats (largest key-side decay plus largest value-side decay); at least 1.
+
+    Any c consecutive tokens, not only the forward scan's chunks: the reverse scans of the backward
+    (gates shifted by one token) cut time elsewhere, and use the same c."""
+    limit = max_chunk_decay(dtype)
+    c = 1 << (max_chunk_size.bit_length() - 1)
+    sums = []
+    for g in (log_key_gate, log_value_gate):
+        if g is not None:  # running sums of |log-gate| (B, 1 + T, H, D); a token beyond the limit alone fails every c > 1
+            sums.append(F.pad(g.detach().to(dtype).abs().clamp_max(2 * limit).cumsum(1), (0, 0, 0, 0, 1, 0)))
+    while c > 1 and sums:
+        window = min(c, sums[0].shape[1] - 1)
+        worst = sum((x[:, window:] - x[:, :-window]).amax(-1) for x in sums)  # (B, T - window + 1, H)
+        if float(worst.max()) <= limit:
+            break
+        c //= 2
+    return c
+
+
+def _to_chunks(x: Tensor, c: int, N: int, dtype: torch.dtype, shift: bool = False) -> Tensor:
+    """[B, T, H, D] -> [N, B*H, c, D] in `dtype`, in one copy: chunk-major, so that each chunk's [B*H, c, D]
+    is contiguous for the products of the loop over chunks; zeros after the end of time.
+
+    shift: token t + 1 at position t (a reverse scan's gates: step t decays by token t + 1's gate)."""
+    B, T, H, D = x.shape
+    if shift:
+        x, T = x[:, 1:], T - 1
+    out = x.new_empty(N, B, H, c, D, dtype=dtype)
+    full = T // c  # chunks filled entirely
+    out[:full].copy_(x[:, : full * c].reshape(B, full, c, H, D).permute(1, 0, 3, 2, 4))
+    if full < N:
+        out[full:].zero_()
+        out[full, :, :, : T - full * c].copy_(x[:, full * c :].transpose(1, 2))  # (B, H, rest, D)
+    return out.view(N, B * H, c, D)
+
+
+def _from_chunks(x: Tensor, B: int, T: int, dtype: torch.dtype) -> Tensor:
+    """[N, B*H, c, D] -> [B, T, H, D] in `dtype`, in one copy."""
+    N, BH, c, D = x.shape
+    H = BH // B
+    out = x.new_empty(B, T, H, D, dtype=dtype)
+    x = x.view(N, B, H, c, D)
+    full = T // c
+    out[:, : full * c].view(B, full, c, H, D).copy_(x[:full].permute(1, 0, 3, 2, 4))
+    if full < N:
+        out[:, full * c :].copy_(x[full, :, :, : T - full * c].transpose(1, 2))
+    return out
+
+
+def chunk_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_key_gate: Tensor | None,
+    log_value_gate: Tensor | None,
+    initial_state: Tensor | None,
+    *,
+    reverse: bool = False,
+    out_dtype: torch.dtype | None = None,
+    output_pre: bool = False,
+    output_final_state: bool = False,
+    output_final_pre_state: bool = False,
+    gate_grad_inputs: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    chunk_size: int = 16,
+) -> ScanResult:
+    """closed_form.Scan by chunks of `chunk_size` tokens (the module docstring): the same results as
+    scan_reference. Log-gates [B, T, H, K|V], or [B, T, H, 1] (one per head), or None; pick chunk_size
+    with `chunk_size_for` (a chunk that decays by more than max_chunk_decay would overflow)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = accumulation_dtype(torch.promote_types(q.dtype, v.dtype))
+    c = chunk_size
+    N = max(-(-T // c), 1)
+    floor = log_gate_floor(acc)
+    qc, kc, vc = (_to_chunks(x, c, N, acc) for x in (q, k, v))  # (N, BH, c, K|V)
+    # Decays accumulated in the scan's order from the chunk's start (forward: prefix sums; reverse:
+    # suffix sums of the shifted gates), by a product with a triangle of ones.
+    ones = torch.ones(c, c, dtype=acc, device=q.device)
+    running_sum = ones.triu() if reverse else ones.tril()  # (t, s): s at or before t in the scan's order
+    a, d = (
+        None if g is None else running_sum @ _to_chunks(g, c, N, acc, shift=reverse).clamp_min_(floor)
+        for g in (log_key_gate, log_value_gate)
+    )  # (N, BH, c, K|V or 1)
+    first, last = (c - 1, 0) if reverse else (0, c - 1)  # positions of a chunk's first and last step
+
+    # Factor every decay through half its chunk's: e^{a_t - a_s} = e^{a_t - m} e^{m - a_s}, m = a_last / 2.
+    q_in, k_in, v_in = qc, kc, vc
+    key_half = value_half = value_scale = None
+    if a is not None:
+        m = a[:, :, last : last + 1] / 2  # (N, BH, 1, K|1)
+        key_scale = (a - m).exp()  # e^{a - m} in [e^{-R/2}, e^{R/2}]
+        q_in, k_in = qc * key_scale, kc / key_scale
+        key_half = m.exp().transpose(-1, -2)  # e^m as a column (N, BH, K|1, 1)
+    if d is not None:
+        n = d[:, :, last : last + 1] / 2  # (N, BH, 1, V|1)
+        value_scale = (d - n).exp()  # e^{d - n}
+        v_in = vc / value_scale
+        value_half = n.exp()  # e^n as a row (N, BH, 1, V|1)
+
+    # Within chunks, strictly before in the scan's order; then the state at each chunk's start, read and carried:
+    #   read  q_t e^{a_t} S e^{d_t} = [(q_t e^{a_t - m}) (e^m S e^n)] e^{d_t - n}
+    #   carry S <- e^{2m} S e^{2n} + (k e^{m - a} e^m)^T (v e^{n - d} e^n)
+    scores = q_in @ k_in.transpose(-1, -2)  # (N, BH, c, c)
+    o_pre = (scores.triu_(1) if reverse else scores.tril_(-1)) @ v_in  # (N, BH, c, V)
+    k_write = k_in if key_half is None else k_in * key_half.transpose(-1, -2)  # (N, BH, c, K)
+    v_write = v_in if value_half is None else v_in * value_half  # (N, BH, c, V)
+    value_decay = None if value_half is None else value_half.square()  # e^{2n}
+    if initial_state is None:
+        S = q.new_zeros(B * H, K, V, dtype=acc)
+    else:
+        S = initial_state.to(acc).reshape(B * H, K, V).clone()
+    final_pre = None
+    last_chunk = 0 if reverse else N - 1
+    for i in reversed(range(N)) if reverse else range(N):
+        if key_half is not None:
+            S.mul_(key_half[i])  # twice: e^{2m} S = e^m (e^m S)
+        o_pre[i].baddbmm_(q_in[i], S if value_half is None else S * value_half[i])  # (BH, c, V)
+        if key_half is not None:
+            S.mul_(key_half[i])
+        if value_decay is not None:
+            S.mul_(value_decay[i])
+        if output_final_pre_state and i == last_chunk:  # P at the last step: without that step's write
+            steps = slice(1, c) if reverse else slice(0, (T - 1) % c)
+            final_pre = torch.baddbmm(S, k_write[i, :, steps].transpose(-1, -2), v_write[i, :, steps])
+        S.baddbmm_(k_write[i].transpose(-1, -2), v_write[i])  # (BH, K, V)
+    if value_scale is not None:
+        o_pre = o_pre * value_scale
+    out = None
+    if out_dtype is not None:  # the own term added, never subtracted
+        out = _from_chunks(o_pre + (qc * kc).sum(-1, keepdim=True) * vc, B, T, out_dtype)
+    if reverse:
+        o_pre[N - 1, :, (T - 1) % c] = 0.0  # the initial state counts as written at the first step
+        for g, side in ((log_key_gate, -1), (log_value_gate, -2)):  # the final state decays once more
+            if g is not None:
+                S = S * g[:, 0].to(acc).clamp_min(floor).exp().reshape(B * H, -1).unsqueeze(side)
+
+    gate_grad = None
+    if gate_grad_inputs is not None:  # r = start + running sum of x1 v - x2 out_pre, in the scan's order
+        x1, x2, start = gate_grad_inputs
+        terms = _to_chunks(x1, c, N, acc) * vc - _to_chunks(x2, c, N, acc) * o_pre  # (N, BH, c, V)
+        sums = running_sum @ terms
+        before = sums[:, :, last].flip(0).cumsum(0).flip(0) if reverse else sums[:, :, last].cumsum(0)
+        before = before - sums[:, :, last]  # the chunks earlier in the scan's order (N, BH, V)
+        if start is not None:
+            before = before + start.to(acc).reshape(B * H, V)
+        gate_grad = _from_chunks(sums + before.unsqueeze(2), B, T, acc)
+
+    return ScanResult(
+        out=out,
+        out_pre=_from_chunks(o_pre, B, T, acc) if output_pre else None,
+        final_state=S.reshape(B, H, K, V) if output_final_state else None,
+        final_pre_state=None if final_pre is None else final_pre.reshape(B, H, K, V),
+        gate_grad=gate_grad,
+    )
+
+
+def chunked_decay_fast_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_key_gate: Tensor | None = None,
+    log_value_gate: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 16,
+) -> tuple[Tensor, Tensor | None]:
+    """Same arguments and results as reference.chunk_decay_fast_weights; the backward recomputes by chunks.
+
+    chunk_size: the largest chunk; halved while some chunk would decay by more than max_chunk_decay.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    acc = accumulation_dtype(torch.promote_types(q.dtype, v.dtype))
+    c = chunk_size_for(log_key_gate, log_value_gate, chunk_size, acc)
+    scan = lambda *args, **kwargs: chunk_scan(*args, **kwargs, chunk_size=c)
+    return ScanDecayFastWeights.apply(
+        scan, q, k, v, log_key_gate, log_value_gate,
+        None if initial_state is None else initial_state.to(acc), output_final_state,
+    )  # fmt: skip
