@@ -45,20 +45,24 @@ def chunk_size_for(
     log_key_gate: Tensor | None, log_value_gate: Tensor | None, max_chunk_size: int, dtype: torch.dtype
 ) -> int:
     """The largest power of two c <= max_chunk_size for which any c consecutive tokens decay by at most
-    `max_chunk_decay(dtype)` nats (largest key-side decay plus largest value-side decay); at least 1.
+    `max_chunk_decay(dtype)` nats (largest key-side decay plus largest value-side decay; bounded here by
+    the sum over tokens of each token's largest decay); at least 1.
 
     Any c consecutive tokens, not only the forward scan's chunks: the reverse scans of the backward
     (gates shifted by one token) cut time elsewhere, and use the same c."""
     limit = max_chunk_decay(dtype)
     c = 1 << (max_chunk_size.bit_length() - 1)
-    sums = []
+    bound = 0.0  # per token: the largest |log-gate| over channels, both sides (B, T, H); bounds any channel's
     for g in (log_key_gate, log_value_gate):
-        if g is not None:  # running sums of |log-gate| (B, 1 + T, H, D); a token beyond the limit alone fails every c > 1
-            sums.append(F.pad(g.detach().to(dtype).abs().clamp_max(2 * limit).cumsum(1), (0, 0, 0, 0, 1, 0)))
-    while c > 1 and sums:
-        window = min(c, sums[0].shape[1] - 1)
-        worst = sum((x[:, window:] - x[:, :-window]).amax(-1) for x in sums)  # (B, T - window + 1, H)
-        if float(worst.max()) <= limit:
+        if g is not None:
+            bound = bound + g.detach().to(dtype).abs().amax(-1)
+    if not isinstance(bound, Tensor):
+        return c
+    # Running sums (B, 1 + T, H); a token beyond the limit on its own fails every c > 1 (and stays finite).
+    sums = F.pad(bound.clamp_max(2 * limit).cumsum(1), (0, 0, 1, 0))
+    while c > 1 and sums.shape[1] > 1:
+        window = min(c, sums.shape[1] - 1)
+        if float((sums[:, window:] - sums[:, :-window]).max()) <= limit:
             break
         c //= 2
     return c
@@ -130,51 +134,55 @@ def chunk_scan(
     )  # (N, BH, c, K|V or 1)
     first, last = (c - 1, 0) if reverse else (0, c - 1)  # positions of a chunk's first and last step
 
-    # Factor every decay through half its chunk's: e^{a_t - a_s} = e^{a_t - m} e^{m - a_s}, m = a_last / 2.
-    q_in, k_in, v_in = qc, kc, vc
-    key_half = value_half = value_scale = None
+    # Factor every decay within a chunk through half the chunk's: e^{a_t - a_s} = e^{a_t - m} e^{m - a_s},
+    # m = a_last / 2. Reads of the state at the chunk's start and writes to it at its end use the exact
+    # decays, e^{a_t} = e^{a_t - m} e^m and e^{a_last - a_s} = e^{m - a_s} e^m, all <= 1.
+    q_in, k_in, v_in = qc, kc, vc  # the factored inputs of the products within a chunk
+    q_read, k_write, v_write = qc, kc, vc  # q e^{a}, k e^{a_last - a}, v e^{d_last - d}
+    key_decay = value_decay = value_scale = value_half = None
     if a is not None:
-        m = a[:, :, last : last + 1] / 2  # (N, BH, 1, K|1)
-        key_scale = (a - m).exp()  # e^{a - m} in [e^{-R/2}, e^{R/2}]
+        half = a[:, :, last : last + 1] / 2  # m (N, BH, 1, K|1)
+        key_scale = (a - half).exp()  # e^{a - m} in [e^{-R/2}, e^{R/2}]
         q_in, k_in = qc * key_scale, kc / key_scale
-        key_half = m.exp().transpose(-1, -2)  # e^m as a column (N, BH, K|1, 1)
+        half = half.exp()
+        q_read, k_write = q_in * half, k_in * half
+        key_decay = half.square().transpose(-1, -2)  # e^{a_last} as a column (N, BH, K|1, 1)
     if d is not None:
-        n = d[:, :, last : last + 1] / 2  # (N, BH, 1, V|1)
-        value_scale = (d - n).exp()  # e^{d - n}
+        half = d[:, :, last : last + 1] / 2  # n (N, BH, 1, V|1)
+        value_scale = (d - half).exp()  # e^{d - n}
         v_in = vc / value_scale
-        value_half = n.exp()  # e^n as a row (N, BH, 1, V|1)
+        value_half = half.exp()
+        v_write = v_in * value_half
+        value_decay = value_half.square()  # e^{d_last} as a row (N, BH, 1, V|1)
 
-    # Within chunks, strictly before in the scan's order; then the state at each chunk's start, read and carried:
-    #   read  q_t e^{a_t} S e^{d_t} = [(q_t e^{a_t - m}) (e^m S e^n)] e^{d_t - n}
-    #   carry S <- e^{2m} S e^{2n} + (k e^{m - a} e^m)^T (v e^{n - d} e^n)
+    # Within chunks: tokens strictly before in the scan's order, and the token's own term (the diagonal).
     scores = q_in @ k_in.transpose(-1, -2)  # (N, BH, c, c)
+    own = scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # q_t . k_t (N, BH, c, 1)
     o_pre = (scores.triu_(1) if reverse else scores.tril_(-1)) @ v_in  # (N, BH, c, V)
-    k_write = k_in if key_half is None else k_in * key_half.transpose(-1, -2)  # (N, BH, c, K)
-    v_write = v_in if value_half is None else v_in * value_half  # (N, BH, c, V)
-    value_decay = None if value_half is None else value_half.square()  # e^{2n}
     if initial_state is None:
         S = q.new_zeros(B * H, K, V, dtype=acc)
     else:
         S = initial_state.to(acc).reshape(B * H, K, V).clone()
+    o_read = torch.empty_like(o_pre)  # q_t e^{a_t} S (N, BH, c, V), e^{d_t} to come
     final_pre = None
     last_chunk = 0 if reverse else N - 1
     for i in reversed(range(N)) if reverse else range(N):
-        if key_half is not None:
-            S.mul_(key_half[i])  # twice: e^{2m} S = e^m (e^m S)
-        o_pre[i].baddbmm_(q_in[i], S if value_half is None else S * value_half[i])  # (BH, c, V)
-        if key_half is not None:
-            S.mul_(key_half[i])
+        torch.bmm(q_read[i], S, out=o_read[i])  # (BH, c, V)
+        if key_decay is not None:
+            S.mul_(key_decay[i])
         if value_decay is not None:
             S.mul_(value_decay[i])
         if output_final_pre_state and i == last_chunk:  # P at the last step: without that step's write
             steps = slice(1, c) if reverse else slice(0, (T - 1) % c)
             final_pre = torch.baddbmm(S, k_write[i, :, steps].transpose(-1, -2), v_write[i, :, steps])
         S.baddbmm_(k_write[i].transpose(-1, -2), v_write[i])  # (BH, K, V)
-    if value_scale is not None:
-        o_pre = o_pre * value_scale
+    if value_scale is not None:  # e^{d_t} = e^{d_t - n} e^n
+        o_pre = o_pre.add_(o_read.mul_(value_half)).mul_(value_scale)
+    else:
+        o_pre = o_pre.add_(o_read)
     out = None
     if out_dtype is not None:  # the own term added, never subtracted
-        out = _from_chunks(o_pre + (qc * kc).sum(-1, keepdim=True) * vc, B, T, out_dtype)
+        out = _from_chunks(torch.addcmul(o_pre, own, vc), B, T, out_dtype)
     if reverse:
         o_pre[N - 1, :, (T - 1) % c] = 0.0  # the initial state counts as written at the first step
         for g, side in ((log_key_gate, -1), (log_value_gate, -2)):  # the final state decays once more
