@@ -145,11 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'preset':<10} {'tokens/s':>12} {'peak MiB':>9} {'saved MiB':>10} {'state/seq':>12} {'new params':>11}"
     print(header)
     print("-" * len(header))
+    rows = {}
     for preset in presets:
-        row = measure(preset, shape, device, args.warmup, args.repeats)
+        row = rows[preset] = measure(preset, shape, device, args.warmup, args.repeats)
         print(
             f"{row['preset']:<10} {row['tokens/s']:>12,.0f} {row['peak MiB']:>9} {row['saved MiB']:>10.1f} "
             f"{_bytes(row['state/seq']):>12} {row['params']:>11,}"
+        )
+    if "decay" in rows and "softmax" in rows:  # issue 11's targets: speed >= 1/1.5 and saved memory <= 4x softmax's
+        decay, softmax = rows["decay"], rows["softmax"]
+        print(
+            f"decay / softmax: tokens/s {decay['tokens/s'] / softmax['tokens/s']:.2f}x, "
+            f"saved for backward {decay['saved MiB'] / softmax['saved MiB']:.1f}x"
         )
     return 0
 

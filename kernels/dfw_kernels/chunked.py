@@ -6,18 +6,21 @@ kernel) run with `chunk_scan`, a chunked form of `closed_form.scan_reference` in
 keeps only q, k, v, the log-gates, the initial state and one [B, T, H, V] read for the backward; the
 plain differentiable chunkwise form of reference.py keeps every pairwise sub-chunk tensor instead.
 
-`chunk_scan`, per chunk of c tokens, with a, d the log-decays accumulated from the chunk's start
-(a_c, d_c: the whole chunk's) and P_t the state before token t's write:
-  - within the chunk (s < t), e^{a_t - a_s} = e^{a_t - m} e^{m - a_s} with m = a_c / 2, so the strictly
-    causal read sum_s (q_t . k_s decayed) v_s decayed is two matrix products of
-    q e^{a - m}, k e^{m - a} and v e^{n - d} (n = d_c / 2), scaled by e^{d - n}. Every factor lies in
-    [e^{-R/2}, e^{R/2}] with R = max(-a_c, -d_c), so c is halved until every chunk decays by at most
-    `max_chunk_decay(dtype)` nats on every channel (80 in float32: factors up to e^40, no overflow and
-    no denormals); with tiny gates it ends at c = 1, where nothing is factored (a loop over tokens);
-  - the state carried from chunk to chunk and the read of it use the exact decays, all <= 1:
-    P-part_t = (q_t e^{a_t}) S_prev e^{d_t},  S_next = e^{a_c} S_prev e^{d_c} + (k e^{a_c - a})^T (v e^{d_c - d});
-  - out_t = out_pre_t + (q_t . k_t) v_t: the token's own term is added, never subtracted.
-A reverse scan is the forward scan on time-reversed inputs, its gates shifted by one token.
+`chunk_scan`, per chunk of c tokens, with a, d the log-decays accumulated in the scan's order from the
+chunk's start (a_last, d_last: the whole chunk's):
+  - within the chunk, e^{a_t - a_s} = e^{a_t - m} e^{m - a_s} with m = a_last / 2 (n = d_last / 2 on the
+    value side), so the strictly causal read (s < t) is two batched matrix products of q e^{a - m},
+    k e^{m - a} and v e^{n - d}, scaled by e^{d - n}. Every factor lies within e^{+-R/2}, R the chunk's
+    decay: `chunk_size_for` halves c until no c tokens decay by more than `max_chunk_decay` (with tiny
+    gates down to c = 1, a loop over tokens with nothing factored);
+  - the state is carried from chunk to chunk, and read, with the exact decays, all <= 1 (a short loop
+    over chunks): read q_t e^{a_t} S e^{d_t};  S <- e^{a_last} S e^{d_last} + (k e^{a_last - a})^T (v e^{d_last - d});
+  - out_t = out_pre_t + (q_t . k_t) v_t: the token's own term is added, never subtracted;
+  - a reverse scan runs the same way with suffix sums, the chunks in reverse order and the gates shifted
+    by one token (step t decays by token t + 1's gate), so nothing is flipped;
+  - log-gates are clamped to `reference.log_gate_floor` (-inf gives the loop's result, not NaN).
+Inputs go to a chunk-major [N, B*H, c, D] layout in one copy each, so every chunk's products are
+contiguous batched matrix products.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ from .reference import accumulation_dtype, log_gate_floor
 
 def max_chunk_decay(dtype: torch.dtype) -> float:
     """How many nats a chunk may decay by (its largest key-side decay plus its largest value-side one) for
-    the factored form: 60 in float32, 600 in float64.
+    the factored form: 120 in float32, 600 in float64.
 
-    Every factor, and every product of two that the chunk's matrix products form, then stays within
-    e^{+-60}: far from overflow (float32 max ~3e38 = e^88), and from denormals (below ~1e-38 = e^-87),
-    which x86 multiplies ~100x slower than normal numbers."""
-    return 600.0 if dtype == torch.float64 else 60.0
+    Every factor then lies within e^{+-60} (float32 overflows at e^88): products that exceed that are the
+    anti-causal entries (s > t), which are masked by selection, never by multiplication. Larger chunks
+    would also multiply more denormal numbers (true decays below e^-87), which x86 computes ~100x slower."""
+    return 600.0 if dtype == torch.float64 else 120.0
 
 
 def chunk_size_for(
