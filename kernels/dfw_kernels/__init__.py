@@ -2,8 +2,8 @@
 
 `decay_fast_weights` (training, prefill) and `decay_fast_weights_step` (one decode token) are the one
 place where the implementation is chosen: the CUDA kernel (cuda.py, csrc/) for CUDA tensors when it
-can run (`kernel="auto"` or `"cuda"`), else the pure-PyTorch chunkwise form of reference.py, which the
-tests trust. `kernel="auto"` says once in the log why it fell back; `kernel="cuda"` raises instead.
+can run (`kernel="auto"` or `"cuda"`), else the PyTorch chunked scan of chunked.py (the same
+closed-form backward as the kernel), which the tests check against the loop of reference.py. `kernel="auto"` says once in the log why it fell back; `kernel="cuda"` raises instead.
 A chunked tensor-core kernel would be one more entry of KERNELS, chosen here the same way.
 """
 
@@ -75,7 +75,8 @@ def decay_fast_weights(
         log_value_gate: [B, T, H, V] (or [B, T, H, 1]) log of the value-side gate, <= 0; None for none.
         initial_state: [B, H, K, V] or None (zeros).
         output_final_state: also return the state after the last token.
-        chunk_size: tokens per chunk of the PyTorch chunkwise form (the CUDA kernel picks its own).
+        chunk_size: the largest chunk of the PyTorch path, which halves it while gates are small (the CUDA
+            kernel picks its own).
         kernel: "auto" (CUDA kernel for CUDA tensors when available, else PyTorch), "cuda", "torch".
     Returns:
         (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] in float32, or None).

@@ -12,7 +12,7 @@ chunk's start (a_last, d_last: the whole chunk's):
     value side), so the strictly causal read (s < t) is two batched matrix products of q e^{a - m},
     k e^{m - a} and v e^{n - d}, scaled by e^{d - n}. Every factor lies within e^{+-R/2}, R the chunk's
     decay: `chunk_size_for` halves c until no c tokens decay by more than `max_chunk_decay` (with tiny
-    gates down to c = 1, a loop over tokens with nothing factored);
+    gates down to c = 1, a loop over tokens with no pairs within a chunk);
   - the state is carried from chunk to chunk, and read, with the exact decays, all <= 1 (a short loop
     over chunks): read q_t e^{a_t} S e^{d_t};  S <- e^{a_last} S e^{d_last} + (k e^{a_last - a})^T (v e^{d_last - d});
   - out_t = out_pre_t + (q_t . k_t) v_t: the token's own term is added, never subtracted;
