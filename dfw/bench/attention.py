@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if "decay" in rows and "softmax" in rows:  # the two ratios issue 11 (item 8) tracks
         decay, softmax = rows["decay"], rows["softmax"]
         print(
-            f"decay / softmax: tokens/s {decay['tokens/s'] / softmax['tokens/s']:.2f}x, "
+            f"ratios decay/softmax: tokens/s {decay['tokens/s'] / softmax['tokens/s']:.2f}x, "
             f"saved for backward {decay['saved MiB'] / softmax['saved MiB']:.1f}x"
         )
     return 0
