@@ -162,10 +162,9 @@ def chunk_scan(
     scores = q_in @ k_in.transpose(-1, -2)  # (N, BH, c, c)
     own = scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # q_t . k_t (N, BH, c, 1)
     o_pre = (scores.triu_(1) if reverse else scores.tril_(-1)) @ v_in  # (N, BH, c, V)
-    if initial_state is None:
-        S = q.new_zeros(B * H, K, V, dtype=acc)
-    else:
-        S = initial_state.to(acc).reshape(B * H, K, V).clone()
+    # The state, [B, H, K, V] (returned as is: a view would be an output that cannot be written in place).
+    final = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc).clone(memory_format=torch.contiguous_format)
+    S = final.view(B * H, K, V)  # updated in place
     o_read = torch.empty_like(o_pre)  # q_t e^{a_t} S (N, BH, c, V), e^{d_t} to come
     final_pre = None
     last_chunk = 0 if reverse else N - 1
@@ -190,7 +189,7 @@ def chunk_scan(
         o_pre[N - 1, :, (T - 1) % c] = 0.0  # the initial state counts as written at the first step
         for g, side in ((log_key_gate, -1), (log_value_gate, -2)):  # the final state decays once more
             if g is not None:
-                S = S * g[:, 0].to(acc).clamp_min(floor).exp().reshape(B * H, -1).unsqueeze(side)
+                final = final * g[:, 0].to(acc).clamp_min(floor).exp().unsqueeze(side)  # (B, H, K, 1) or (B, H, 1, V)
 
     gate_grad = None
     if gate_grad_inputs is not None:  # r = start + running sum of x1 v - x2 out_pre, in the scan's order
@@ -206,7 +205,7 @@ def chunk_scan(
     return ScanResult(
         out=out,
         out_pre=_from_chunks(o_pre, B, T, acc) if output_pre else None,
-        final_state=S.reshape(B, H, K, V) if output_final_state else None,
+        final_state=final if output_final_state else None,
         final_pre_state=None if final_pre is None else final_pre.reshape(B, H, K, V),
         gate_grad=gate_grad,
     )
