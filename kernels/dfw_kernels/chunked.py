@@ -25,7 +25,6 @@ contiguous batched matrix products.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -163,7 +162,11 @@ def chunk_scan(
     own = scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # q_t . k_t (N, BH, c, 1)
     o_pre = (scores.triu_(1) if reverse else scores.tril_(-1)) @ v_in  # (N, BH, c, V)
     # The state, [B, H, K, V] (returned as is: a view would be an output that cannot be written in place).
-    final = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc).clone(memory_format=torch.contiguous_format)
+    final = (
+        q.new_zeros(B, H, K, V, dtype=acc)
+        if initial_state is None
+        else initial_state.to(acc).clone(memory_format=torch.contiguous_format)
+    )
     S = final.view(B * H, K, V)  # updated in place
     o_read = torch.empty_like(o_pre)  # q_t e^{a_t} S (N, BH, c, V), e^{d_t} to come
     final_pre = None
@@ -189,7 +192,9 @@ def chunk_scan(
         o_pre[N - 1, :, (T - 1) % c] = 0.0  # the initial state counts as written at the first step
         for g, side in ((log_key_gate, -1), (log_value_gate, -2)):  # the final state decays once more
             if g is not None:
-                final = final * g[:, 0].to(acc).clamp_min(floor).exp().unsqueeze(side)  # (B, H, K, 1) or (B, H, 1, V)
+                final = final * g[:, 0].to(acc).clamp_min(floor).exp().unsqueeze(
+                    side
+                )  # (B, H, K, 1) or (B, H, 1, V)
 
     gate_grad = None
     if gate_grad_inputs is not None:  # r = start + running sum of x1 v - x2 out_pre, in the scan's order
