@@ -3,7 +3,7 @@
 One table row per preset of conf/attention/, at a named shape: the training step of one attention
 layer's core (forward + backward through q, k, v, x and the core's parameters, the parallel form),
 as tokens/s (median over repeats, after a warm-up); the memory it takes (CUDA: peak allocated during
-the step; every device: the bytes autograd saves for the backward); and the state a model of the
+the step; every device: the activations autograd saves for the backward); and the state a model of the
 shape's depth keeps per sequence for generation after T tokens (softmax: its KV cache, which grows
 with T; the recurrent presets: a fixed-size state).
 
@@ -54,12 +54,17 @@ def build_core(preset: str, shape: Shape, device: torch.device):
     return factory(hidden_size=shape.hidden_size, num_heads=shape.num_heads, head_dim=shape.head_dim, layer_idx=0).to(device)
 
 
-def _saved_bytes(step) -> int:
-    """Bytes of the tensors autograd saves for the backward (distinct storages), over one forward."""
+def _saved_bytes(step, parameters) -> int:
+    """Bytes of the activations autograd saves for the backward (distinct storages), over one forward.
+
+    The layer's parameters are left out: autograd saves them too (a Linear's weight), but they are in
+    memory with or without a backward."""
+    params = {p.untyped_storage().data_ptr() for p in parameters}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -97,7 +102,7 @@ def measure(preset: str, shape: Shape, device: torch.device, warmup: int, repeat
         "tokens/s": B * T / (timing.median_ms / 1e3),
         "step ms": timing,
         "peak MiB": peak,
-        "saved MiB": _saved_bytes(step) / 2**20,
+        "saved MiB": _saved_bytes(step, core.parameters()) / 2**20,
         "state/seq": state_bytes,
         "params": sum(p.numel() for p in core.parameters()),
     }
@@ -139,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(preset, shape, device, args.warmup, args.repeats)
         params, state = row.pop("params"), row.pop("state/seq")
         table.add(**row, **{"state/seq": _bytes(state), "new params": params})
+    rows = {row["preset"]: row for row in table.rows}
+    if "decay" in rows and "softmax" in rows:  # the two ratios issue 11 (item 8) tracks
+        decay, softmax = rows["decay"], rows["softmax"]
+        table.notes.append(
+            f"ratios decay/softmax: tokens/s {decay['tokens/s'] / softmax['tokens/s']:.2f}x, "
+            f"saved for backward {decay['saved MiB'] / softmax['saved MiB']:.1f}x"
+        )
     table.print()
     write_json(args.json, "attention", device, [table], shape=shape.__dict__)
     return 0

@@ -2,8 +2,9 @@
 
 `decay_fast_weights` (training, prefill) and `decay_fast_weights_step` (one decode token) are the one
 place where the implementation is chosen: the CUDA kernel (cuda.py, csrc/) for CUDA tensors when it
-can run (`kernel="auto"` or `"cuda"`), else the pure-PyTorch chunkwise form of reference.py, which the
-tests trust. `kernel="auto"` says once in the log why it fell back; `kernel="cuda"` raises instead.
+can run (`kernel="auto"` or `"cuda"`), else the PyTorch chunked scan of chunked.py (the same
+closed-form backward as the kernel), which the tests check against the loop of reference.py.
+`kernel="auto"` says once in the log why it fell back; `kernel="cuda"` raises instead.
 `kernel="triton"` is the chunked tensor-core kernel of triton_chunk.py, opt-in only: it has passed
 its tests in Triton's interpreter on CPU but not yet on a GPU, so "auto" never picks it (for decoding,
 "triton" uses the same step as "auto").
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import cuda
+from .chunked import chunked_decay_fast_weights
 from .reference import chunk_decay_fast_weights, recurrent_decay_fast_weights
 
 KERNELS = ("auto", "cuda", "torch", "triton")
@@ -24,6 +26,7 @@ KERNELS = ("auto", "cuda", "torch", "triton")
 __all__ = [
     "KERNELS",
     "chunk_decay_fast_weights",
+    "chunked_decay_fast_weights",
     "decay_fast_weights",
     "decay_fast_weights_step",
     "recurrent_decay_fast_weights",
@@ -81,7 +84,8 @@ def decay_fast_weights(
         log_value_gate: [B, T, H, V] (or [B, T, H, 1]) log of the value-side gate, <= 0; None for none.
         initial_state: [B, H, K, V] or None (zeros).
         output_final_state: also return the state after the last token.
-        chunk_size: tokens per chunk of the PyTorch chunkwise form (the CUDA kernel picks its own).
+        chunk_size: the largest chunk of the PyTorch path, which halves it while gates are small (the CUDA
+            kernel picks its own).
         kernel: "auto" (CUDA kernel for CUDA tensors when available, else PyTorch), "cuda", "torch",
             "triton" (the chunked Triton kernel; CPU tensors only under TRITON_INTERPRET=1).
     Returns:
@@ -101,7 +105,7 @@ def decay_fast_weights(
         return cuda.decay_fast_weights_cuda(
             q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state
         )
-    return chunk_decay_fast_weights(
+    return chunked_decay_fast_weights(
         q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state, chunk_size=chunk_size
     )
 

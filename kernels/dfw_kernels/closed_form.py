@@ -211,7 +211,8 @@ class ScanDecayFastWeights(torch.autograd.Function):
     """o, S_T by one scan; the backward by three scans (see the module docstring).
 
     apply(scan, q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state), with
-    full-width log-gates (or None) and the initial state (or None) in the accumulation dtype.
+    full-width log-gates (or None) and the initial state (or None) in the accumulation dtype; a scan that
+    broadcasts may take [B, T, H, 1] gates (chunked.py's does): autograd sums their full-width gradient.
     Returns (o [B, T, H, V] in v's dtype, S_T [B, H, K, V] or None).
     """
 

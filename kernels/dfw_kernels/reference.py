@@ -24,6 +24,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def log_gate_floor(dtype: torch.dtype) -> float:
+    """The finite floor the chunked forms clamp log-gates to: exp of it, and of any sum with it, is 0 in `dtype`.
+
+    A log-gate of -inf (a gate of exactly 0) would otherwise make a running sum subtract -inf from -inf
+    (NaN) where the loop is finite. -128 in float32 (exp underflows below -104), -1024 in float64 (-745).
+    Clamping changes no result: exp(floor) is already 0, and so is the gradient through the gate there.
+    """
+    return -1024.0 if dtype == torch.float64 else -128.0
+
+
 def recurrent_decay_fast_weights(
     q: Tensor,
     k: Tensor,
@@ -66,12 +76,13 @@ def _to_chunks(x: Tensor, chunk_size: int, dtype: torch.dtype) -> Tensor:
 def _cumulative_log_decay(log_gate: Tensor | None, chunk_size: int, dtype) -> Tensor | None:
     """Log-gates -> decay accumulated from each chunk's start, [B, H, N, C, D or 1] (every entry <= 0).
 
-    Padded positions get log-gate 0 (gate 1), so they leave the state as it was. A scalar gate per
+    Padded positions get log-gate 0 (gate 1), so they leave the state as it was; log-gates below
+    `log_gate_floor` (-inf included) are raised to it, which changes no result. A scalar gate per
     head (last dim 1) stays scalar: it broadcasts, and its pairwise decays are c x c, not c x c x D.
     """
     if log_gate is None:
         return None
-    return _to_chunks(log_gate, chunk_size, dtype).cumsum(dim=-2)
+    return _to_chunks(log_gate, chunk_size, dtype).clamp_min(log_gate_floor(dtype)).cumsum(dim=-2)
 
 
 def _no_tokens(q: Tensor, v: Tensor, initial_state: Tensor | None, output_final_state: bool):

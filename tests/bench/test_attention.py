@@ -18,3 +18,7 @@ def test_attention_bench_prints_a_row_per_preset(capsys, tmp_path):
     assert rows["softmax"]["state/seq"] == "32.0 KiB"
     assert rows["decay"]["state/seq"] == "4.0 KiB"
     assert all(r["tokens/s"] > 0 and r["step ms"]["median_ms"] > 0 for r in rows.values())
+    # Issue 11's two ratios, decay over softmax: tokens/s and the activations saved for the backward.
+    (note,) = [n for n in json.loads((tmp_path / "attention.json").read_text())["tables"][0]["notes"] if "ratios" in n]
+    ratio = rows["decay"]["tokens/s"] / rows["softmax"]["tokens/s"]
+    assert note.startswith(f"ratios decay/softmax: tokens/s {ratio:.2f}x, saved for backward ")
