@@ -30,7 +30,8 @@ def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, monkey
     out = capsys.readouterr().out
     rows = re.findall(r"^\| ([\w ,-]+) \| ([\d.]+) \| ([\d.]+)% \|$", out, re.M)
     assert [name for name, _, _ in rows] == [
-        "softmax teacher, as pretrained", "softmax, fine-tuned", "DFW, right after conversion", "DFW, fine-tuned",
+        "softmax teacher, as pretrained", "softmax, fine-tuned", "DFW, right after conversion",
+        "DFW, after attention transfer", "DFW, fine-tuned",
     ]  # fmt: skip
     reference = float(rows[1][1])  # softmax with the same fine-tuning budget as DFW
     for _, ppl, share in rows:

@@ -42,7 +42,7 @@ NORMALIZATIONS = ("none", "denominator", "sum")
 GATES = ("key", "value", "both")
 # Feature maps whose phi(q) . phi(k) estimates a positive kernel, so a denominator z^T phi(q) is
 # (close to) positive: every non-negative map, and RFA's signed random Fourier features as in RFA.
-DENOMINATOR_FEATURE_MAPS = ("elu", "relu_mlp", "favor", "rff", "dpfp")
+DENOMINATOR_FEATURE_MAPS = ("elu", "relu_mlp", "favor", "rff", "dpfp", "hedgehog")
 
 
 def uniform_gate_bias(n: int) -> Tensor:

@@ -11,7 +11,8 @@ from dfw.attention import FastWeightAttention
 from dfw.model import core_factory
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-PRESETS = ("softmax", "linear", "performer", "rfa", "t2r", "delta", "decay")
+# Every preset in conf/attention/ (a new one is tested by adding its yaml).
+PRESETS = tuple(sorted(path.stem for path in (CONF / "attention").glob("*.yaml")))
 RECURRENT_PRESETS = tuple(p for p in PRESETS if p != "softmax")
 # Test sizes: hidden size C, heads H, head size D; T is odd and not a multiple of the chunk size.
 C, H, D, CHUNK = 16, 2, 8, 16
