@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .attention import ConvertedAttention, FastWeightAttention
 from .attention.feature_maps import LinearFeatureMap
 from .errors import ConfigError
+from .module import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class LayerTeacher:
         ).transpose(1, 2)  # (B, T, H, D)
         if self.calibrating:
             o, _ = attn.core(q, k, v, x)  # (B, T, H, D)
-            rms = lambda t: t.float().square().mean(dim=(0, 1, 3)).sqrt()  # (H,)
+            rms = lambda t: t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()  # (H,)
             self.rms = (rms(target), rms(o))
             return target
         with torch.enable_grad():
@@ -203,8 +204,12 @@ class AttentionTransfer(L.LightningModule):
         return torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What a fine-tuning checkpoint carries (W&B run id, model config, RNG states), and the stage.
+        LanguageModel.on_save_checkpoint(self, checkpoint)
         checkpoint[STAGE_KEY] = "transfer"
-        checkpoint["model_config"] = self.net.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        LanguageModel.on_load_checkpoint(self, checkpoint)
 
 
 def checkpoint_stage(ckpt_path: str | None) -> str | None:
