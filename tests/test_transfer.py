@@ -149,6 +149,8 @@ def test_resume_inside_the_transfer_stage_is_exact(tmp_path, text_files):
     stage_ckpt = tmp_path / "first" / "run" / "checkpoints" / "transfer-last.ckpt"
     checkpoint = torch.load(stage_ckpt, map_location="cpu", weights_only=True)
     assert checkpoint["dfw_stage"] == "transfer" and checkpoint["global_step"] == 2
+    for finetuned in stage_ckpt.parent.glob("[!t]*.ckpt"):  # as if interrupted inside the stage: no fine-tuning yet
+        finetuned.unlink()
     train(_transfer_run(tmp_path / "resumed", text_files, *common, "transfer.steps=4", f"ckpt_path={stage_ckpt}"))
     expected = torch.load(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     actual = torch.load(tmp_path / "first" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
