@@ -4,8 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Offline-safe defaults for tests: no hub retries, W&B writes to disk.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+# The GPU check: where its tables and numbers go, and the wheelhouse it installs from offline.
+OUT        ?= outputs/gpu-check/$(shell date +%Y-%m-%d_%H-%M-%S)
+WHEELHOUSE ?= wheelhouse
+PYTHON_VERSION ?= 3.12
 
-.PHONY: install demo test lint gpu-check clean
+.PHONY: install demo test lint gpu-check wheelhouse clean
 
 install: $(VENV)/.installed
 
@@ -25,9 +29,18 @@ demo: install
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q
 
-# On a machine with an NVIDIA GPU: build the kernel, run the GPU tests, print the kernel benchmark.
-gpu-check: install
-	PY=$(PY) kernels/gpu_check.sh
+# On a machine with an NVIDIA GPU (see the README, "GPU machine without internet"): builds the kernel,
+# runs the kernel tests, every benchmark and the demo, writes tables and summary.json to OUT. It uses
+# an interpreter that already has a CUDA build of torch and never installs torch: PY=... if given
+# (`make gpu-check PY=python3`), else .venv if its torch has CUDA, else .venv-gpu made with
+# --system-site-packages over python3. Missing dependencies come from WHEELHOUSE, offline.
+gpu-check:
+	$(if $(filter command line,$(origin PY)),PY=$(PY)) WHEELHOUSE=$(WHEELHOUSE) kernels/gpu_check.sh $(OUT)
+
+# On a connected machine: the wheels gpu-check installs offline, for the GPU machine's Python
+# (PYTHON_VERSION, default 3.12), and the embedded corpus, into WHEELHOUSE (ignored by git).
+wheelhouse:
+	PYTHON=$(PYTHON) PYTHON_VERSION=$(PYTHON_VERSION) WHEELHOUSE=$(WHEELHOUSE) kernels/wheelhouse.sh
 
 lint: install
 	$(VENV)/bin/ruff check dfw kernels tests

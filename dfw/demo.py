@@ -67,9 +67,9 @@ def pretrain_teacher(overrides: list[str], run_dir: Path) -> tuple[Path, dict[st
     return teacher_dir, metrics
 
 
-# Stage 3's attention: DFW with m = the teacher's head size (128 / 4 heads), so the feature map starts
-# at the identity.
-DFW = ["attention=decay", "attention.state_size=32"]
+# Stage 3's attention: DFW as preset, m = the teacher's head size (128 / 4 heads = 32), so the feature
+# map starts at the identity.
+DFW = ["attention=decay"]
 SOFTMAX = ["attention=softmax"]
 
 

@@ -1,4 +1,9 @@
-"""The one exception type for bad input, and how entry points report it: one line, exit code 2."""
+"""The one exception type for bad input, and how it reaches the user: one line, exit code 2.
+
+Options are checked where their object is built, and objects are built from configs through
+`instantiate` here, which gives back the ConfigError that Hydra wraps; entry points run through
+`run_or_exit`, which prints it as `error: ...`.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +17,40 @@ class ConfigError(ValueError):
     """A setting, file or resource the user named is wrong or missing; the message says what to do."""
 
 
-def find_config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind `err`, also when a library (Hydra's instantiate) wrapped it."""
-    while err is not None:
-        if isinstance(err, ConfigError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, raising a ConfigError of the target (or of a nested node) as itself.
+
+    Hydra wraps whatever a target raises in an InstantiationException with its own multi-line message;
+    the ConfigError it wraps is the one line the user needs. Lightning's MisconfigurationException (a bad
+    Trainer or callback option; its message names the option) becomes a ConfigError too. Every config
+    node in dfw is built here.
+    """
+    from hydra.utils import instantiate as hydra_instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError | MisconfigurationException):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        if isinstance(cause, MisconfigurationException):
+            target = node.get("_target_", "the config") if hasattr(node, "get") else "the config"
+            raise ConfigError(f"{target}: {' '.join(str(cause).split())}") from None
+        raise cause from None
 
 
 def run_or_exit(fn: Callable[..., Any], *args: Any, logger: logging.Logger) -> Any:
-    """Run an entry point; a ConfigError anywhere inside becomes one `error: ...` line and exit code 2."""
+    """Run an entry point; a ConfigError becomes one `error: ...` line and exit code 2."""
     try:
         return fn(*args)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        logger.error("error: %s", config_error)
+    except ConfigError as err:
+        logger.error("error: %s", err)
         if in_multirun():
             # Hydra records this job as failed and runs the sweep's other jobs; an exit would end them all.
-            raise config_error from None
+            raise
         sys.exit(2)
 
 

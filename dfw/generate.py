@@ -32,7 +32,7 @@ from .attention import ConvertedAttention
 from .cache import RecurrentCache, cache_bytes
 from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
-from .errors import ConfigError, run_or_exit
+from .errors import ConfigError, instantiate, run_or_exit
 from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
 from .surgery import convert_attention
 
@@ -76,7 +76,7 @@ def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBa
     cfg = OmegaConf.create(config)
     spec = cfg.model.get("tokenizer") or "gpt2"
     # gpt2 and saved directories need no corpus; bpe-<N> is found through the run's data config.
-    tokenizer = gpt2_tokenizer() if spec == "gpt2" else hydra.utils.instantiate(cfg.data).tokenizer
+    tokenizer = gpt2_tokenizer() if spec == "gpt2" else instantiate(cfg.data).tokenizer
     weights = {
         key.removeprefix("net."): value
         for key, value in checkpoint["state_dict"].items()

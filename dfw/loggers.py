@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,8 @@ def wandb_logger(
     """
     import wandb
 
+    if mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"logger.wandb.mode must be online, offline, disabled or null (by credentials), got {mode!r}")
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .errors import ConfigError
+from .errors import ConfigError, instantiate
 from .surgery import convert_attention
 
 log = logging.getLogger(__name__)

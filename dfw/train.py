@@ -15,7 +15,6 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dfw  # noqa: F401  (registers the config resolvers)
 
-from .errors import ConfigError, find_config_error, in_multirun, run_or_exit
+from .errors import ConfigError, in_multirun, instantiate, run_or_exit
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
 from .surgery import model_size_metrics
@@ -57,17 +56,6 @@ def _check_sizes(cfg: DictConfig, net: Any) -> None:
 
 def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-def _instantiate(node: Any, **kwargs: Any) -> Any:
-    """Hydra's instantiate, re-raising a ConfigError from the target as itself (Hydra wraps it)."""
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        raise config_error from None
 
 
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
@@ -108,7 +96,7 @@ def _transfer(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, da
     checkpoint = cfg.callbacks.get("model_checkpoint") if cfg.get("callbacks") else None
     return run_transfer(
         cfg.transfer, module.net, datamodule,
-        make_trainer=lambda **overrides: _instantiate(cfg.trainer, logger=trainer.loggers or False, **overrides),
+        make_trainer=lambda **overrides: instantiate(cfg.trainer, logger=trainer.loggers or False, **overrides),
         checkpoint_dir=checkpoint.dirpath if checkpoint else None,
         ckpt_path=cfg.ckpt_path if resume else None,
     )  # fmt: skip
@@ -120,17 +108,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _resume_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = _instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
+    datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
     datamodule.prepare_data()
     datamodule.setup("fit")
     net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
     _check_sizes(cfg, net)
     config = OmegaConf.to_container(cfg, resolve=True)
-    module = _instantiate(cfg.module, _partial_=True)(net=net, run_config=config)
+    module = instantiate(cfg.module, _partial_=True)(net=net, run_config=config)
 
-    callbacks = [_instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [_instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
-    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     if in_multirun() and trainer.num_devices > 1 and "SLURM_JOB_ID" not in os.environ:
         raise ConfigError(
             f"trainer.devices={trainer.num_devices} inside a -m sweep: Lightning would start the whole sweep again in "

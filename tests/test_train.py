@@ -113,13 +113,16 @@ def test_resume_continues_the_same_wandb_run(tmp_path, text_files):
     [
         ("attention.state_size=0", "attention.state_size must be a positive integer"),
         ("data.block_size=300", "data.block_size=300 is longer than the model's context"),
+        ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+        ("trainer.max_steps=-5", "`max_steps` must be a non-negative integer"),
+        ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode must be online, offline, disabled or null"),
         ("data.files.validation=/nonexistent/valid.txt", "/nonexistent/valid.txt"),
         ("model=gpt2", "model.pretrained='gpt2': could not load it"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path='/nonexistent/last.ckpt' does not exist"),
     ],
 )
 def test_bad_input_raises_one_clear_error_before_writing_anything(tmp_path, text_files, override, message):
-    cfg = compose(*tiny_overrides(tmp_path, text_files, "attention=decay", override))
+    cfg = compose(*tiny_overrides(tmp_path, text_files, "attention=decay", *override.split()))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -18,64 +18,45 @@ choices are independent config options (`attention.feature_map`, `.update_rule`,
 x_t is the input of the attention block. Decaying fast weights is `feature_map=linear,
 update_rule=decay, normalization=none`.
 
-The parallel form of add, gated and decay is the chunkwise op of `dfw_kernels` (the CUDA kernel on GPU
-when available): gated is its scalar key-side gate log g_t with keys scaled by 1 - g_t. The delta rule
-has its own chunkwise (WY/UT) form in `delta.py`. The recurrent forms are the loops over time.
+The core composes three registries and has no case of its own: `FEATURE_MAPS` (feature_maps.py; each
+map states what it can be normalised with), `UPDATE_RULES` (update_rules/: each rule owns its gate
+parameters, their conversion initialisation, and its parallel, recurrent and decode-step forms) and
+the normalisations here, which act on features and values whatever the rule. Gated is the decaying
+recurrence with a scalar key-side gate log g_t and keys scaled by 1 - g_t; the delta rule has its own
+chunkwise (WY/UT) form in `update_rules/delta.py`.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dfw_kernels import KERNELS, decay_fast_weights, decay_fast_weights_step, recurrent_decay_fast_weights
+from dfw_kernels import KERNELS
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import AttentionCore, State
-from .delta import chunk_delta_rule, recurrent_delta_rule
 from .feature_maps import FEATURE_MAPS
+from .update_rules import UPDATE_RULES, TokenInputs
+from .update_rules.base import check_choice
 
-UPDATE_RULES = ("add", "gated", "delta", "decay")
 NORMALIZATIONS = ("none", "denominator", "sum")
-GATES = ("key", "value", "both")
-# Feature maps whose phi(q) . phi(k) estimates a positive kernel, so a denominator z^T phi(q) is
-# (close to) positive: every non-negative map, and RFA's signed random Fourier features as in RFA.
-DENOMINATOR_FEATURE_MAPS = ("elu", "relu_mlp", "favor", "rff", "dpfp", "hedgehog")
-
-
-def uniform_gate_bias(n: int) -> Tensor:
-    """b = logit(u) with u spread evenly over (1/n, 1 - 1/n) across n channels.
-
-    Retention then spans time scales from ~1 token (u = 1/n) to ~n tokens (u = 1 - 1/n).
-    """
-    u = torch.linspace(1.0 / n, 1.0 - 1.0 / n, n) if n > 1 else torch.full((1,), 0.5)
-    return torch.logit(u)
-
-
-def head_gate_bias(num_heads: int, shortest: float = 32.0, longest: float = 1024.0) -> Tensor:
-    """Scalar gate biases b_h = logit(1 - 1/tau_h), tau_h log-spaced over [shortest, longest] tokens.
-
-    Our choice for RFA's gate (the papers do not state one): every head starts with a long memory,
-    close to the ungated update, and the heads span time scales from 32 to 1024 tokens (GPT-2's context).
-    """
-    tau = torch.logspace(math.log10(shortest), math.log10(longest), num_heads) if num_heads > 1 else torch.tensor([128.0])
-    return torch.log(tau - 1.0)  # logit(1 - 1/tau)
 
 
 class FastWeightAttention(AttentionCore):
     """Arguments after `scaling` are the attention config (conf/attention/*.yaml):
 
-    feature_map: a key of FEATURE_MAPS.            update_rule: add | gated | delta | decay.
+    feature_map: a key of FEATURE_MAPS.            update_rule: a key of UPDATE_RULES (add | gated | delta | decay).
     normalization: none | denominator | sum.       state_size: m; null for the feature map's natural size.
-    gates: decay only, which side is gated (key | value | both).
     output_norm: LayerNorm over each head's output (off in the paper).
-    chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch (add, gated, decay).
+    chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch (the dfw_kernels op).
     eps: clamp of the denominator and of feature sums.
     redraw_interval, seed: random feature maps (favor, rff): redraw every N training calls (null: never),
         deterministically from (seed, layer_idx, draw number).
     learned_scale: rff, learn RFA's per-dimension scale.   dpfp_order: dpfp, nu.
+    **rule_options: the update rules' own options (`UpdateRule.options`), e.g. decay's gates=key|value|both;
+        each rule reads its own, so a preset's option stays valid when `update_rule` is overridden.
     """
 
     def __init__(
@@ -90,7 +71,6 @@ class FastWeightAttention(AttentionCore):
         update_rule: str = "decay",
         normalization: str = "none",
         state_size: int | None = None,
-        gates: str = "both",
         output_norm: bool = False,
         chunk_size: int = 64,
         kernel: str = "auto",
@@ -99,19 +79,21 @@ class FastWeightAttention(AttentionCore):
         seed: int = 0,
         learned_scale: bool = True,
         dpfp_order: int = 1,
+        **rule_options: Any,
     ):
         super().__init__()
-        _check_choice("attention.feature_map", feature_map, FEATURE_MAPS)
-        _check_choice("attention.update_rule", update_rule, UPDATE_RULES)
-        _check_choice("attention.normalization", normalization, NORMALIZATIONS)
-        _check_choice("attention.kernel", kernel, KERNELS)
+        check_choice("attention.feature_map", feature_map, FEATURE_MAPS)
+        check_choice("attention.update_rule", update_rule, UPDATE_RULES)
+        check_choice("attention.normalization", normalization, NORMALIZATIONS)
+        check_choice("attention.kernel", kernel, KERNELS)
+        _check_rule_options(rule_options)
         if state_size is not None and (not isinstance(state_size, int) or state_size <= 0):
             raise ConfigError(f"attention.state_size must be a positive integer or null, got {state_size!r}")
         if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
             raise ConfigError(f"attention.chunk_size must be a positive multiple of 16, got {chunk_size!r}")
-        if update_rule == "decay":
-            _check_choice("attention.gates", gates, GATES)
-        _check_combination(feature_map, update_rule, normalization)
+        _check_normalization(feature_map, normalization)
+        rule_class = UPDATE_RULES[update_rule]
+        rule_class.check(feature_map, normalization)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.feature_map_name, self.update_rule, self.normalization = feature_map, update_rule, normalization
         self.chunk_size, self.kernel, self.eps = chunk_size, kernel, eps
@@ -128,27 +110,14 @@ class FastWeightAttention(AttentionCore):
         # with one, a constant factor on phi(q) cancels.
         self.read_scale = (head_dim**-0.5 if scaling is None else scaling) if normalization == "none" else 1.0
 
-        # New parameters of the update rules, all computed from the block input x. Weights start at
-        # zero, so at conversion every gate is a constant set by its bias (README, "Conversion: what is new").
-        self.key_gate = self.value_gate = self.head_gate = self.write_strength = None
-        if update_rule == "decay" and gates in ("key", "both"):
-            self.key_gate = self._gate(hidden_size, self.state_size, uniform_gate_bias(self.state_size).repeat(num_heads))  # f_t, (C -> H*m)
-        if update_rule == "decay" and gates in ("value", "both"):
-            self.value_gate = self._gate(hidden_size, head_dim, uniform_gate_bias(head_dim).repeat(num_heads))  # z_t, (C -> H*D)
-        if update_rule == "gated":
-            self.head_gate = self._gate(hidden_size, 1, head_gate_bias(num_heads))  # g_t, (C -> H)
-        if update_rule == "delta":
-            # beta_t = sigmoid(0) = 1/2 at conversion: our choice (Schlag et al. do not state one).
-            self.write_strength = self._gate(hidden_size, 1, torch.zeros(num_heads))  # beta_t, (C -> H)
+        self.rule = rule_class(hidden_size, num_heads, head_dim, self.state_size, {**rule_class.options, **rule_options})
+        # The rule's new parameters are the core's own children, so their keys are attn.core.<name>.*
+        # (key_gate, value_gate, head_gate, write_strength), whatever rule made them.
+        gates = self.rule.gates()
+        for name, gate in gates.items():
+            self.add_module(name, gate)
+        self.gate_names = tuple(gates)
         self.output_norm = nn.LayerNorm(head_dim) if output_norm else None
-
-    def _gate(self, hidden_size: int, width: int, bias: Tensor) -> nn.Linear:
-        """A (C -> H * width) projection with zero weights and the given bias [H * width]."""
-        gate = nn.Linear(hidden_size, self.num_heads * width)
-        nn.init.zeros_(gate.weight)
-        with torch.no_grad():
-            gate.bias.copy_(bias)
-        return gate
 
     def _features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
@@ -160,26 +129,20 @@ class FastWeightAttention(AttentionCore):
             phi_k = phi_k / phi_k.sum(-1, keepdim=True).clamp_min(self.eps)
         return phi_q * self.read_scale, phi_k
 
-    def _prepare(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor):
-        """Token-wise inputs of the recurrence: features, values and gates, all [B, T, H, *]."""
-        B, T, H, D = q.shape
+    def _prepare(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> TokenInputs:
+        """Token-wise inputs of the recurrence: features, values and the rule's gates, all [B, T, H, *]."""
         phi_q, phi_k = self._features(q, k)
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # gates in float32 under bf16 autocast
-        if self.update_rule == "delta":
-            beta = torch.sigmoid(self.write_strength(x).to(gate_dtype)).view(B, T, H, 1)  # (B, T, H, 1)
-            return phi_q, phi_k, v, beta, None
-        log_f = None if self.key_gate is None else F.logsigmoid(self.key_gate(x).to(gate_dtype)).view(B, T, H, -1)
-        log_z = None if self.value_gate is None else F.logsigmoid(self.value_gate(x).to(gate_dtype)).view(B, T, H, -1)
-        if self.head_gate is not None:
-            logit = self.head_gate(x).to(gate_dtype).view(B, T, H, 1)  # (B, T, H, 1)
-            log_f = F.logsigmoid(logit)  # log g_t, one scalar per head
-            phi_k = phi_k * F.logsigmoid(-logit).exp().to(phi_k.dtype)  # (1 - g_t) phi(k_t)
+        gates = {name: getattr(self, name) for name in self.gate_names}
+        inputs = self.rule.token_inputs(gates, x, TokenInputs(phi_q, phi_k, v))
         if self.normalization == "denominator":
             # Carry z_t = sum_s decay * phi(k_s) as one more value column of ones (never value-gated).
-            v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)  # (B, T, H, D + 1)
-            if log_z is not None:
-                log_z = F.pad(log_z, (0, 1))  # (B, T, H, D + 1)
-        return phi_q, phi_k, v, log_f, log_z
+            B, T, H, _ = v.shape
+            log_value_gate = None if inputs.log_value_gate is None else F.pad(inputs.log_value_gate, (0, 1))
+            inputs = inputs._replace(
+                v=torch.cat([inputs.v, v.new_ones(B, T, H, 1)], dim=-1),  # (B, T, H, D + 1)
+                log_value_gate=log_value_gate,  # (B, T, H, D + 1)
+            )
+        return inputs
 
     def _finish(self, o: Tensor) -> Tensor:
         if self.normalization == "denominator":
@@ -189,34 +152,17 @@ class FastWeightAttention(AttentionCore):
         return o
 
     def forward(self, q, k, v, x, state: State = None, output_state: bool = False) -> tuple[Tensor, State]:
-        phi_q, phi_k, v, gate_a, gate_b = self._prepare(q, k, v, x)
-        if self.update_rule == "delta":
-            o, state = chunk_delta_rule(phi_q, phi_k, v, gate_a, state, output_state, chunk_size=self.chunk_size)
-        else:
-            o, state = decay_fast_weights(
-                phi_q, phi_k, v, gate_a, gate_b, state, output_state,
-                chunk_size=self.chunk_size, kernel=self.kernel,
-            )  # fmt: skip
+        o, state = self.rule.parallel(self._prepare(q, k, v, x), state, output_state, self.chunk_size, self.kernel)
         return self._finish(o), state
 
     def recurrent(self, q, k, v, x, state: State = None) -> tuple[Tensor, State]:
-        phi_q, phi_k, v, gate_a, gate_b = self._prepare(q, k, v, x)
-        if self.update_rule == "delta":
-            o, state = recurrent_delta_rule(phi_q, phi_k, v, gate_a, state, output_final_state=True)
-        else:
-            o, state = recurrent_decay_fast_weights(phi_q, phi_k, v, gate_a, gate_b, state, output_final_state=True)
+        o, state = self.rule.recurrent(self._prepare(q, k, v, x), state)
         return self._finish(o), state
 
     def step(self, q, k, v, x, state: Tensor) -> Tensor:
         """One decode token [B, 1, H, D]: updates `state` in place (the CUDA decode kernel on GPU) and
         returns o. The state keeps its address, so a decode step can be captured in a CUDA graph."""
-        phi_q, phi_k, v, gate_a, gate_b = self._prepare(q, k, v, x)
-        if self.update_rule == "delta":
-            o, new_state = recurrent_delta_rule(phi_q, phi_k, v, gate_a, state, output_final_state=True)
-            state.copy_(new_state)
-        else:
-            o = decay_fast_weights_step(phi_q, phi_k, v, gate_a, gate_b, state, kernel=self.kernel)
-        return self._finish(o)
+        return self._finish(self.rule.step(self._prepare(q, k, v, x), state, self.kernel))
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.
@@ -224,35 +170,40 @@ class FastWeightAttention(AttentionCore):
         return batch_size * self.num_heads * self.state_size * columns * torch.float32.itemsize
 
     def extra_repr(self) -> str:
+        rule = self.rule.extra_repr()
         return (
-            f"feature_map={self.feature_map_name}, update_rule={self.update_rule}, normalization={self.normalization}, "
-            f"state_size={self.state_size}, chunk_size={self.chunk_size}, kernel={self.kernel}"
+            f"feature_map={self.feature_map_name}, update_rule={self.update_rule}{', ' + rule if rule else ''}, "
+            f"normalization={self.normalization}, state_size={self.state_size}, chunk_size={self.chunk_size}, "
+            f"kernel={self.kernel}"
         )
 
 
-def _check_choice(option: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{option} must be one of {sorted(choices)}, got {value!r}")
-
-
-def _check_combination(feature_map: str, update_rule: str, normalization: str) -> None:
-    """Combinations that would train badly or not at all fail here, before any forward pass."""
-    if update_rule == "delta" and normalization != "sum":
+def _check_rule_options(rule_options: dict[str, Any]) -> None:
+    known = {option for rule in UPDATE_RULES.values() for option in rule.options}
+    unknown = sorted(set(rule_options) - known)
+    if unknown:
         raise ConfigError(
-            f"attention.update_rule=delta needs attention.normalization=sum (sum-normalised features keep the "
-            f"delta rule's state bounded), got {normalization}"
+            f"attention has no option {', '.join(unknown)}; remove it (the fast-weight options are the arguments of "
+            f"dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
         )
-    if normalization == "sum" and not FEATURE_MAPS[feature_map].nonnegative:
+
+
+def _check_normalization(feature_map: str, normalization: str) -> None:
+    """Normalisations that the feature map cannot take fail here, before any forward pass."""
+    phi = FEATURE_MAPS[feature_map]
+    maps_that = lambda capable: ", ".join(name for name, cls in FEATURE_MAPS.items() if capable(cls))
+    if normalization == "sum" and not phi.nonnegative:
         raise ConfigError(
             f"attention.normalization=sum needs non-negative features, and feature_map={feature_map} can be negative "
-            f"(its sum can be 0); use feature_map=elu, relu_mlp, favor or dpfp, or normalization=none"
+            f"(its sum can be 0); use feature_map={maps_that(lambda cls: cls.nonnegative)}, or normalization=none"
         )
-    if normalization == "denominator" and feature_map not in DENOMINATOR_FEATURE_MAPS:
+    if normalization == "denominator" and not phi.positive_kernel:
         raise ConfigError(
             f"attention.normalization=denominator needs a positive kernel, and feature_map={feature_map} gives "
-            f"signed scores (the denominator crosses 0); use normalization=none or one of {list(DENOMINATOR_FEATURE_MAPS)}"
+            f"signed scores (the denominator crosses 0); use normalization=none or one of "
+            f"{maps_that(lambda cls: cls.positive_kernel)}"
         )
-    if normalization == "none" and FEATURE_MAPS[feature_map].needs_normalization:
+    if normalization == "none" and phi.needs_normalization:
         raise ConfigError(
             f"attention.feature_map={feature_map} needs attention.normalization=denominator or sum "
             "(its queries are rescaled for range by a factor only a normalisation cancels)"

@@ -29,10 +29,18 @@ from torch import Tensor, nn
 
 
 class FeatureMap(nn.Module):
-    """Base class. `nonnegative`: every feature is >= 0, so sums of features are safe to divide by."""
+    """Base class. Its capabilities, which decide the normalisations it works with (checked when a core is built):
+
+    nonnegative: every feature is >= 0, so sums of features are safe to divide by (`normalization=sum`).
+    positive_kernel: phi(q) . phi(k) estimates a positive kernel, so a denominator phi(q) . z_t is (close
+        to) positive (`normalization=denominator`): every non-negative map, and RFA's signed random
+        Fourier features, clamped as in RFA.
+    needs_normalization: features are divided by a per-query factor for numerical range, which only a
+        normalisation cancels (`normalization=none` is refused).
+    """
 
     nonnegative = False
-    # Features are divided by a per-query factor for numerical range: only a normalisation cancels it.
+    positive_kernel = False
     needs_normalization = False
 
     def __init__(self, num_heads: int, head_dim: int, state_size: int | None, options: dict[str, Any]):
@@ -93,6 +101,7 @@ class EluFeatureMap(FeatureMap):
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020): no parameters; state size = head size."""
 
     nonnegative = True
+    positive_kernel = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
@@ -110,6 +119,7 @@ class ReluMLPFeatureMap(FeatureMap):
     """
 
     nonnegative = True
+    positive_kernel = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
@@ -176,6 +186,7 @@ class FavorFeatureMap(RandomFeatureMap):
     """
 
     nonnegative = True
+    positive_kernel = True
     needs_normalization = True
 
     def sample(self, generator: torch.Generator) -> Tensor:
@@ -211,6 +222,8 @@ class RandomFourierFeatureMap(RandomFeatureMap):
     denominator can come near zero: as in RFA, it is clamped.
     """
 
+    positive_kernel = True  # signed features of a positive kernel (exp(q^ . k^) up to a constant)
+
     def __init__(self, num_heads, head_dim, state_size, options):
         state_size = 2 * head_dim if state_size is None else state_size
         if state_size % 2:
@@ -240,6 +253,7 @@ class DPFPFeatureMap(FeatureMap):
     """
 
     nonnegative = True
+    positive_kernel = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
@@ -271,6 +285,7 @@ class HedgehogFeatureMap(FeatureMap):
     """
 
     nonnegative = True
+    positive_kernel = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         state_size = 2 * head_dim if state_size is None else state_size

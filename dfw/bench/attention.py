@@ -14,8 +14,6 @@ step runs under bf16 autocast, as training does; on CPU in float32.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dfw.model import core_factory
+
+from .timing import Table, device_name, time_ms, write_json
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "attention"
 PRESETS = ("softmax", "linear", "performer", "rfa", "t2r", "delta", "decay")
@@ -50,8 +50,6 @@ SHAPES = {
 
 def build_core(preset: str, shape: Shape, device: torch.device):
     node = OmegaConf.load(CONF / f"{preset}.yaml")
-    if node.get("state_size") is not None and node.state_size == 64:
-        node.state_size = shape.head_dim  # the presets' m = GPT-2's head size; follow the shape's
     factory = core_factory(node)
     return factory(hidden_size=shape.hidden_size, num_heads=shape.num_heads, head_dim=shape.head_dim, layer_idx=0).to(device)
 
@@ -69,7 +67,7 @@ def _saved_bytes(step) -> int:
     return sum(storages.values())
 
 
-def measure(preset: str, shape: Shape, device: torch.device, warmup: int, repeats: int) -> dict[str, float | str]:
+def measure(preset: str, shape: Shape, device: torch.device, warmup: int, repeats: int) -> dict[str, object]:
     torch.manual_seed(0)
     core = build_core(preset, shape, device).train()
     B, T, H, D, C = shape.batch, shape.seq_len, shape.num_heads, shape.head_dim, shape.hidden_size
@@ -83,30 +81,21 @@ def measure(preset: str, shape: Shape, device: torch.device, warmup: int, repeat
         if backward:
             o.float().square().mean().backward()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        step()
-    sync()
-    peak = "-"
+    peak = None
     if device.type == "cuda":
+        step()  # warm: allocator and lazy initialisation
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        sync()
-        peak = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**20:.1f}"
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    timing = time_ms(step, device, warmup, repeats)
     state_bytes = core.state_bytes(1, T) * shape.num_layers  # per sequence, whole model
     return {
         "preset": preset,
-        "tokens/s": B * T / statistics.median(times),
+        "tokens/s": B * T / (timing.median_ms / 1e3),
+        "step ms": timing,
         "peak MiB": peak,
         "saved MiB": _saved_bytes(step) / 2**20,
         "state/seq": state_bytes,
@@ -125,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape_name = args.shape or ("gpt2-small" if device.type == "cuda" else "gpt2-small-cpu")
@@ -134,23 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"no conf/attention/{unknown[0]}.yaml; choose from {', '.join(PRESETS)}")
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "float32"
-    print(
+    table = Table(
         f"attention core, one layer, training step (forward + backward), shape {shape_name}: "
-        f"B={shape.batch} T={shape.seq_len} H={shape.num_heads} D={shape.head_dim}; {where}, {precision}; "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"B={shape.batch} T={shape.seq_len} H={shape.num_heads} D={shape.head_dim}; {device_name(device)}, "
+        f"{precision}; step ms: median ±IQR/2 of {args.repeats} after {args.warmup} warm-up",
+        ["preset", "tokens/s", "step ms", "peak MiB", "saved MiB", "state/seq", "new params"],
     )
-    print(f"state/seq: generation state per sequence after T tokens, {shape.num_layers} layers, as kept (fp32 states, KV cache in fp32)")
-    header = f"{'preset':<10} {'tokens/s':>12} {'peak MiB':>9} {'saved MiB':>10} {'state/seq':>12} {'new params':>11}"
-    print(header)
-    print("-" * len(header))
+    table.notes.append(
+        f"state/seq: generation state per sequence after T tokens, {shape.num_layers} layers, as kept "
+        "(fp32 states, KV cache in fp32); peak MiB on CUDA only"
+    )
     for preset in presets:
         row = measure(preset, shape, device, args.warmup, args.repeats)
-        print(
-            f"{row['preset']:<10} {row['tokens/s']:>12,.0f} {row['peak MiB']:>9} {row['saved MiB']:>10.1f} "
-            f"{_bytes(row['state/seq']):>12} {row['params']:>11,}"
-        )
+        params, state = row.pop("params"), row.pop("state/seq")
+        table.add(**row, **{"state/seq": _bytes(state), "new params": params})
+    table.print()
+    write_json(args.json, "attention", device, [table], shape=shape.__dict__)
     return 0
 
 

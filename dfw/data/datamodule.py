@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dfw.data.corpora import SPLITS, Corpus, load_corpus, short_hash
 from dfw.data.sampler import ResumableSampler
-from dfw.data.tokenizers import load_tokenizer, tokenizer_fingerprint
+from dfw.data.tokenizers import load_tokenizer, parse_tokenizer_spec, tokenizer_fingerprint
 from dfw.errors import ConfigError
 
 TOKEN_FILE_FORMAT = 1  # bump when the layout of token files changes; old caches are then ignored
@@ -49,29 +49,29 @@ class LanguageModelingDataModule(L.LightningDataModule):
         seed: int = 0,                        # the training order's seed
         files: Mapping[str, str | Sequence[str]] | None = None,  # data=text: {split: path, glob or list}
     ) -> None:
-        # Only stores the options: they are checked by prepare_data/setup (and `tokenizer`), so a ConfigError
-        # reaches the caller as itself rather than wrapped in Hydra's InstantiationException.
+        # Every option is checked here, so a bad one fails when the module is built (build it with
+        # dfw.errors.instantiate to get the ConfigError rather than Hydra's wrapper). Nothing is read or
+        # downloaded yet: that is prepare_data's.
         super().__init__()
         self.save_hyperparameters(logger=False)  # stored in checkpoints: which data a model was trained on
+        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        for option, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"data.{option} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ConfigError(f"data.num_workers must be a non-negative integer, got {num_workers!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         self.block_size = block_size
         self.batch_size = batch_size
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser()
-        self.corpus_name = corpus
-        self.files = files
+        self.corpus: Corpus = load_corpus(corpus, files, self.cache_dir)  # checks the corpus and data.files
+        parse_tokenizer_spec(tokenizer)
         self.tokenizer_spec = tokenizer
         self.datasets: dict[str, TokenBlocks] = {}
-
-    @cached_property
-    def corpus(self) -> Corpus:
-        """Checks the options; reads and downloads nothing yet."""
-        for option in ("block_size", "batch_size", "eval_batch_size"):
-            value = getattr(self, option)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{option} must be a positive integer, got {value!r}")
-        return load_corpus(self.corpus_name, self.files, self.cache_dir)
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerFast:

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import to_absolute_path
 from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -32,13 +33,26 @@ BYTES = 256            # a byte-level BPE starts from the 256 byte tokens
 
 def load_tokenizer(spec: str, corpus: Corpus, cache_dir: Path) -> PreTrainedTokenizerFast:
     """The tokenizer that `spec` names; `corpus` and `cache_dir` are only used by bpe-<N>."""
-    if spec == "gpt2":
+    kind, value = parse_tokenizer_spec(spec)
+    if kind == "gpt2":
         return gpt2_tokenizer()
-    if match := re.fullmatch(r"bpe-(\d+)", spec):
-        return trained_bpe_tokenizer(int(match[1]), corpus, cache_dir)
-    directory = Path(to_absolute_path(os.path.expanduser(spec)))
-    if directory.is_dir():
-        return _from_directory(directory)
+    if kind == "bpe":
+        return trained_bpe_tokenizer(value, corpus, cache_dir)
+    return _from_directory(value)
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, Any]:
+    """("gpt2", None), ("bpe", N) or ("directory", path): checks `spec` without loading or training anything."""
+    if spec == "gpt2":
+        return "gpt2", None
+    if isinstance(spec, str) and (match := re.fullmatch(r"bpe-(\d+)", spec)):
+        vocab_size = int(match[1])
+        if vocab_size <= BYTES:
+            raise ConfigError(f"model.tokenizer=bpe-{vocab_size} is too small; a byte-level BPE needs N > {BYTES}, e.g. bpe-4096")
+        return "bpe", vocab_size
+    directory = Path(to_absolute_path(os.path.expanduser(str(spec))))
+    if isinstance(spec, str) and directory.is_dir():
+        return "directory", directory
     raise ConfigError(
         f"model.tokenizer={spec!r} is not a tokenizer: use gpt2, bpe-<N> (a byte-level BPE with N tokens trained "
         "on the corpus, e.g. bpe-4096) or a directory holding a saved tokenizer (tokenizer.json)"
@@ -60,9 +74,8 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
 
 def trained_bpe_tokenizer(vocab_size: int, corpus: Corpus, cache_dir: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE with `vocab_size` tokens (EOS included) trained on `corpus`'s training split, cached
-    under cache_dir/tokenizers/<corpus>-bpe-<N>-<hash of the corpus>/. A small corpus may yield fewer tokens."""
-    if vocab_size <= BYTES:
-        raise ConfigError(f"model.tokenizer=bpe-{vocab_size} is too small; a byte-level BPE needs N > {BYTES}, e.g. bpe-4096")
+    under cache_dir/tokenizers/<corpus>-bpe-<N>-<hash of the corpus>/. A small corpus may yield fewer tokens.
+    N > 256 (checked by `parse_tokenizer_spec`)."""
     directory = cache_dir / "tokenizers" / f"{corpus.name}-bpe-{vocab_size}-{short_hash(corpus.fingerprint)}"
     if not (directory / "tokenizer.json").is_file():
         backend = _byte_level(BPE())

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("dfw_kernels")
-_logged_fallbacks: set[str] = set()
+_logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def _use_cuda(kernel: str, q: Tensor, k: Tensor, v: Tensor, what: str) -> bool:
@@ -46,11 +46,17 @@ def _use_cuda(kernel: str, q: Tensor, k: Tensor, v: Tensor, what: str) -> bool:
             reason = str(error)
     if kernel == "cuda":
         raise cuda.KernelUnavailable(f"kernel='cuda' cannot run: {reason}. Use kernel='auto' or 'torch'.")
-    if reason not in _logged_fallbacks:
-        _logged_fallbacks.add(reason)
-        log = logger.info if q.device.type != "cuda" else logger.warning
-        log("dfw_kernels: %s uses the PyTorch reference: %s", what, reason)
+    _log_fallback(what, reason, q.device)
     return False
+
+
+def _log_fallback(what: str, reason: str, device: torch.device) -> None:
+    """Say once per process and reason (not once per token of every layer) that PyTorch runs instead."""
+    if (what, reason) in _logged_fallbacks:
+        return
+    _logged_fallbacks.add((what, reason))
+    log = logger.info if device.type != "cuda" else logger.warning
+    log("dfw_kernels: %s uses the PyTorch reference: %s", what, reason)
 
 
 def decay_fast_weights(
@@ -124,7 +130,7 @@ def decay_fast_weights_step(
         except cuda.KernelUnavailable as error:
             if kernel == "cuda":
                 raise
-            logger.warning("dfw_kernels: decay_fast_weights_step uses PyTorch: %s", error)
+            _log_fallback("decay_fast_weights_step", str(error), q.device)
     if o is None:
         o = _torch_step(q, k, v, log_key_gate, log_value_gate, state)
     return o.squeeze(1) if squeeze else o

@@ -35,6 +35,8 @@ POISON_OUTPUTS = False
 
 _extension = None
 _build_error: str | None = None
+_build_attempts = 0
+MAX_BUILD_ATTEMPTS = 2  # a failed build is tried once more (a lock left by a killed build, a full /tmp)
 
 
 class KernelUnavailable(RuntimeError):
@@ -57,23 +59,34 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"the kernel needs compute capability 8.0 or newer (cp.async), this GPU has {major}.{minor}"
-    if _build_error is not None:
+    if _build_error is not None and _build_attempts >= MAX_BUILD_ATTEMPTS:
         return _build_error
     return None
 
 
+def clear_build_error() -> None:
+    """Forget a failed build, so that the next call of load_extension() tries again."""
+    global _build_error, _build_attempts
+    _build_error, _build_attempts = None, 0
+
+
 def load_extension(verbose: bool = False):
-    """The compiled extension, built on first call (cached across processes). Raises KernelUnavailable."""
-    global _extension, _build_error
+    """The compiled extension, built on first call (cached across processes). Raises KernelUnavailable.
+
+    A failed build is tried once more on the next call, then its error is kept for the life of the
+    process (every later call raises at once); `clear_build_error()` allows another try.
+    """
+    global _extension, _build_error, _build_attempts
     if _extension is not None:
         return _extension
-    if _build_error is not None:
+    if _build_error is not None and _build_attempts >= MAX_BUILD_ATTEMPTS:
         raise KernelUnavailable(_build_error)
     from torch.utils.cpp_extension import load
 
     build_dir = os.environ.get(BUILD_DIR_ENV)
     if build_dir:
         Path(build_dir).mkdir(parents=True, exist_ok=True)
+    _build_attempts += 1
     try:
         _extension = load(
             name="dfw_kernels_scan",
@@ -85,8 +98,12 @@ def load_extension(verbose: bool = False):
             verbose=verbose,
         )
     except Exception as error:  # the compiler's message is in `error`
-        _build_error = f"the CUDA kernel failed to build: {type(error).__name__}: {error}"
+        _build_error = (
+            f"the CUDA kernel failed to build ({_build_attempts} of {MAX_BUILD_ATTEMPTS} attempts; "
+            f"dfw_kernels.cuda.clear_build_error() allows another): {type(error).__name__}: {error}"
+        )
         raise KernelUnavailable(_build_error) from error
+    _build_error = None
     return _extension
 
 
@@ -115,10 +132,14 @@ def scan_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, out_pre, final_state, final_pre_state, gate_grad); empty tensors for those not asked for.
 
-    The scan of closed_form.scan_reference. q, k [B, T, H, K], v [B, T, H, V] contiguous in one of
-    DTYPES; log-gates float32 or None; states [B, H, K, V] float32 (any strides). K and V multiples
-    of 8 up to 128. The gate-gradient epilogue runs when gate_grad_x1 and gate_grad_x2 are given.
+    The scan of closed_form.scan_reference. q, k [B, T, H, K], v [B, T, H, V] in one of DTYPES (any
+    strides: copied here unless contiguous and 16-byte aligned); log-gates float32 or None; states
+    [B, H, K, V] float32 (any strides). K and V multiples of 8 up to 128. The gate-gradient epilogue runs when gate_grad_x1 and gate_grad_x2 are given.
     """
+    q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start = (
+        _aligned(x)
+        for x in (q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start)
+    )
     B, T, H, K = q.shape
     V = v.shape[-1]
     f32 = torch.float32
@@ -165,9 +186,10 @@ def step_op(
 ) -> Tensor:
     """One token: state <- diag(a) state diag(b) + k^T v in place; returns q state.
 
-    q, k [B, 1, H, K], v [B, 1, H, V] contiguous; log-gates float32 or None; state [B, H, K, V]
+    q, k [B, 1, H, K], v [B, 1, H, V] (any strides); log-gates float32 or None; state [B, H, K, V]
     float32 (any strides). Returns o [B, 1, H, V] in q's dtype.
     """
+    q, k, v, log_key_gate, log_value_gate = (_aligned(x) for x in (q, k, v, log_key_gate, log_value_gate))
     out = _output(v.shape, q.dtype, q)
     with torch.cuda.device(q.device):
         load_extension().scan(
@@ -183,7 +205,10 @@ def _(q, k, v, log_key_gate, log_value_gate, state):
 
 
 def _aligned(x: Tensor | None) -> Tensor | None:
-    """Contiguous and 16-byte aligned (cp.async copies 16 bytes at a time), copying only if needed."""
+    """Contiguous and 16-byte aligned (cp.async copies 16 bytes at a time), copying only if needed.
+
+    Called inside the custom ops only: torch.compile sees the ops as opaque, so the data_ptr() test
+    does not break its graph."""
     if x is None:
         return None
     x = x.contiguous()
@@ -198,12 +223,11 @@ def cuda_scan(
     x1 = x2 = start = None
     if gate_grad_inputs is not None:
         x1, x2, start = gate_grad_inputs
-        x1, x2 = _aligned(x1.float()), _aligned(x2.to(q.dtype))
-        start = None if start is None else start.float().contiguous()
+        x1, x2 = x1.float(), x2.to(q.dtype)
+        start = None if start is None else start.float()
     out, out_pre, final, final_pre, gate_grad = scan_op(
-        _aligned(q), _aligned(k.to(q.dtype)), _aligned(v.to(q.dtype)), _aligned(log_key_gate),
-        _aligned(log_value_gate), initial_state, x1, x2, start, reverse, out_dtype is not None, output_pre,
-        output_final_state, output_final_pre_state,
+        q, k.to(q.dtype), v.to(q.dtype), log_key_gate, log_value_gate, initial_state, x1, x2, start, reverse,
+        out_dtype is not None, output_pre, output_final_state, output_final_pre_state,
     )  # fmt: skip
     if out_dtype is not None and out.dtype != out_dtype:
         out = out.to(out_dtype)
@@ -244,20 +268,33 @@ def _pad_last(x: Tensor | None, size: int, dim: int = -1) -> Tensor | None:
     return F.pad(x, pad)
 
 
-def decay_fast_weights_cuda(q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state):
-    """The CUDA path of `decay_fast_weights` (same arguments and returns); raises KernelUnavailable."""
-    load_extension()
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+def _padded(q, k, v, log_key_gate, log_value_gate):
+    """Inputs zero-padded to head sizes that are multiples of 8, in one dtype; gates [B, T, H, K|V] float32.
+
+    Zero padding is exact: padded keys and queries are 0, padded gates are 1, padded values are 0.
+    """
+    K, V = q.shape[-1], v.shape[-1]
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     Kp, Vp = (-(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE for D in (K, V))  # zero-padded sizes
-    # Zero padding is exact: padded keys and queries are 0, padded gates are 1, padded values are 0.
     q, k = _pad_last(q.to(dtype), Kp), _pad_last(k.to(dtype), Kp)  # (B, T, H, Kp)
     v = _pad_last(v.to(dtype), Vp)  # (B, T, H, Vp)
     log_key_gate = _pad_last(_full_width(log_key_gate, K), Kp)  # (B, T, H, Kp) float32
     log_value_gate = _pad_last(_full_width(log_value_gate, V), Vp)  # (B, T, H, Vp) float32
+    return q, k, v, log_key_gate, log_value_gate
+
+
+def _pad_state(state: Tensor, K: int, V: int) -> Tensor:
+    """[B, H, K0, V0] -> [B, H, K, V] float32, zero-padded (the same tensor when nothing changes)."""
+    return _pad_last(_pad_last(state.float(), V), K, dim=-2)
+
+
+def decay_fast_weights_cuda(q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state):
+    """The CUDA path of `decay_fast_weights` (same arguments and returns); raises KernelUnavailable."""
+    load_extension()
+    K, V = q.shape[-1], v.shape[-1]
+    q, k, v, log_key_gate, log_value_gate = _padded(q, k, v, log_key_gate, log_value_gate)
     if initial_state is not None:
-        initial_state = _pad_last(_pad_last(initial_state.float(), Vp), Kp, dim=-2)  # (B, H, Kp, Vp)
+        initial_state = _pad_state(initial_state, q.shape[-1], v.shape[-1])  # (B, H, Kp, Vp)
     o, final_state = ScanDecayFastWeights.apply(
         cuda_scan, q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state
     )
@@ -268,19 +305,26 @@ def decay_fast_weights_cuda(q, k, v, log_key_gate, log_value_gate, initial_state
 
 
 def decay_fast_weights_step_cuda(q, k, v, log_key_gate, log_value_gate, state):
-    """One decode step on the GPU; q, k [B, 1, H, K], v [B, 1, H, V]; updates `state` in place."""
+    """One decode step on the GPU; q, k [B, 1, H, K], v [B, 1, H, V]; updates `state` in place.
+
+    Head sizes that are not multiples of 8 (V = D + 1 of the denominator presets) run on a
+    zero-padded copy of the state, copied back after the step: two small copies, still one launch
+    of the kernel and no host synchronisation (CUDA-graph safe).
+    """
     load_extension()
     K, V = q.shape[-1], v.shape[-1]
-    if K % HEAD_DIM_MULTIPLE or V % HEAD_DIM_MULTIPLE or K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise KernelUnavailable(
-            f"the decode step takes key and value sizes that are multiples of 8 up to 128, got {K} and {V}"
+            f"the decode step takes key and value sizes up to {MAX_HEAD_DIM}, got {K} and {V}"
         )
     if state.dtype != torch.float32:
         raise KernelUnavailable(f"the decode step updates a float32 state in place, got {state.dtype}")
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    gates = [
-        None if g is None else _aligned(_full_width(g, D))
-        for g, D in ((log_key_gate, K), (log_value_gate, V))
-    ]
-    o = step_op(_aligned(q.to(dtype)), _aligned(k.to(dtype)), _aligned(v.to(dtype)), *gates, state)
-    return o.to(v.dtype)
+    out_dtype = v.dtype
+    q, k, v, log_key_gate, log_value_gate = _padded(q, k, v, log_key_gate, log_value_gate)
+    Kp, Vp = q.shape[-1], v.shape[-1]
+    if (Kp, Vp) == (K, V):
+        return step_op(q, k, v, log_key_gate, log_value_gate, state).to(out_dtype)
+    padded_state = _pad_state(state, Kp, Vp)  # (B, H, Kp, Vp), a copy
+    o = step_op(q, k, v, log_key_gate, log_value_gate, padded_state)  # (B, 1, H, Vp)
+    state.copy_(padded_state[..., :K, :V])
+    return o[..., :V].to(out_dtype)

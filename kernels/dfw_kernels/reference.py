@@ -74,6 +74,19 @@ def _cumulative_log_decay(log_gate: Tensor | None, chunk_size: int, dtype) -> Te
     return _to_chunks(log_gate, chunk_size, dtype).cumsum(dim=-2)
 
 
+def _no_tokens(q: Tensor, v: Tensor, initial_state: Tensor | None, output_final_state: bool):
+    """The result for T = 0: o [B, 0, H, V] (still attached to v's graph) and the initial state."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    o = v[:, :0] * 1  # (B, 0, H, V), a new tensor
+    if not output_final_state:
+        return o, None
+    dtype = accumulation_dtype(q.dtype)
+    if initial_state is None:
+        return o, q.new_zeros(B, H, K, V, dtype=dtype)
+    return o, initial_state.to(dtype) * 1  # (B, H, K, V), a new tensor that carries the gradient
+
+
 def chunk_decay_fast_weights(
     q: Tensor,
     k: Tensor,
@@ -97,6 +110,8 @@ def chunk_decay_fast_weights(
         )
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if T == 0:  # no tokens: an empty output, and the initial state (or zeros) as the final state
+        return _no_tokens(q, v, initial_state, output_final_state)
     C, c = chunk_size, subchunk_size
     dtype = accumulation_dtype(q.dtype)
     qc, kc, vc = (_to_chunks(x, C, dtype) for x in (q, k, v))  # (B, H, N, C, K|V)

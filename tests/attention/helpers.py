@@ -7,23 +7,36 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dfw.attention import FastWeightAttention
+from dfw.attention import FEATURE_MAPS, NORMALIZATIONS, UPDATE_RULES, FastWeightAttention
+from dfw.errors import ConfigError
 from dfw.model import core_factory
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-# Every preset in conf/attention/ (a new one is tested by adding its yaml).
-PRESETS = tuple(sorted(path.stem for path in (CONF / "attention").glob("*.yaml")))
+PRESETS = tuple(sorted(path.stem for path in (CONF / "attention").glob("*.yaml")))  # a new preset is tested by adding it
 RECURRENT_PRESETS = tuple(p for p in PRESETS if p != "softmax")
 # Test sizes: hidden size C, heads H, head size D; T is odd and not a multiple of the chunk size.
 C, H, D, CHUNK = 16, 2, 8, 16
 
 
 def preset(name: str, **overrides):
-    """The preset's config node with `overrides` applied (state_size shrunk to the test head size)."""
-    node = OmegaConf.load(CONF / "attention" / f"{name}.yaml")
-    if node.get("state_size") is not None and "state_size" not in overrides:
-        overrides["state_size"] = D
-    return OmegaConf.merge(node, overrides)
+    """The preset's config node with `overrides` applied."""
+    return OmegaConf.merge(OmegaConf.load(CONF / "attention" / f"{name}.yaml"), overrides)
+
+
+def rule_cases(feature_map: str = "elu") -> list[tuple[str, object]]:
+    """(id, node) for every registered update rule with every normalisation it accepts, on a feature map
+    that takes all three (elu + 1): a rule added to UPDATE_RULES is tested by these cases without a line here."""
+    assert FEATURE_MAPS[feature_map].nonnegative and FEATURE_MAPS[feature_map].positive_kernel
+    cases = []
+    for rule, rule_class in UPDATE_RULES.items():
+        for normalization in NORMALIZATIONS:
+            try:
+                rule_class.check(feature_map, normalization)
+            except ConfigError:
+                continue
+            options = dict(feature_map=feature_map, update_rule=rule, normalization=normalization, state_size=None)
+            cases.append((f"{rule}-{normalization}", preset("decay", **options)))
+    return cases
 
 
 def build(node, layer_idx: int = 0) -> FastWeightAttention:

@@ -25,6 +25,8 @@ BAD = [
     ({"chunk_size": 24}, r"chunk_size must be a positive multiple of 16"),
     ({"feature_map": "favor", "normalization": "sum", "redraw_interval": 0}, r"redraw_interval must be a positive integer"),
     ({"feature_map": "dpfp", "state_size": None, "dpfp_order": 0}, r"dpfp_order must be an integer"),
+    ({"gates": "sideways"}, r"attention\.gates must be one of \['both', 'key', 'value'\], got 'sideways'"),
+    ({"gatez": "key"}, r"attention has no option gatez; remove it"),
 ]
 
 

@@ -1,13 +1,15 @@
-"""Every attention preset, and a sample of off-preset combinations: the parallel (training) form and the
-recurrent (generation) form agree in float64 on outputs, final state and every gradient."""
+"""Every attention preset, every registered update rule with each normalisation it accepts, and a sample of
+off-preset combinations: the parallel (training) form, the recurrent (generation) form and the in-place
+decode step agree in float64 on outputs, final state and every gradient."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from dfw_kernels.testing import relative_rms_error as rel
+from omegaconf import OmegaConf
 
-from tests.attention.helpers import CHUNK, RECURRENT_PRESETS, C, D, H, build, preset, random_state
+from tests.attention.helpers import CHUNK, RECURRENT_PRESETS, C, D, H, build, preset, random_state, rule_cases
 
 B, T = 2, 37  # T odd, and not a multiple of CHUNK
 
@@ -31,6 +33,8 @@ OFF_PRESET = [
 def _cases():
     for name in RECURRENT_PRESETS:
         yield pytest.param(preset(name, chunk_size=CHUNK), id=name)
+    for name, node in rule_cases():
+        yield pytest.param(OmegaConf.merge(node, {"chunk_size": CHUNK}), id=f"rule-{name}")
     for feature_map, rule, norm, extra in OFF_PRESET:
         options = dict(feature_map=feature_map, update_rule=rule, normalization=norm, chunk_size=CHUNK, state_size=None)
         yield pytest.param(preset("decay", **{**options, **extra}), id=f"{feature_map}-{rule}-{norm}")
@@ -74,11 +78,20 @@ def test_parallel_and_recurrent_forms_agree(node):
     assert grads["recurrent"][4].abs().max() > 0  # the initial state matters
 
 
-@pytest.mark.parametrize("name", RECURRENT_PRESETS)
+# Every preset, and every registered rule with each normalisation it accepts: (id, config node).
+CORES = [(name, preset(name)) for name in RECURRENT_PRESETS] + [(f"rule-{name}", node) for name, node in rule_cases()]
+each_core = pytest.mark.parametrize("node", [pytest.param(node, id=name) for name, node in CORES])
+
+
+def _with(node, **overrides):
+    return OmegaConf.merge(node, overrides)
+
+
+@each_core
 @pytest.mark.parametrize("length", [1, 16])
-def test_short_and_chunk_aligned_lengths(name, length):
+def test_short_and_chunk_aligned_lengths(node, length):
     torch.manual_seed(1)
-    core = build(preset(name, chunk_size=CHUNK)).double().eval()
+    core = build(_with(node, chunk_size=CHUNK)).double().eval()
     q, k, v = (torch.randn(B, length, H, D, dtype=torch.float64) for _ in range(3))
     x = torch.randn(B, length, C, dtype=torch.float64)
     S0 = random_state(core, B)
@@ -87,11 +100,11 @@ def test_short_and_chunk_aligned_lengths(name, length):
     assert rel(o_par, o_rec) < 1e-6 and rel(S_par, S_rec) < 1e-6
 
 
-@pytest.mark.parametrize("name", RECURRENT_PRESETS)
-def test_prompt_then_token_by_token_equals_whole_sequence(name):
+@each_core
+def test_prompt_then_token_by_token_equals_whole_sequence(node):
     """Generation: the parallel form on a prompt, then the recurrent form one token at a time."""
     torch.manual_seed(2)
-    core = build(preset(name, chunk_size=CHUNK)).double().eval()
+    core = build(_with(node, chunk_size=CHUNK)).double().eval()
     q, k, v = (torch.randn(1, T, H, D, dtype=torch.float64) for _ in range(3))
     x = torch.randn(1, T, C, dtype=torch.float64)
     whole, _ = core(q, k, v, x)
@@ -103,10 +116,27 @@ def test_prompt_then_token_by_token_equals_whole_sequence(name):
     assert rel(torch.cat([prompt, *tokens], dim=1), whole) < 1e-10
 
 
-@pytest.mark.parametrize("name", RECURRENT_PRESETS)
-def test_float32_parallel_form_is_close_to_float64(name):
+@each_core
+def test_decode_step_updates_the_state_in_place_as_the_recurrent_form(node):
+    """`step` (what RecurrentCache decodes with) = one token of the recurrent form, in the same state tensor."""
+    torch.manual_seed(4)
+    core = build(_with(node, chunk_size=CHUNK)).double().eval()
+    _perturb_parameters(core)
+    q, k, v = (torch.randn(B, 1, H, D, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(B, 1, C, dtype=torch.float64)
+    S0 = random_state(core, B)
+    o_rec, S_rec = core.recurrent(q, k, v, x, S0)
+    state = S0.clone()
+    address = state.data_ptr()
+    o_step = core.step(q, k, v, x, state)
+    assert state.data_ptr() == address
+    assert rel(o_step, o_rec) < 1e-12 and rel(state, S_rec) < 1e-12
+
+
+@each_core
+def test_float32_parallel_form_is_close_to_float64(node):
     torch.manual_seed(3)
-    core = build(preset(name, chunk_size=64)).eval()
+    core = build(_with(node, chunk_size=64)).eval()
     q, k, v = (torch.randn(1, 150, H, D) for _ in range(3))
     x = torch.randn(1, 150, C)
     o32, _ = core(q, k, v, x)
@@ -114,8 +144,8 @@ def test_float32_parallel_form_is_close_to_float64(name):
     assert rel(o32, o64) < 1e-4
 
 
-@pytest.mark.parametrize("name", RECURRENT_PRESETS)
-def test_state_bytes_is_the_size_of_the_state(name):
-    core = build(preset(name))
+@each_core
+def test_state_bytes_is_the_size_of_the_state(node):
+    core = build(node)
     _, state = core(*(torch.randn(3, 5, H, D) for _ in range(3)), torch.randn(3, 5, C), output_state=True)
     assert core.state_bytes(3, 5) == core.state_bytes(3, 5000) == state.numel() * state.element_size()

@@ -32,8 +32,6 @@ def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
     extra = [f"attention={name}", f"model.pretrained={pretrained_dir}", "module.optimizer.lr=1e-3", "test=false"]
     extra += ["trainer.val_check_interval=4", "trainer.limit_val_batches=1"]  # validate at conversion and at the end
     cfg = compose(*tiny_overrides(tmp_path, text_files, *extra))
-    if cfg.attention.get("state_size") is not None:
-        cfg.attention.state_size = 16  # the tiny model's head size (64 in GPT-2)
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/ppl"])
     assert metrics["val/ppl"] < metrics["val/ppl_converted"]  # training improved on the converted model

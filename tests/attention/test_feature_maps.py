@@ -117,6 +117,6 @@ def test_conversion_initialisation():
 @pytest.mark.parametrize("name", ["linear", "t2r", "performer", "rfa", "delta"])
 def test_no_gates_where_the_method_has_none(name):
     core = build(preset(name))
-    assert core.key_gate is None and core.value_gate is None
-    assert (core.head_gate is not None) == (name == "rfa")
-    assert (core.write_strength is not None) == (name == "delta")
+    expected = {"rfa": ("head_gate",), "delta": ("write_strength",)}.get(name, ())
+    assert core.gate_names == expected
+    assert {child for child, _ in core.named_children()} == {"feature_map", *expected}

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import dfw.data.datamodule
 from dfw.data import LanguageModelingDataModule, gpt2_tokenizer
 from dfw.data.corpora import SHAKESPEARE_HELD_OUT, shakespeare_split_files
-from dfw.errors import ConfigError
+from dfw.errors import ConfigError, instantiate
 from tests.conftest import CONF, compose
 
 GPT2_EOS = 50256
@@ -26,7 +25,7 @@ def build(name: str, cache_dir: Path | None, **overrides) -> LanguageModelingDat
     cfg = compose(f"data={name}", *([f"paths.cache_dir={cache_dir}"] if cache_dir else []))
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"data.{key}", value, merge=False)
-    return instantiate(cfg.data, _convert_="all")  # never raises ConfigError: prepare_data checks the options
+    return instantiate(cfg.data, _convert_="all")  # as dfw.train builds it: a bad option raises its ConfigError
 
 
 @pytest.fixture
@@ -112,18 +111,22 @@ def test_validation_and_test_loaders_are_sequential_and_keep_the_last_batch(tmp_
     [
         ({"block_size": 0}, r"data\.block_size must be a positive integer, got 0"),
         ({"batch_size": -1}, r"data\.batch_size must be a positive integer, got -1"),
+        ({"batch_size": "8"}, r"data\.batch_size must be a positive integer, got '8'"),
         ({"eval_batch_size": 0}, r"data\.eval_batch_size must be a positive integer, got 0"),
+        ({"num_workers": -2}, r"data\.num_workers must be a non-negative integer, got -2"),
+        ({"tokenizer": "bpe-100"}, r"model\.tokenizer=bpe-100 is too small"),
+        ({"tokenizer": "no_such_tokenizer"}, r"model\.tokenizer='no_such_tokenizer' is not a tokenizer"),
         ({"corpus": "wikitext3"}, r"data\.corpus='wikitext3' is not a known corpus; use one of wikitext103, wikitext2, shakespeare, text"),
         ({"files.validation": "nowhere/valid.txt"}, r"data\.files\.validation: no file at .*nowhere/valid\.txt"),
         ({"files.test": None}, r"data\.files\.test is not set"),
         ({"files.train": "no_such_dir/*.txt"}, r"data\.files\.train: no file at .*no_such_dir/\*\.txt"),
     ],
 )
-def test_bad_options_raise_one_line_config_errors(tmp_path, corpus_files, overrides, message):
-    dm = build("text", tmp_path / "cache", files=corpus_files, **overrides)
+def test_bad_options_raise_one_line_config_errors_when_built(tmp_path, corpus_files, overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
-        dm.prepare_data()
+        build("text", tmp_path / "cache", files=corpus_files, **overrides)
     assert "\n" not in str(error.value)
+    assert not (tmp_path / "cache").exists()  # nothing read or written before the options are checked
 
 
 def test_block_longer_than_a_split_names_the_option_and_the_split(tmp_path, corpus_files):

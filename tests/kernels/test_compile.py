@@ -1,4 +1,4 @@
-"""CPU CI compiles the kernel: the .cu translation units with nvcc for sm_80 and sm_90.
+"""CPU CI compiles the kernel: the .cu translation units with nvcc for sm_75, sm_80 and sm_90.
 
 dfw_scan.cu includes no torch header, so `nvcc -c` builds it on its own in seconds, with the macros
 torch's extension builder passes (no implicit half/bfloat16 conversions). The binding, which includes
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "kernels" / "dfw_kernels" / "csrc"
-ARCHS = ("sm_80", "sm_90")
+ARCHS = ("sm_75", "sm_80", "sm_90")  # sm_75: the cp.async guard (no cp.async before sm_80) compiles
 TORCH_EXTENSION_MACROS = [
     "-D__CUDA_NO_HALF_OPERATORS__",
     "-D__CUDA_NO_HALF_CONVERSIONS__",

@@ -166,3 +166,137 @@ def test_no_per_step_state_in_memory():
     peak = torch.cuda.max_memory_allocated() - before
     per_step_states = B * T * H * D * D * 4
     assert peak < per_step_states / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+# --- Shapes and paths that real models take (issue 10, item 3) ------------------------------------------
+
+
+def _check_against_reference(inputs, dtype, **kwargs):
+    expected, actual = _reference_and_kernel(inputs, kernel="cuda", **kwargs)
+    for name in expected:
+        if expected[name] is None:
+            assert actual[name] is None, name
+            continue
+        error = relative_rms_error(actual[name], expected[name])
+        assert error < TOL[dtype], f"{name}: relative RMS error {error:.2e} (tolerance {TOL[dtype]:.0e})"
+
+
+def test_gpt2_training_shape_takes_the_wide_tile_and_large_shared_memory():
+    """B = 8, T = 77, H = 12, K = V = 64 in bf16: 4 * 96 = 384 blocks, so the BV = 16 tile, whose two
+    buffers take ~50 KB of shared memory (over the 48 KB default: the opt-in attribute must work)."""
+    inputs = random_inputs(8, 77, 12, 64, 64, dtype=torch.bfloat16, device="cuda", seed=11)
+    if (64 // 16) * 12 * 8 < 2 * torch.cuda.get_device_properties(0).multi_processor_count:
+        pytest.skip("this GPU has too many SMs for this shape to pick the wide tile")
+    _check_against_reference(inputs, torch.bfloat16)
+
+
+@pytest.mark.parametrize("T, K", [(32, 64), (64, 64), (96, 32), (16, 128), (128, 128)])
+def test_lengths_that_are_multiples_of_the_chunk(T, K):
+    """The scan copies 32 tokens per chunk (16 for K = 128): T a multiple of it ends on a full chunk."""
+    _check_against_reference(random_inputs(2, T, 3, K, 64, device="cuda", dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("K, V", [(8, 64), (16, 64), (16, 8), (64, 8)])
+def test_small_key_and_value_sizes(K, V):
+    """K <= 16 takes the KP = 16 template; V = 8 the narrow (BV = 8) tile."""
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_against_reference(random_inputs(2, 50, 3, K, V, device="cuda", dtype=dtype, seed=K + V), dtype)
+
+
+@pytest.mark.parametrize("gates", ["scalar", "absent", "key_only_scalar"])
+def test_scalar_and_absent_gates_in_bf16(gates):
+    inputs = random_inputs(2, 45, 3, 64, 64, dtype=torch.bfloat16, device="cuda", seed=5)
+    if gates == "scalar":
+        for name in ("log_key_gate", "log_value_gate"):
+            inputs[name] = inputs[name][..., :1].detach().requires_grad_()
+    elif gates == "absent":
+        inputs["log_key_gate"] = inputs["log_value_gate"] = None
+    else:
+        inputs["log_key_gate"] = inputs["log_key_gate"][..., :1].detach().requires_grad_()
+        inputs["log_value_gate"] = None
+    _check_against_reference(inputs, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs_with_gradients(dtype):
+    """q, k, v as views of one fused projection and a transposed gate: every gradient reaches the fused tensor."""
+    B, T, H, D = 2, 45, 3, 64
+    inputs = random_inputs(B, T, H, D, D, dtype=dtype, device="cuda", seed=2)
+    fused = torch.cat([inputs[n].detach() for n in ("q", "k", "v")], dim=-1).requires_grad_()  # (B, T, H, 3D)
+    gate = inputs["log_key_gate"].detach().transpose(1, 2).contiguous().requires_grad_()  # (B, H, T, D)
+    q, k, v = fused.split(D, dim=-1)
+    args = dict(log_key_gate=gate.transpose(1, 2), log_value_gate=inputs["log_value_gate"].detach(),
+                initial_state=inputs["initial_state"].detach(), output_final_state=True)  # fmt: skip
+    assert not q.is_contiguous() and not args["log_key_gate"].is_contiguous()
+    ref = {n: x.double() if torch.is_tensor(x) else x for n, x in args.items()}
+    o_ref, final_ref = chunk_decay_fast_weights(q.double(), k.double(), v.double(), **ref)
+    o, final = decay_fast_weights(q, k, v, **args, kernel="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    do = torch.randn(o.shape, generator=g, device="cuda")
+    expected = torch.autograd.grad((o_ref * do.double()).sum() + final_ref.sum(), [fused, gate])
+    actual = torch.autograd.grad((o.float() * do).sum() + final.sum(), [fused, gate])
+    assert relative_rms_error(o, o_ref) < TOL[dtype]
+    for name, a, e in zip(("fused q|k|v", "key gate"), actual, expected, strict=True):
+        assert relative_rms_error(a, e) < TOL[dtype], name
+
+
+def test_no_tokens():
+    inputs = random_inputs(2, 0, 3, 64, 64, dtype=torch.bfloat16, device="cuda")
+    o, final = decay_fast_weights(**inputs, output_final_state=True, kernel="cuda")
+    assert o.shape == (2, 0, 3, 64)
+    torch.testing.assert_close(final, inputs["initial_state"].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("V", [65, 64])
+def test_decode_step_with_the_denominator_column(V):
+    """V = D + 1 (linear, performer, rfa, t2r keep a normaliser column): the kernel runs on a padded state."""
+    B, H, K = 3, 2, 64
+    x = {n: t.detach() for n, t in random_inputs(B, 6, H, K, V, device="cuda", dtype=torch.bfloat16).items()}
+    state, expected_state = x["initial_state"].clone(), x["initial_state"].double()
+    for t in range(6):
+        token = [x[n][:, t] for n in ("q", "k", "v", "log_key_gate", "log_value_gate")]
+        o = decay_fast_weights_step(*token, state, kernel="cuda")
+        expected = decay_fast_weights_step(*(y.double() for y in token), expected_state, kernel="torch")
+        assert relative_rms_error(o, expected) < TOL[torch.bfloat16]
+    assert relative_rms_error(state, expected_state) < 1e-5
+
+
+def test_opcheck_both_custom_ops():
+    """Schema, fake (meta) implementations and dispatch of torch.ops.dfw_kernels.scan and .step."""
+    x = {
+        n: t.detach() for n, t in random_inputs(2, 37, 3, 64, 32, dtype=torch.bfloat16, device="cuda").items()
+    }
+    gates = (x["log_key_gate"], x["log_value_gate"])
+    # q, k, v, gates, initial state, no gate-gradient inputs, forward, and every output
+    scan_args = (x["q"], x["k"], x["v"], *gates, x["initial_state"], None, None, None, False, True, True, True, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.dfw_kernels.scan.default, scan_args)
+    token = [x[n][:, :1].contiguous() for n in ("q", "k", "v", "log_key_gate", "log_value_gate")]
+    torch.library.opcheck(torch.ops.dfw_kernels.step.default, (*token, x["initial_state"].clone()))
+
+
+def test_compiled_converted_layer_runs_in_one_graph():
+    """torch.compile(fullgraph=True) of a decay layer on the CUDA kernel: no graph break (the ops are
+    opaque to Dynamo; the 16-byte alignment test runs inside them), same output and gradients as eager."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from dfw.model import core_factory
+
+    node = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "attention" / "decay.yaml")
+    node.kernel = "cuda"
+    torch.manual_seed(0)
+    core = core_factory(node)(hidden_size=768, num_heads=12, head_dim=64, layer_idx=0).cuda()
+    B, T, H, D = 2, 77, 12, 64
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", requires_grad=True) for _ in range(3))
+    x = torch.randn(B, T, H * D, device="cuda", requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(core, fullgraph=True)
+    results = []
+    for layer in (core, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            o, _ = layer(q, k, v, x)
+        grads = torch.autograd.grad(o.float().square().mean(), [q, k, v, x])
+        results.append((o, *grads))
+    for eager, compiled_result in zip(*results, strict=True):
+        assert relative_rms_error(compiled_result, eager) < 1e-2

@@ -78,7 +78,7 @@ def test_report_of_a_tiny_multirun_matches_the_logs_and_lists_failed_jobs(multir
         state_bytes = _logged(rows, "model/state_bytes_per_sequence")[-1]
         assert cells[7] == report._fmt_bytes(state_bytes) and state_bytes > 0
         values[variant] = min(val[1:])
-    assert _table_row(text, "softmax")[1] == "—" and _table_row(text, "decay")[1] == "64"  # the preset's m
+    assert _table_row(text, "softmax")[1] == "—" and _table_row(text, "decay")[1] == "32"  # the preset's m: the head size
     assert _table_row(text, "softmax")[5] == "100.0%"
     assert _table_row(text, "decay")[5] == f"{100 * values['softmax'] / values['decay']:.1f}%"
 

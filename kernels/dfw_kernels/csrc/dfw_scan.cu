@@ -7,7 +7,7 @@
 // cp.async into two buffers, so the copy of chunk c+1 overlaps the recurrence over chunk c; outputs
 // are staged in shared memory and written once per chunk, coalesced.
 //
-// Needs sm_80+ (cp.async). Includes no torch header: `nvcc -c` compiles this file on its own.
+// Runs on sm_80+ (cp.async; older GPUs compile a synchronous copy instead). Includes no torch header: `nvcc -c` compiles this file on its own.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,15 +56,36 @@ __device__ __forceinline__ float2 load_pair(const E* p) {
 
 // ---------------------------------------------------------------------------------------------
 // cp.async (sm_80+): 16 bytes global -> shared, zero-filled when src_bytes == 0.
+//
+// Older GPUs (sm_75 and below: a wider TORCH_CUDA_ARCH_LIST compiles for them too) have no cp.async:
+// there the same calls copy synchronously (one 16-byte load and store) and commit/wait do nothing;
+// every read of shared memory already follows a __syncthreads(). The Python side runs the kernel on
+// compute capability 8.0+ only (cuda.unavailable_reason), so this branch only has to compile.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define DFW_HAS_CP_ASYNC 0
+#else
+#define DFW_HAS_CP_ASYNC 1
+#endif
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#if DFW_HAS_CP_ASYNC
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+#else
+  *static_cast<int4*>(smem) = src_bytes != 0 ? *static_cast<const int4*>(gmem) : make_int4(0, 0, 0, 0);
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#if DFW_HAS_CP_ASYNC
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if DFW_HAS_CP_ASYNC
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // Copies rows t = t_first + dir * tau (tau < rows) of a [B, T, H, D] tensor, columns
@@ -320,7 +341,8 @@ int scan(const ScanParams& p, ScalarType dtype, void* stream) {
       p.V % kHeadDimMultiple || p.B < 0 || p.H < 0 || p.T < 0 || p.B > 65535 || p.H > 65535)
     return static_cast<int>(cudaErrorInvalidValue);
   if (p.B == 0 || p.H == 0) return 0;  // nothing to do
-  if (p.q == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  // T = 0: no token is read (an empty tensor's data pointer is null); the final state is the initial one.
+  if (p.q == nullptr && p.T > 0) return static_cast<int>(cudaErrorInvalidValue);
   const auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case ScalarType::Float32:

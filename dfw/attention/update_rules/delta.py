@@ -1,4 +1,4 @@
-"""The delta rule (Schlag et al. 2021) in a chunkwise parallel form (WY/UT) and as a loop over time.
+"""The delta rule (Schlag et al. 2021): its update rule, in a chunkwise parallel form (WY/UT) and as a loop over time.
 
 Per head, row-vector convention as in `dfw_kernels` (state S is K x V, K = feature size, V = head size):
 
@@ -16,14 +16,22 @@ T = (I + tril(diag(beta) K K^T, -1))^{-1} diag(beta),  W = T K,  U = T V:
 
 W and U depend on the chunk's own tokens only and are computed for all chunks at once; the loop runs
 over chunks, never over time steps.
+
+As an update rule, beta_t = sigmoid(w_h . x_t + b_h) per head (`write_strength`), and it needs
+sum-normalised features (`DeltaRule.check`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from dfw_kernels.reference import accumulation_dtype
-from torch import Tensor
+from torch import Tensor, nn
+
+from ...errors import ConfigError
+from .base import TokenInputs, UpdateRule, gate_logits, zero_weight_gate
 
 
 def recurrent_delta_rule(
@@ -102,3 +110,36 @@ def chunk_delta_rule(
             S = S + kc[:, :, n].transpose(-1, -2) @ u  # (B, H, K, V)
         o = torch.stack(outputs, dim=2).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
     return o.to(v.dtype), (S if output_final_state else None)
+
+
+class DeltaRule(UpdateRule):
+    name = "delta"
+
+    @classmethod
+    def check(cls, feature_map: str, normalization: str) -> None:
+        if normalization != "sum":
+            raise ConfigError(
+                f"attention.update_rule=delta needs attention.normalization=sum (sum-normalised features keep the "
+                f"delta rule's state bounded), got {normalization}"
+            )
+
+    def gates(self) -> dict[str, nn.Module]:
+        # beta_t = sigmoid(0) = 1/2 at conversion: our choice (Schlag et al. do not state one).
+        return {"write_strength": zero_weight_gate(self.hidden_size, torch.zeros(self.num_heads))}  # beta_t, (C -> H)
+
+    def token_inputs(self, gates: Mapping[str, nn.Module], x: Tensor, inputs: TokenInputs) -> TokenInputs:
+        beta = torch.sigmoid(gate_logits(gates["write_strength"], x, self.num_heads))  # (B, T, H, 1)
+        return inputs._replace(write_strength=beta)
+
+    def parallel(self, inputs, state, output_state, chunk_size, kernel):
+        # No CUDA kernel for the delta rule: `kernel` does not apply.
+        return chunk_delta_rule(inputs.phi_q, inputs.phi_k, inputs.v, inputs.write_strength, state, output_state, chunk_size)
+
+    def recurrent(self, inputs, state):
+        return recurrent_delta_rule(inputs.phi_q, inputs.phi_k, inputs.v, inputs.write_strength, state, output_final_state=True)
+
+    def step(self, inputs, state, kernel):
+        o, new_state = self.recurrent(inputs, state)
+        state.copy_(new_state)
+        return o
+
