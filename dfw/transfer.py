@@ -216,7 +216,7 @@ def checkpoint_stage(ckpt_path: str | None) -> str | None:
     """None without a checkpoint; "transfer" for one taken inside the transfer stage; else "finetune"."""
     if not ckpt_path:
         return None
-    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
     return checkpoint.get(STAGE_KEY, "finetune")
 
 
