@@ -80,8 +80,13 @@ def finetune(teacher_dir: Path, attention: list[str], overrides: list[str], run_
     if attention != SOFTMAX:
         # The same training steps (tokens) as softmax: a quarter for attention transfer, the rest fine-tuning.
         budget = cfg.trainer.max_steps
-        recipe = ["recipe=transfer_finetune", f"budget_steps={budget}", f"transfer.steps={max(1, budget // 4)}"]
-        cfg = _compose([*common, *recipe, *[o for o in overrides if not o.startswith("trainer.max_steps=")]])
+        transfer = max(1, budget // 4)
+        interval = cfg.trainer.val_check_interval  # validate at the last fine-tuning step too
+        interval = interval if (budget - transfer) % interval == 0 else budget - transfer
+        recipe = ["recipe=transfer_finetune", f"budget_steps={budget}", f"transfer.steps={transfer}",
+                  f"trainer.val_check_interval={interval}"]  # fmt: skip
+        kept = [o for o in overrides if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+        cfg = _compose([*common, *kept, *recipe])
     cfg.paths.output_dir = str(run_dir / cfg.attention.name)
     log.info("fine-tuning the teacher with attention=%s", cfg.attention.name)
     return train(cfg)
