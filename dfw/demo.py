@@ -5,7 +5,9 @@
 2. Fine-tune it as it is, softmax, for the fine-tuning budget (`experiment=demo_finetune`): the
    baseline. The teacher is small and briefly trained, so extra steps help it too; comparing DFW
    with the teacher as pretrained would credit the conversion with those steps.
-3. Convert the teacher to decaying fast weights and fine-tune it with the same recipe.
+3. Convert the teacher to decaying fast weights, calibrate its output scale and run attention transfer
+   for a quarter of the budget (`recipe=transfer_finetune`, dfw/transfer.py), then fine-tune it with
+   the same recipe for the rest: as many training tokens as the softmax baseline.
 4. Print validation perplexities and the share of softmax quality retained = softmax ppl / DFW ppl
    (100% = as good as softmax with the same fine-tuning budget).
 
@@ -68,17 +70,23 @@ def pretrain_teacher(overrides: list[str], run_dir: Path) -> tuple[Path, dict[st
 # Stage 3's attention: DFW as preset, m = the teacher's head size (128 / 4 heads = 32), so the feature
 # map starts at the identity.
 DFW = ["attention=decay"]
+SOFTMAX = ["attention=softmax"]
 
 
 def finetune(teacher_dir: Path, attention: list[str], overrides: list[str], run_dir: Path) -> dict[str, float]:
     """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune, test."""
-    cfg = _compose([
-        "experiment=demo_finetune",
-        *attention,
-        f"model.pretrained={teacher_dir}",
-        f"model.tokenizer={teacher_dir}",
-        *overrides,
-    ])  # fmt: skip
+    common = ["experiment=demo_finetune", *attention, f"model.pretrained={teacher_dir}", f"model.tokenizer={teacher_dir}"]
+    cfg = _compose([*common, *overrides])
+    if attention != SOFTMAX:
+        # The same training steps (tokens) as softmax: a quarter for attention transfer, the rest fine-tuning.
+        budget = cfg.trainer.max_steps
+        transfer = max(1, budget // 4)
+        interval = cfg.trainer.val_check_interval  # validate at the last fine-tuning step too
+        interval = interval if (budget - transfer) % interval == 0 else budget - transfer
+        recipe = ["recipe=transfer_finetune", f"budget_steps={budget}", f"transfer.steps={transfer}",
+                  f"trainer.val_check_interval={interval}"]  # fmt: skip
+        kept = [o for o in overrides if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+        cfg = _compose([*common, *kept, *recipe])
     cfg.paths.output_dir = str(run_dir / cfg.attention.name)
     log.info("fine-tuning the teacher with attention=%s", cfg.attention.name)
     return train(cfg)
@@ -92,6 +100,7 @@ def results_table(teacher: dict[str, float], softmax: dict[str, float], dfw: dic
         ("softmax teacher, as pretrained", best(teacher)),
         ("softmax, fine-tuned", reference),
         ("DFW, right after conversion", dfw["val/ppl_converted"]),
+        ("DFW, after attention transfer", dfw["val/ppl_transfer"]),
         ("DFW, fine-tuned", best(dfw)),
     ]
     lines = ["| model | validation perplexity | softmax quality retained |", "|---|---:|---:|"]
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if teacher_only:
         print(teacher_dir.resolve())
         return 0
-    softmax = run_or_exit(finetune, teacher_dir, ["attention=softmax"], student_overrides, run_dir, logger=log)
+    softmax = run_or_exit(finetune, teacher_dir, SOFTMAX, student_overrides, run_dir, logger=log)
     dfw = run_or_exit(finetune, teacher_dir, DFW, student_overrides, run_dir, logger=log)
     table = results_table(teacher, softmax, dfw)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,10 @@ import dfw  # noqa: F401  (registers the config resolvers)
 
 from .checkpointing import TrainingInterrupted, load_checkpoint
 from .errors import ConfigError, in_multirun, instantiate, run_or_exit
+from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
 from .surgery import model_size_metrics
+from .transfer import checkpoint_stage, run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +112,19 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
 
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    if cfg.validate_before_fit and not cfg.get("ckpt_path"):
+    stage = checkpoint_stage(cfg.get("ckpt_path"))  # None, "transfer" (inside the transfer stage) or "finetune"
+    if cfg.validate_before_fit and stage is None:
         # The converted model before any fine-tuning: how much conversion alone costs.
         trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics["val/ppl_converted"] = float(trainer.callback_metrics["val/ppl"])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if stage != "finetune" and _transfer(cfg, trainer, module, datamodule, resume=stage == "transfer"):
+        # After attention transfer (dfw/transfer.py), before fine-tuning.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics["val/ppl_transfer"] = float(trainer.callback_metrics["val/ppl"])
+    module.net = apply_lora(module.net, cfg.get("lora"))
+    for logger in trainer.loggers:
+        logger.log_metrics(trainable_parameter_metrics(module.net), step=0)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if stage == "finetune" else None)
     metrics.update(_metrics(trainer))
 
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
@@ -134,8 +144,21 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
             weights, step = "best", int(checkpoint["global_step"])
         elif cfg.get("export_weights") == "best":
             log.warning("export_weights=best, but no best checkpoint was written: exporting the final weights")
-        export(module.net, cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer, weights=weights, step=step)
+        export(merged(module.net), cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer, weights=weights, step=step)
     return metrics
+
+
+def _transfer(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any, resume: bool) -> bool:
+    """The attention transfer stage (`transfer.*`), with a trainer of its own and the run's loggers."""
+    if not cfg.get("transfer"):
+        return False
+    checkpoint = cfg.callbacks.get("model_checkpoint") if cfg.get("callbacks") else None
+    return run_transfer(
+        cfg.transfer, module.net, datamodule,
+        make_trainer=lambda **overrides: instantiate(cfg.trainer, logger=trainer.loggers or False, **overrides),
+        checkpoint_dir=checkpoint.dirpath if checkpoint else None,
+        ckpt_path=cfg.ckpt_path if resume else None,
+    )  # fmt: skip
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -38,7 +38,8 @@ def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, text_f
     out = capsys.readouterr().out
     rows = ROW.findall(out)
     assert [name for name, _, _ in rows] == [
-        "softmax teacher, as pretrained", "softmax, fine-tuned", "DFW, right after conversion", "DFW, fine-tuned",
+        "softmax teacher, as pretrained", "softmax, fine-tuned", "DFW, right after conversion",
+        "DFW, after attention transfer", "DFW, fine-tuned",
     ]  # fmt: skip
     reference = float(rows[1][1])  # softmax with the same fine-tuning budget as DFW
     for _, ppl, share in rows:

@@ -53,7 +53,11 @@ class ConvertedAttention(nn.Module):
         self.num_heads = original.num_heads
         self.head_dim = original.head_dim
         self.embed_dim = original.embed_dim
+        self.scaling = original.scaling  # softmax's score scale, for the teacher of attention transfer
         self.core = core
+        # Attention transfer (dfw.transfer) sets a callable here: it computes the pretrained softmax
+        # output from the same q, k, v (which flows on), and the core's loss against it.
+        self.teacher = None
 
     def forward(
         self,
@@ -73,7 +77,10 @@ class ConvertedAttention(nn.Module):
             # Training and plain evaluation (a Hugging Face cache, if one is passed, is not ours: ignored).
             if cache is not None and T == 1 and self.layer_idx == 0:
                 _refuse_continuation(kwargs.get("position_ids"))
-            o, _ = self.core(q, k, v, hidden_states)
+            if self.teacher is not None:
+                o = self.teacher(self, q, k, v, hidden_states)
+            else:
+                o, _ = self.core(q, k, v, hidden_states)
         else:
             # A dfw cache (`dfw.cache.RecurrentCache`): it holds this layer's state and runs the parallel
             # form on a prompt, the recurrent form on one new token.

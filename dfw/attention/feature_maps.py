@@ -15,6 +15,7 @@ of the attention config (each map reads its own and ignores the rest).
 | favor      | exp(w_i . x' - |x'|^2 / 2) / sqrt(m), x' = x D^-1/4   | Performer (Choromanski 2021)   |
 | rff        | [sin(w_i . s*x^), cos(w_i . s*x^)] / sqrt(m/2)        | RFA (Peng et al. 2021)         |
 | dpfp       | [r_i r_{i+j}], r = [relu(x), relu(-x)], j = 1..nu     | Schlag et al. 2021             |
+| hedgehog   | [softmax(W_h x), softmax(-W_h x)], learned W_h        | Hedgehog (Zhang et al. 2024)   |
 """
 
 from __future__ import annotations
@@ -270,6 +271,47 @@ class DPFPFeatureMap(FeatureMap):
         return f"order={self.order}, size={self.output_size}"
 
 
+class HedgehogFeatureMap(FeatureMap):
+    """Hedgehog (Zhang et al., ICLR 2024): a learned linear map per head, then a softmax over each half
+    of [W_h x, -W_h x]:
+
+        phi(x) = [softmax(W_h x), softmax(-W_h x)] in R^m,   W_h in R^{m/2 x D}
+
+    Queries and keys have their own maps (W^q_h, W^k_h), as in Hedgehog's code. The features are
+    positive, so the kernel takes the attention denominator; the softmax spikes and keeps the order of
+    scores, which is what lets phi(q) . phi(k) imitate exp(q . k) (the paper's "spiky, monotonic" kernel).
+    Conversion: W^q_h = W^k_h = the identity when m/2 == D (Hedgehog's initialisation), else random
+    semi-orthogonal. Hedgehog then trains W to match softmax attention (`transfer.loss=attention_ce`).
+    """
+
+    nonnegative = True
+    positive_kernel = True
+
+    def __init__(self, num_heads, head_dim, state_size, options):
+        state_size = 2 * head_dim if state_size is None else state_size
+        if state_size % 2:
+            raise ValueError(f"feature_map=hedgehog needs an even state_size ([Wx, -Wx] halves), got {state_size}")
+        super().__init__(num_heads, head_dim, state_size, options)
+        half = self.output_size // 2
+        weight = torch.empty(2, num_heads, half, head_dim)  # (query | key, H, m/2, D)
+        for side in range(2):
+            for h in range(num_heads):
+                if half == head_dim:
+                    nn.init.eye_(weight[side, h])
+                else:
+                    nn.init.orthogonal_(weight[side, h])
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight[0 if is_query else 1].to(dtype)  # (H, m/2, D)
+        projected = torch.einsum("bthd,hmd->bthm", x.to(dtype), weight)  # (B, T, H, m/2)
+        return torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1)  # (B, T, H, m)
+
+    def extra_repr(self) -> str:
+        return f"size={self.output_size}"
+
+
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "identity": IdentityFeatureMap,
     "linear": LinearFeatureMap,
@@ -278,4 +320,5 @@ FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "favor": FavorFeatureMap,
     "rff": RandomFourierFeatureMap,
     "dpfp": DPFPFeatureMap,
+    "hedgehog": HedgehogFeatureMap,
 }

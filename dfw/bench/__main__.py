@@ -1,11 +1,11 @@
-"""`python -m dfw.bench {kernel,attention,decode,train} [args]`: run one benchmark's `main(argv)`."""
+"""`python -m dfw.bench {kernel,attention,decode,train,transfer} [args]`: run one benchmark's `main(argv)`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHMARKS = ("kernel", "attention", "decode", "train")
+BENCHMARKS = ("kernel", "attention", "decode", "train", "transfer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ BAD = [
     ({"feature_map": "dpfp", "state_size": 64}, r"dpfp has state size .* = 16, got state_size=64; set attention\.state_size=null"),
     ({"feature_map": "elu", "state_size": 3}, r"elu has state size"),
     ({"feature_map": "rff", "state_size": 7, "normalization": "denominator"}, r"even state_size"),
+    ({"feature_map": "hedgehog", "state_size": 7, "normalization": "denominator"}, r"hedgehog needs an even state_size"),
     ({"feature_map": "softmax"}, r"attention\.feature_map must be one of"),
     ({"update_rule": "gate"}, r"attention\.update_rule must be one of"),
     ({"chunk_size": 24}, r"chunk_size must be a positive multiple of 16"),

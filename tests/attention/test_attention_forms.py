@@ -28,6 +28,7 @@ OFF_PRESET = [
     ("favor", "delta", "sum", {}),
     ("dpfp", "add", "sum", {"dpfp_order": 2}),
     ("dpfp", "decay", "none", {}),
+    ("hedgehog", "decay", "none", {"state_size": 12}),
 ]
 
 

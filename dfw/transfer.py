@@ -1,0 +1,282 @@
+"""Attention transfer: before fine-tuning, teach each converted layer to reproduce softmax attention.
+
+Only the parameters that conversion added train (`transformer.h.<i>.attn.core.*`: feature maps, gates,
+write strengths, scales); every pretrained weight is frozen. Each layer computes, from its own q, k, v,
+both the pretrained softmax output (the target) and the converted core's output; the softmax output is
+what flows on to the next layer, so every layer learns at once from the inputs the pretrained model
+itself produces (LoLCATs' "attention transfer", Zhang et al. 2024), and no second copy of the model is
+kept. The whole forward runs without gradients except inside the cores, and stops before the LM head.
+
+    transfer.loss=output_mse    |o - o_softmax|^2 / mean(o_softmax^2), per layer       (LoLCATs)
+    transfer.loss=attention_ce  cross-entropy between softmax attention weights and the normalised kernel
+                                scores phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')   (Hedgehog)
+                                (additive rule with a denominator: there the scores are the weights)
+
+`transfer.calibrate=true` is a conversion initialisation for DFW (feature_map=linear, no normaliser):
+on one batch, each head's feature map is scaled so that its output RMS matches softmax's. The output is
+bilinear in phi, so scaling W_h by c scales the head's output by exactly c^2, and the scale lives in
+the feature map's own weights (exports need nothing new).
+
+`run_transfer` is the stage `dfw.train` runs between validating the converted model and fine-tuning:
+a Trainer of its own (the run's trainer settings, `transfer.steps` steps), logging `transfer/loss` and
+`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`) that
+`ckpt_path=` resumes inside the stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from torch import Tensor, nn
+
+from .attention import ConvertedAttention, FastWeightAttention
+from .attention.feature_maps import LinearFeatureMap
+from .errors import ConfigError
+from .module import LanguageModel
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("output_mse", "attention_ce")
+STAGE_KEY = "dfw_stage"  # in a checkpoint: "transfer" for one taken inside this stage
+
+
+def new_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters conversion added (`dfw.surgery` puts every one under `attn.core.`)."""
+    return {name: p for name, p in net.named_parameters() if ".attn.core." in name}
+
+
+def converted_layers(net: nn.Module) -> list[ConvertedAttention]:
+    return [m for m in net.modules() if isinstance(m, ConvertedAttention)]
+
+
+def softmax_weights(q: Tensor, k: Tensor, scaling: float) -> Tensor:
+    """Causal softmax attention weights [B, H, T, T] from q, k [B, T, H, D]."""
+    T = q.shape[1]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scaling  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def kernel_weights(core: FastWeightAttention, q: Tensor, k: Tensor) -> Tensor:
+    """The linear attention weights phi(q_i) . phi(k_j) / sum_{j' <= i} phi(q_i) . phi(k_j'), [B, H, T, T]."""
+    phi_q, phi_k = core._features(q, k)  # (B, T, H, m) each
+    T = q.shape[1]
+    scores = torch.einsum("bihm,bjhm->bhij", phi_q, phi_k)  # (B, H, T, T)
+    scores = scores * torch.ones(T, T, dtype=scores.dtype, device=q.device).tril()
+    return scores / scores.sum(-1, keepdim=True).clamp_min(core.eps)
+
+
+def has_kernel_weights(core: nn.Module) -> bool:
+    """Whether the core's output is its kernel scores, normalised, times v (so attention_ce applies)."""
+    return (
+        isinstance(core, FastWeightAttention)
+        and core.update_rule == "add"
+        and core.normalization == "denominator"
+        and core.output_norm is None
+    )
+
+
+class LayerTeacher:
+    """Set on a ConvertedAttention as `.teacher`: returns the softmax output (it flows on) and keeps the
+    core's transfer loss against it in `.loss` (or, when `calibrating`, per-head output RMS)."""
+
+    def __init__(self, loss: str):
+        self.loss_name = loss
+        self.loss: Tensor | None = None
+        self.calibrating = False
+        self.rms: tuple[Tensor, Tensor] | None = None  # (softmax, core), [H] each
+
+    def __call__(self, attn: ConvertedAttention, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
+        target = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=attn.scaling
+        ).transpose(1, 2)  # (B, T, H, D)
+        if self.calibrating:
+            o, _ = attn.core(q, k, v, x)  # (B, T, H, D)
+            rms = lambda t: t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()  # (H,)
+            self.rms = (rms(target), rms(o))
+            return target
+        with torch.enable_grad():
+            if self.loss_name == "attention_ce":
+                weights = softmax_weights(q, k, attn.scaling)  # (B, H, T, T)
+                estimate = kernel_weights(attn.core, q, k)  # (B, H, T, T)
+                # -sum_j A_ij log A^_ij; masked entries have A_ij = 0 and contribute nothing.
+                self.loss = -(weights * estimate.clamp_min(1e-12).log()).sum(-1).mean()
+            else:
+                o, _ = attn.core(q, k, v, x)  # (B, T, H, D)
+                target32 = target.float()
+                self.loss = (o.float() - target32).square().mean() / target32.square().mean().clamp_min(1e-12)
+        return target
+
+
+@contextmanager
+def teacher_forcing(net: nn.Module, loss: str = "output_mse") -> Iterator[list[LayerTeacher]]:
+    """Inside: every converted layer passes softmax on and records its transfer loss; only the new
+    parameters require gradients. Both are undone on exit."""
+    layers = converted_layers(net)
+    teachers = [LayerTeacher(loss) for _ in layers]
+    trainable = {name: p.requires_grad for name, p in net.named_parameters()}
+    new = new_parameters(net)
+    try:
+        for name, p in net.named_parameters():
+            p.requires_grad_(name in new and trainable[name])
+        for layer, teacher in zip(layers, teachers):
+            layer.teacher = teacher
+        yield teachers
+    finally:
+        for layer in layers:
+            layer.teacher = None
+        for name, p in net.named_parameters():
+            p.requires_grad_(trainable[name])
+
+
+def run_teacher_forced(net: nn.Module, input_ids: Tensor) -> None:
+    """The pretrained forward without gradients and without the LM head (the cores record their losses)."""
+    with torch.no_grad():
+        net.transformer(input_ids=input_ids, use_cache=False)
+
+
+@torch.no_grad()
+def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
+    """Scale each head's linear feature map so the core's output RMS matches softmax's on `input_ids`.
+
+    Applies to cores with feature_map=linear and no normaliser (DFW): their output is bilinear in
+    phi, so W_h <- W_h sqrt(rms_softmax / rms_core) makes the two RMS equal (all layers at once, each from
+    the teacher's inputs). Returns the number of layers calibrated (0: nothing to calibrate).
+    """
+    layers = [
+        layer for layer in converted_layers(net)
+        if isinstance(layer.core, FastWeightAttention) and isinstance(layer.core.feature_map, LinearFeatureMap)
+        and layer.core.normalization == "none" and layer.core.output_norm is None
+    ]  # fmt: skip
+    if not layers:
+        return 0
+    with teacher_forcing(net) as teachers:
+        for teacher in teachers:
+            teacher.calibrating = True
+        run_teacher_forced(net, input_ids)
+    by_layer = {id(layer): teacher for layer, teacher in zip(converted_layers(net), teachers)}
+    for layer in layers:
+        softmax_rms, core_rms = by_layer[id(layer)].rms
+        factor = (softmax_rms / core_rms.clamp_min(1e-12)).sqrt()  # (H,)
+        weight = layer.core.feature_map.weight  # (H, m, D)
+        weight.mul_(factor.to(weight.dtype)[:, None, None])
+        log.info("transfer.calibrate: layer %d output scale x %s", layer.layer_idx,
+                 ", ".join(f"{f:.3g}" for f in factor.square().tolist()))  # fmt: skip
+    return len(layers)
+
+
+class AttentionTransfer(L.LightningModule):
+    """The transfer stage as a LightningModule over the same `net` as fine-tuning (state-dict keys `net.*`).
+
+    Args:
+        net: the converted GPT2LMHeadModel.
+        loss: output_mse | attention_ce.
+        lr: AdamW learning rate of the new parameters (constant; no weight decay).
+    """
+
+    def __init__(self, net: nn.Module, loss: str = "output_mse", lr: float = 1e-2):
+        super().__init__()
+        self.net, self.loss_name, self.lr = net, loss, lr
+        self.teachers: list[LayerTeacher] = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The teacher is the pretrained model as it evaluates: no dropout in its targets or hidden states.
+        self.net.eval()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        run_teacher_forced(self.net, batch["input_ids"])
+        losses = [teacher.loss for teacher in self.teachers]
+        loss = torch.stack(losses).mean()
+        self.log("transfer/loss", loss, prog_bar=True)
+        for i, layer_loss in enumerate(losses):
+            self.log(f"transfer/loss_layer{i}", layer_loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What a fine-tuning checkpoint carries (W&B run id, model config, RNG states), and the stage.
+        LanguageModel.on_save_checkpoint(self, checkpoint)
+        checkpoint[STAGE_KEY] = "transfer"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        LanguageModel.on_load_checkpoint(self, checkpoint)
+
+
+def checkpoint_stage(ckpt_path: str | None) -> str | None:
+    """None without a checkpoint; "transfer" for one taken inside the transfer stage; else "finetune"."""
+    if not ckpt_path:
+        return None
+    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get(STAGE_KEY, "finetune")
+
+
+def check_transfer_config(transfer: Any) -> None:
+    if transfer.loss not in LOSSES:
+        raise ConfigError(f"transfer.loss must be one of {list(LOSSES)}, got {transfer.loss!r}")
+    if not isinstance(transfer.steps, int) or transfer.steps < 0:
+        raise ConfigError(f"transfer.steps must be a non-negative integer (0: no transfer stage), got {transfer.steps!r}")
+
+
+def run_transfer(
+    transfer: Any,
+    net: nn.Module,
+    datamodule: L.LightningDataModule,
+    make_trainer: Callable[..., L.Trainer],
+    checkpoint_dir: str | None,
+    ckpt_path: str | None = None,
+) -> bool:
+    """The transfer stage (config node `transfer`); returns whether it changed the model.
+
+    `make_trainer(**overrides)` builds a Trainer from the run's trainer config; `ckpt_path` resumes a
+    checkpoint taken inside this stage.
+    """
+    check_transfer_config(transfer)
+    if transfer.steps == 0 and not transfer.calibrate:
+        return False
+    name = type(converted_layers(net)[0].core).__name__ if converted_layers(net) else "none"
+    new = new_parameters(net)
+    changed = False
+    if transfer.calibrate and ckpt_path is None:
+        batch = next(iter(datamodule.train_dataloader()))["input_ids"]
+        changed = calibrate_output_scale(net, batch) > 0
+        if not changed:
+            log.info("transfer.calibrate: no core with a linear feature map and no normaliser (DFW); nothing to calibrate")
+    if transfer.steps == 0:
+        return changed
+    if not new:
+        log.info("attention transfer: %s adds no parameters to learn; skipping the stage", name)
+        return changed
+    if transfer.loss == "attention_ce" and not all(has_kernel_weights(layer.core) for layer in converted_layers(net)):
+        raise ConfigError(
+            "transfer.loss=attention_ce needs kernel attention weights (update_rule=add with normalization=denominator, "
+            "e.g. attention=hedgehog, linear or t2r); use transfer.loss=output_mse for this attention"
+        )
+    log.info("attention transfer: %d steps, loss %s, %s new parameters trained, every other weight frozen",
+             transfer.steps, transfer.loss, f"{sum(p.numel() for p in new.values()):,}")  # fmt: skip
+    callbacks = []
+    if checkpoint_dir:
+        last = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
+                               every_n_train_steps=transfer.checkpoint_every)  # fmt: skip
+        last.CHECKPOINT_NAME_LAST = "transfer-last"
+        callbacks += [last, OnExceptionCheckpoint(dirpath=checkpoint_dir, filename="transfer-on-exception")]
+    trainer = make_trainer(
+        max_steps=transfer.steps, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_checkpointing=bool(checkpoint_dir), enable_model_summary=False,
+    )  # fmt: skip
+    module = AttentionTransfer(net, loss=transfer.loss, lr=transfer.lr)
+    training = net.training
+    with teacher_forcing(net, transfer.loss) as teachers:
+        module.teachers = teachers
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    net.train(training)
+    return True
