@@ -27,7 +27,7 @@ from .errors import ConfigError, in_multirun, instantiate, run_or_exit
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
 from .surgery import model_size_metrics
-from .transfer import checkpoint_stage, run_transfer
+from .transfer import STAGE_KEY, checkpoint_stage, run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
             f"with the checkpoint's options (attention={stored['attention'].get('name')} ...) or start a new run"
         )
     step = int(state.get("global_step", 0))
-    if step >= cfg.trainer.max_steps:
+    if state.get(STAGE_KEY) != "transfer" and step >= cfg.trainer.max_steps:  # (a transfer step is not a fine-tuning step)
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path!r} is already at step {step} and trainer.max_steps={cfg.trainer.max_steps}: "
             "nothing left to train; raise trainer.max_steps to train further"
@@ -158,6 +158,7 @@ def _transfer(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, da
         make_trainer=lambda **overrides: instantiate(cfg.trainer, logger=trainer.loggers or False, **overrides),
         checkpoint_dir=checkpoint.dirpath if checkpoint else None,
         ckpt_path=cfg.ckpt_path if resume else None,
+        run_config=module.hparams["config"],
     )  # fmt: skip
 
 

@@ -34,11 +34,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from torch import Tensor, nn
 
 from .attention import ConvertedAttention, FastWeightAttention
 from .attention.feature_maps import LinearFeatureMap
+from .checkpointing import CrashCheckpoint, LatestCheckpoint
 from .errors import ConfigError
 from .module import LanguageModel
 
@@ -127,7 +127,7 @@ def teacher_forcing(net: nn.Module, loss: str = "output_mse") -> Iterator[list[L
     try:
         for name, p in net.named_parameters():
             p.requires_grad_(name in new and trainable[name])
-        for layer, teacher in zip(layers, teachers):
+        for layer, teacher in zip(layers, teachers, strict=True):
             layer.teacher = teacher
         yield teachers
     finally:
@@ -162,7 +162,7 @@ def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
         for teacher in teachers:
             teacher.calibrating = True
         run_teacher_forced(net, input_ids)
-    by_layer = {id(layer): teacher for layer, teacher in zip(converted_layers(net), teachers)}
+    by_layer = {id(layer): teacher for layer, teacher in zip(converted_layers(net), teachers, strict=True)}
     for layer in layers:
         softmax_rms, core_rms = by_layer[id(layer)].rms
         factor = (softmax_rms / core_rms.clamp_min(1e-12)).sqrt()  # (H,)
@@ -180,11 +180,14 @@ class AttentionTransfer(L.LightningModule):
         net: the converted GPT2LMHeadModel.
         loss: output_mse | attention_ce.
         lr: AdamW learning rate of the new parameters (constant; no weight decay).
+        run_config: the resolved run config, stored in checkpoints as fine-tuning's are.
     """
 
-    def __init__(self, net: nn.Module, loss: str = "output_mse", lr: float = 1e-2):
+    def __init__(self, net: nn.Module, loss: str = "output_mse", lr: float = 1e-2, run_config: dict | None = None):
         super().__init__()
         self.net, self.loss_name, self.lr = net, loss, lr
+        # As in LanguageModel: the run config in the checkpoint, so a resume can check it continues this run.
+        self.save_hyperparameters({"config": run_config})
         self.teachers: list[LayerTeacher] = []
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -234,6 +237,7 @@ def run_transfer(
     make_trainer: Callable[..., L.Trainer],
     checkpoint_dir: str | None,
     ckpt_path: str | None = None,
+    run_config: dict | None = None,
 ) -> bool:
     """The transfer stage (config node `transfer`); returns whether it changed the model.
 
@@ -265,15 +269,17 @@ def run_transfer(
              transfer.steps, transfer.loss, f"{sum(p.numel() for p in new.values()):,}")  # fmt: skip
     callbacks = []
     if checkpoint_dir:
-        last = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
-                               every_n_train_steps=transfer.checkpoint_every)  # fmt: skip
-        last.CHECKPOINT_NAME_LAST = "transfer-last"
-        callbacks += [last, OnExceptionCheckpoint(dirpath=checkpoint_dir, filename="transfer-on-exception")]
+        # The same guarantees as fine-tuning's checkpoints (dfw/checkpointing.py): atomic writes, the latest
+        # state every N steps and at a Ctrl-C, a crash checkpoint that never replaces another file.
+        callbacks += [
+            LatestCheckpoint(checkpoint_dir, every_n_steps=transfer.checkpoint_every, filename="transfer-last"),
+            CrashCheckpoint(checkpoint_dir, filename="transfer-on-exception"),
+        ]
     trainer = make_trainer(
         max_steps=transfer.steps, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
         enable_checkpointing=bool(checkpoint_dir), enable_model_summary=False,
     )  # fmt: skip
-    module = AttentionTransfer(net, loss=transfer.loss, lr=transfer.lr)
+    module = AttentionTransfer(net, loss=transfer.loss, lr=transfer.lr, run_config=run_config)
     training = net.training
     with teacher_forcing(net, transfer.loss) as teachers:
         module.teachers = teachers

@@ -36,7 +36,10 @@ def _cfg(root: Path, text_files, *extra: str, attention: str = "decay"):
 
 def _cli(root: Path, text_files, *extra: str) -> subprocess.CompletedProcess:
     overrides = tiny_overrides(root, text_files, "attention=decay", *COMMON, f"trainer.max_steps={STEPS}", *extra)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    # The same intra-op thread count as the in-process runs it is compared with (one per pytest-xdist
+    # worker): float reductions split differently over threads, and the comparison is bit for bit.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "dfw.train", *overrides, f"hydra.run.dir={root}/hydra"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
