@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .closed_form import ScanDecayFastWeights, ScanResult
+from .reference import log_gate_floor
 
 try:
     import triton
@@ -401,8 +402,11 @@ def decay_fast_weights_triton(q, k, v, log_key_gate, log_value_gate, initial_sta
     K, V = q.shape[-1], v.shape[-1]
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    log_key_gate = _full_width(log_key_gate, K)  # (B, T, H, K) float32
-    log_value_gate = _full_width(log_value_gate, V)  # (B, T, H, V) float32
+    # Chunk-local cumulative sums of log-gates: a -inf (a gate of exactly 0) would give -inf - -inf = NaN,
+    # so log-gates are raised to a floor whose exp is already 0 (as in the PyTorch chunked forms).
+    floor = log_gate_floor(torch.float32)
+    log_key_gate = _full_width(None if log_key_gate is None else log_key_gate.float().clamp_min(floor), K)  # (B, T, H, K)
+    log_value_gate = _full_width(None if log_value_gate is None else log_value_gate.float().clamp_min(floor), V)  # (B, T, H, V)
     if initial_state is not None:
         initial_state = initial_state.float()
     return ScanDecayFastWeights.apply(

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from dfw_kernels import chunk_decay_fast_weights, decay_fast_weights
+from dfw_kernels import chunk_decay_fast_weights, decay_fast_weights, recurrent_decay_fast_weights
 from dfw_kernels.closed_form import scan_reference
 from dfw_kernels.testing import random_inputs, relative_rms_error
 
@@ -225,3 +225,25 @@ def test_gpu_production_shapes(shape, gates, dtype):
     inputs = random_inputs(*shape, gates=gates, dtype=dtype, device=DEVICE, seed=sum(shape))
     expected, actual = _reference_and_kernel(inputs)
     _assert_close(expected, actual, TOL[dtype])
+
+
+@needs_kernel
+def test_minus_infinity_log_gate_gives_the_loops_result():
+    """A gate of exactly 0 (log-gate -inf, or below -1e37): the loop resets the state and stays finite; the
+    kernel's chunk-local cumulative sums would take -inf - -inf = NaN without the log-gate floor."""
+    inputs = random_inputs(1, 40, 2, 16, 16, device=DEVICE, dtype=torch.float32)
+    with torch.no_grad():
+        inputs["log_key_gate"][0, 5, 0, :3] = float("-inf")
+        inputs["log_value_gate"][0, 17, 1] = -1e38
+        inputs["log_key_gate"][0, 30, 1, 2] = float("-inf")
+    inputs = {n: None if x is None else x.detach().requires_grad_() for n, x in inputs.items()}
+    expected = recurrent_decay_fast_weights(
+        **{n: None if x is None else x.detach().double() for n, x in inputs.items()}, output_final_state=True
+    )
+    o, final = decay_fast_weights(**inputs, output_final_state=True, kernel="triton")
+    (o.square().sum() + final.square().sum()).backward()
+    grads = {f"d{n}": t.grad for n, t in inputs.items() if t is not None}
+    for name, x in {"o": o, "final_state": final, **grads}.items():
+        assert torch.isfinite(x).all(), f"{name} has NaN or inf"
+    assert relative_rms_error(o, expected[0]) < TOL[torch.float32]
+    assert relative_rms_error(final, expected[1]) < TOL[torch.float32]
