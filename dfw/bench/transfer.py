@@ -4,14 +4,13 @@ Seconds per optimizer step of the attention transfer stage beside a fine-tuning 
 and batch: fine-tuning is forward + LM head + cross-entropy + backward through every weight + AdamW on
 every weight; transfer is the teacher-forced forward without gradients (no LM head) + each layer's core
 against softmax + backward through the cores only + AdamW on the new parameters (dfw/transfer.py).
-Median over repeats after a warm-up; the weights are random (the cost does not depend on them).
+Median (and spread) over repeats after a warm-up, through dfw/bench/timing.py like every benchmark here;
+the weights are random (the cost does not depend on them).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,8 @@ from dfw.model import core_factory
 from dfw.surgery import convert_attention
 from dfw.transfer import run_teacher_forced, teacher_forcing
 
+from .timing import Table, Timing, device_name, time_ms, write_json
+
 CONF = Path(__file__).resolve().parents[2] / "conf" / "attention"
 # name: (GPT2Config fields, batch, block size)
 SHAPES = {
@@ -32,22 +33,7 @@ SHAPES = {
 }
 
 
-def _timed(step, warmup: int, repeats: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats: int) -> dict[str, Timing | None]:
     fields, batch, block = SHAPES[shape]
     torch.manual_seed(0)
     config = GPT2Config(**fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -68,9 +54,11 @@ def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats:
         loss.backward()
         finetune_optimizer.step()
 
-    seconds = {"fine-tune": _timed(finetune_step, warmup, repeats, device)}
+    ms: dict[str, Timing | None] = {"fine-tune": time_ms(finetune_step, device, warmup, repeats), "transfer": None}
     with teacher_forcing(net) as teachers:
         trainable = [p for p in net.parameters() if p.requires_grad]
+        if not trainable:  # a preset with nothing to learn has no transfer stage
+            return ms
         transfer_optimizer = torch.optim.AdamW(trainable, lr=1e-2)
 
         def transfer_step() -> None:
@@ -81,8 +69,8 @@ def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats:
             loss.backward()
             transfer_optimizer.step()
 
-        seconds["transfer"] = _timed(transfer_step, warmup, repeats, device) if trainable else float("nan")
-    return seconds
+        ms["transfer"] = time_ms(transfer_step, device, warmup, repeats)
+    return ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -99,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"no conf/attention/{unknown[0]}.yaml")
     fields, batch, block = SHAPES[args.shape]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"seconds per optimizer step, shape {args.shape} ({fields['n_layer']} layers, width {fields['n_embd']}, "
-          f"B={batch} T={block}); {where}, float32; median of {args.repeats} after {args.warmup} warm-up")  # fmt: skip
-    header = f"{'preset':<10} {'fine-tune s':>12} {'transfer s':>11} {'transfer / fine-tune':>21}"
-    print(header)
-    print("-" * len(header))
+    table = Table(
+        f"ms per optimizer step, shape {args.shape} ({fields['n_layer']} layers, width {fields['n_embd']}, B={batch} "
+        f"T={block}); {device_name(device)}, float32; median ±IQR/2 of {args.repeats} after {args.warmup} warm-up",
+        ["preset", "fine-tune ms", "transfer ms", "transfer / fine-tune"],
+    )
     for preset in presets:
         row = measure(preset, args.shape, device, args.warmup, args.repeats)
-        print(f"{preset:<10} {row['fine-tune']:>12.3f} {row['transfer']:>11.3f} {row['transfer'] / row['fine-tune']:>21.2f}")
+        ratio = None if row["transfer"] is None else row["transfer"].median_ms / row["fine-tune"].median_ms
+        table.add(preset=preset, **{"fine-tune ms": row["fine-tune"], "transfer ms": row["transfer"],
+                                    "transfer / fine-tune": ratio})  # fmt: skip
+    table.print()
+    write_json(args.json, "transfer", device, [table], shape=args.shape)
     return 0
 
 
