@@ -36,7 +36,8 @@ SHAPES = {
 def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats: int) -> dict[str, Timing | None]:
     fields, batch, block = SHAPES[shape]
     torch.manual_seed(0)
-    config = GPT2Config(**fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    special = fields["vocab_size"] - 1  # GPT-2's 50256 is outside the smaller vocabularies
+    config = GPT2Config(**fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=special, eos_token_id=special)
     net = GPT2LMHeadModel(config)
     node = OmegaConf.load(CONF / f"{preset}.yaml")
     if node.get("state_size") is not None:
