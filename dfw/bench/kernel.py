@@ -6,7 +6,7 @@ times, in this process, forward and forward+backward (medians and spread over --
 events, dfw/bench/timing.py):
   dfw cuda       this project's fused recurrent kernel (dfw_kernels, kernel="cuda")
   dfw triton     this project's chunked tensor-core kernel (kernel="triton", triton_chunk.py)
-  torch chunked  the PyTorch chunkwise reference (chunk 64), the fallback
+  torch chunked  the PyTorch path (kernel="torch": chunked.py's scan, chunks up to 64), the fallback
   sdpa           torch SDPA, causal, FlashAttention backend: softmax attention, the floor to aim at
   fla recurrent  fla's fused_recurrent_gla(q, k, v, gk, gv, scale=1.0): the same two-sided recurrence
   fla chunk      fla's chunk_gla(q, k, v, g=gk, scale=1.0): key-side gate only (it has no value gate)
@@ -106,7 +106,7 @@ def _ratios(numerators, denominators, digits: int) -> str:
 
 def _bench_seq_len(T: int, dtype, warmup: int, reps: int, with_torch: bool, fla) -> dict:
     """One row of the training table: {op name: (fwd ms, fwd+bwd ms)} at sequence length T."""
-    from dfw_kernels import chunk_decay_fast_weights, decay_fast_weights
+    from dfw_kernels import decay_fast_weights
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B = max(1, TOKENS_PER_BATCH // T)
@@ -120,7 +120,7 @@ def _bench_seq_len(T: int, dtype, warmup: int, reps: int, with_torch: bool, fla)
     ops = {"dfw cuda": (lambda: decay_fast_weights(q, k, v, gk, gv, kernel="cuda")[0], leaves)}
     ops["dfw triton"] = (lambda: decay_fast_weights(q, k, v, gk, gv, kernel="triton")[0], leaves)
     if with_torch:
-        ops["torch chunked"] = (lambda: chunk_decay_fast_weights(q, k, v, gk, gv, chunk_size=64)[0], leaves)
+        ops["torch chunked"] = (lambda: decay_fast_weights(q, k, v, gk, gv, chunk_size=64, kernel="torch")[0], leaves)
     ops["sdpa"] = (sdpa, (q, k, v))
     if fla is not None:
         ops["fla recurrent"] = (lambda: fla[0](q, k, v, gk, gv), leaves)
