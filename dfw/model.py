@@ -25,6 +25,7 @@ from .attention import AttentionCore
 from .checkpointing import error_summary
 from .errors import ConfigError, instantiate
 from .hf import MODEL_TYPE, DFWForCausalLM, as_dfw_model
+from .hub import check_hub_or_cache
 from .safe_config import build_checked, check_options, plain
 from .surgery import convert_attention
 
@@ -64,6 +65,8 @@ def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHead
             f"{option}={source!r}: no Hugging Face checkpoint there (config.json missing); "
             "pass a directory written by save_pretrained or by dfw's export, or a hub id such as gpt2"
         )
+    if not looks_local:
+        check_hub_or_cache(source, option)  # no minute of retries when the hub is unreachable
     try:
         return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else source, dtype=torch.float32)
     except OSError as err:
