@@ -36,6 +36,7 @@ from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
 from .errors import ConfigError, run_or_exit
 from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
+from .presets import config_dir
 from .safe_config import build_checked
 from .surgery import convert_attention
 
@@ -189,9 +190,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 # `model` is a config group in conf/ (for training, model=gpt2 picks conf/model/gpt2.yaml), so Hydra would
 # read `model=<path>` as a group choice. Served from the ConfigStore, whose search path has no such group,
 # conf/generate.yaml takes `model=<anything>` as a value.
-ConfigStore.instance().store(
-    name="generate", node=OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "generate.yaml")
-)
+ConfigStore.instance().store(name="generate", node=OmegaConf.load(config_dir() / "generate.yaml"))
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")

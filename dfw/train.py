@@ -26,6 +26,7 @@ from .checkpointing import TrainingInterrupted, load_checkpoint
 from .errors import ConfigError, in_multirun, instantiate, run_or_exit
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
+from .presets import config_dir
 from .surgery import model_size_metrics
 from .transfer import STAGE_KEY, checkpoint_stage, run_transfer
 
@@ -208,7 +209,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_or_exit(train, cfg, logger=log)
