@@ -22,13 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dfw  # noqa: F401  (registers the config resolvers)
 
-from .checkpointing import TrainingInterrupted, load_checkpoint
+from .checkpointing import TrainingInterrupted
 from .errors import ConfigError, in_multirun, instantiate, run_or_exit
+from .loading import STAGE_KEY, checkpoint_stage, read_checkpoint
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
 from .presets import config_dir
 from .surgery import model_size_metrics
-from .transfer import STAGE_KEY, checkpoint_stage, run_transfer
+from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Path(cfg.ckpt_path).expanduser()
     if not ckpt.is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass the path of a .ckpt file to resume from")
-    state = load_checkpoint(ckpt, "ckpt_path")
+    state = read_checkpoint(ckpt, "ckpt_path")
     stored = (state.get("hyper_parameters") or {}).get("config") or {}
     if not isinstance(stored.get("attention"), dict):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} has no run config: not a checkpoint written by dfw.train")
@@ -140,7 +141,7 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
     elif cfg.get("export_dir") and trainer.is_global_zero:
         weights, step = "final", trainer.global_step
         if cfg.get("export_weights") == "best" and best:
-            checkpoint = load_checkpoint(best, "best checkpoint")
+            checkpoint = read_checkpoint(best, "best checkpoint")
             module.load_state_dict(checkpoint["state_dict"])
             weights, step = "best", int(checkpoint["global_step"])
         elif cfg.get("export_weights") == "best":
