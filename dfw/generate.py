@@ -79,8 +79,42 @@ def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, name)
 
 
+GENERATE_CONFIG = config_dir() / "generate.yaml"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_generation_options(cfg: DictConfig) -> None:
+    """Every option of conf/generate.yaml checked before anything is loaded: one ConfigError for the first
+    one that is wrong (an unknown `+key`, an empty prompt, a number out of its range)."""
+    known = set(OmegaConf.load(GENERATE_CONFIG)) - {"defaults", "hydra"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not an option of dfw.generate; its options are {', '.join(sorted(known))}")
+    prompts = list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt]
+    if not prompts:
+        raise ConfigError("prompt is an empty list; give a string or a list of strings")
+    for i, prompt in enumerate(prompts):
+        where = f"prompt[{i}]" if isinstance(cfg.prompt, (list, ListConfig)) else "prompt"
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"{where} is empty; give the text to continue, e.g. prompt=\"To be, or not to be\"")
+    if not _is_int(cfg.max_new_tokens) or cfg.max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
+    if isinstance(cfg.temperature, bool) or not isinstance(cfg.temperature, (int, float)) or not cfg.temperature >= 0:
+        raise ConfigError(f"temperature must be 0 (greedy) or positive, got {cfg.temperature!r}")
+    if not _is_int(cfg.top_k) or cfg.top_k < 0:
+        raise ConfigError(f"top_k must be a non-negative integer (0: no top-k filtering), got {cfg.top_k!r}")
+    if isinstance(cfg.top_p, bool) or not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {cfg.top_p!r}")
+    if not _is_int(cfg.seed):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Load, generate, print; returns the texts (prompt + continuation) and the measurements."""
+    check_generation_options(cfg)
     device, dtype = _device_and_dtype(cfg)
     net, tokenizer = load_for_generation(str(cfg.model))
     net = net.to(device=device, dtype=dtype).eval()
@@ -90,6 +124,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     prompt_length = batch["input_ids"].shape[1]
+    if prompt_length >= net.config.n_positions:
+        raise ConfigError(
+            f"the prompt is {prompt_length} tokens, which leaves none of the model's {net.config.n_positions} learned "
+            "positions for new tokens; shorten it"
+        )
     if prompt_length + cfg.max_new_tokens > net.config.n_positions:
         raise ConfigError(
             f"prompt ({prompt_length} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
@@ -137,7 +176,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 # `model` is a config group in conf/ (for training, model=gpt2 picks conf/model/gpt2.yaml), so Hydra would
 # read `model=<path>` as a group choice. Served from the ConfigStore, whose search path has no such group,
 # conf/generate.yaml takes `model=<anything>` as a value.
-ConfigStore.instance().store(name="generate", node=OmegaConf.load(config_dir() / "generate.yaml"))
+ConfigStore.instance().store(name="generate", node=OmegaConf.load(GENERATE_CONFIG))
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
