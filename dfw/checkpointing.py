@@ -49,7 +49,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import ConfigError
+from .errors import ConfigError, error_summary  # noqa: F401  (error_summary: its old import path)
+from .loading import read_checkpoint as load_checkpoint  # the one data-only reader, under its old name
 
 log = logging.getLogger(__name__)
 
@@ -77,33 +78,6 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
-
-
-def error_summary(err: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none), for one-line errors."""
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
-
-def load_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
-    """torch.load(path, weights_only=True) with one ConfigError (naming `option`) for what is not a checkpoint."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"{option}={str(path)!r} does not exist; pass the path of a .ckpt file") from None
-    except Exception as err:
-        reason = error_summary(err)
-        if "Unsupported global" in str(err):
-            reason = "it holds pickled Python objects, not only data; dfw does not load those"
-        elif "weights_only" in str(err) or "Weights only load failed" in str(err):
-            reason = "it is not a checkpoint file (unreadable as one: damaged, or something else)"
-        raise ConfigError(
-            f"{option}={str(path)!r} cannot be loaded as a checkpoint ({reason}); pass a .ckpt written by dfw.train "
-            "(a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or best-*.ckpt)"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by dfw.train")
-    return checkpoint
 
 
 def _disk_full(err: BaseException | None) -> bool:

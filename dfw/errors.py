@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A setting, file or resource the user named is wrong or missing; the message says what to do."""
 
 
+def error_summary(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, raising a ConfigError of the target (or of a nested node) as itself.
 

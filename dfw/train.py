@@ -25,13 +25,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import dfw  # noqa: F401  (registers the config resolvers)
 
 from . import run_folder
-from .checkpointing import LatestCheckpoint, TrainingInterrupted, checkpoint_step, load_checkpoint
+from .checkpointing import LatestCheckpoint, TrainingInterrupted, checkpoint_step
 from .data import LanguageModelingDataModule
 from .errors import ConfigError, check_config_choices, in_multirun, instantiate, run_or_exit
+from .loading import STAGE_KEY, checkpoint_stage, read_checkpoint, saved_attention
 from .lora import apply_lora, merged, trainable_parameter_metrics
-from .model import build_model, export, saved_attention
+from .model import build_model, export
+from .presets import config_dir
 from .surgery import model_size_metrics
-from .transfer import STAGE_KEY, checkpoint_stage, run_transfer
+from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Path(cfg.ckpt_path).expanduser()
     if not ckpt.is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass the path of a .ckpt file to resume from")
-    state = load_checkpoint(ckpt, "ckpt_path")
+    state = read_checkpoint(ckpt, "ckpt_path")
     stored = (state.get("hyper_parameters") or {}).get("config") or {}
     if not isinstance(stored.get("attention"), dict):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} has no run config: not a checkpoint written by dfw.train")
@@ -281,7 +283,7 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
     # (validated at the last step, ValidateLastStep), or the best checkpoint's with export_weights=best.
     weights, step = "final", trainer.global_step
     if cfg.get("export_weights") == "best" and best:
-        state = load_checkpoint(best, "best checkpoint")
+        state = read_checkpoint(best, "best checkpoint")
         module.load_state_dict(state["state_dict"])
         weights, step = "best", int(state["global_step"])
         metrics["val/ppl"] = float(checkpoint.best_model_score)
@@ -374,7 +376,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_or_exit(train, cfg, logger=log)
@@ -389,5 +391,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    check_config_choices(Path(__file__).resolve().parents[1] / "conf", sys.argv[1:])
+    check_config_choices(config_dir(), sys.argv[1:])
     main()

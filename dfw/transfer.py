@@ -19,7 +19,7 @@ the feature map's own weights (exports need nothing new).
 
 `run_transfer` is the stage `dfw.train` runs between validating the converted model and fine-tuning:
 a Trainer of its own (the run's trainer settings, `transfer.steps` steps), logging `transfer/loss` and
-`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`) that
+`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`, `dfw.loading.STAGE_KEY`) that
 `ckpt_path=` resumes inside the stage.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -40,12 +39,12 @@ from .attention import ConvertedAttention, FastWeightAttention
 from .attention.feature_maps import LinearFeatureMap
 from .checkpointing import CrashCheckpoint, LatestCheckpoint
 from .errors import ConfigError
+from .loading import STAGE_KEY
 from .module import LanguageModel
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("output_mse", "attention_ce")
-STAGE_KEY = "dfw_stage"  # in a checkpoint: "transfer" for one taken inside this stage
 
 
 def new_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
@@ -213,14 +212,6 @@ class AttentionTransfer(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         LanguageModel.on_load_checkpoint(self, checkpoint)
-
-
-def checkpoint_stage(ckpt_path: str | None) -> str | None:
-    """None without a checkpoint; "transfer" for one taken inside the transfer stage; else "finetune"."""
-    if not ckpt_path:
-        return None
-    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get(STAGE_KEY, "finetune")
 
 
 def check_transfer_config(transfer: Any) -> None:
