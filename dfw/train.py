@@ -386,6 +386,9 @@ def main(cfg: DictConfig) -> float | None:
         else:
             log.error("%s; resume with ckpt_path=%s", stop, stop.path)
         sys.exit(stop.exit_code)  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (a scheduler sees a stopped job)
+    except Exception:
+        run_folder.write_held_back()  # not bad input but a failure: the run folder keeps its config and log
+        raise
     # Returned for Hydra sweepers that optimise a value.
     return metrics.get("val/ppl")
 
