@@ -53,6 +53,7 @@ class UpdateRule(Registered):
 
     registry: ClassVar[dict[str, type[UpdateRule]]] = UPDATE_RULES  # name: the value of attention.update_rule
     options: ClassVar[dict[str, Any]] = {}  # rule-specific config options and their defaults
+    plain_sum: ClassVar[bool] = False  # S_t = sum_s phi(k_s)^T v_s: no gate, no decay (attention transfer asks)
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, options: Mapping[str, Any]):
         self.hidden_size, self.num_heads, self.head_dim, self.state_size = hidden_size, num_heads, head_dim, state_size
