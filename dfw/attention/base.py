@@ -9,13 +9,15 @@ between softmax attention and its recurrent replacements.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-# What a core carries between calls: a KV cache for softmax, a fixed-size fast-weight state otherwise.
-State = Any
+# What a core carries between calls (None before the first): a fixed-size fast-weight state, one tensor
+# [B, H, m, D] ([B, H, m, D + 1] with a denominator column), or softmax's KV cache (k, v), [B, H, T, D] each.
+State: TypeAlias = "Tensor | tuple[Tensor, Tensor] | None"
 
 
 class AttentionCore(nn.Module):
@@ -68,7 +70,7 @@ class AttentionCore(nn.Module):
 class ConvertedAttention(nn.Module):
     """Drop-in replacement for `GPT2Attention` (self-attention only) around an `AttentionCore`."""
 
-    def __init__(self, original: nn.Module, core: AttentionCore):
+    def __init__(self, original: GPT2Attention, core: AttentionCore):
         super().__init__()
         if getattr(original, "is_cross_attention", False):
             raise ValueError("ConvertedAttention replaces self-attention only, not cross-attention")

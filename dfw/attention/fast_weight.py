@@ -145,10 +145,12 @@ class FastWeightAttention(AttentionCore):
         return o
 
     def forward(self, q, k, v, x, state: State = None, output_state: bool = False) -> tuple[Tensor, State]:
+        assert state is None or isinstance(state, Tensor), "a fast-weight state is one tensor [B, H, m, D]"
         o, state = self.rule.parallel(self._prepare(q, k, v, x), state, output_state, self.chunk_size, self.kernel)
         return self._finish(o), state
 
     def recurrent(self, q, k, v, x, state: State = None) -> tuple[Tensor, State]:
+        assert state is None or isinstance(state, Tensor), "a fast-weight state is one tensor [B, H, m, D]"
         o, state = self.rule.recurrent(self._prepare(q, k, v, x), state)
         return self._finish(o), state
 

@@ -168,6 +168,9 @@ class RandomFeatureMap(FeatureMap):
     (the buffer is saved in its state dict).
     """
 
+    projection: Tensor  # (H, n, D) buffer: the random directions
+    training_calls: Tensor  # () buffer: training-mode calls so far
+
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
         redraw_interval = options.get("redraw_interval")

@@ -146,6 +146,12 @@ def _transpose(state: Tensor | None) -> Tensor | None:
     return None if state is None else state.transpose(-1, -2)  # (B, H, V, K)
 
 
+def _kept(x: Tensor | None) -> Tensor:
+    """A tensor the forward kept because this backward needs it."""
+    assert x is not None, "the forward did not keep a tensor the backward needs"
+    return x
+
+
 def backward(
     scan: Scan,
     q: Tensor,
@@ -174,9 +180,9 @@ def backward(
     if d_final_state is not None:
         d_final_state = d_final_state.to(acc)
         if need_dgk:
-            key_start = (d_final_state * final_pre_state).sum(-1)  # (B, H, K)
+            key_start = (d_final_state * _kept(final_pre_state)).sum(-1)  # (B, H, K)
         if need_dgv:
-            value_start = (d_final_state * final_pre_state).sum(-2)  # (B, H, V)
+            value_start = (d_final_state * _kept(final_pre_state)).sum(-2)  # (B, H, V)
     dq = dk = dv = dgk = dgv = ds0 = dq_pre = None
 
     if need_dq or need_dgk:  # dq_t = do_t S_t^T: a forward scan over S^T.
@@ -192,7 +198,7 @@ def backward(
             reverse=True,
             out_dtype=v.dtype if need_dv else None,
             output_final_state=need_ds0,
-            gate_grad_inputs=(o_pre, v, value_start) if need_dgv else None,
+            gate_grad_inputs=(_kept(o_pre), v, value_start) if need_dgv else None,
         )  # fmt: skip
         dv, dgv, ds0 = result.out, result.gate_grad, result.final_state
 
@@ -201,7 +207,7 @@ def backward(
             v, do, q, log_value_gate, log_key_gate, _transpose(d_final_state),
             reverse=True,
             out_dtype=k.dtype if need_dk else None,
-            gate_grad_inputs=(dq_pre, k, key_start) if need_dgk else None,
+            gate_grad_inputs=(_kept(dq_pre), k, key_start) if need_dgk else None,
         )  # fmt: skip
         dk, dgk = result.out, result.gate_grad
     return dq, dk, dv, dgk, dgv, ds0

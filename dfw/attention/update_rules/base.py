@@ -79,10 +79,12 @@ class UpdateRule(Registered):
         )  # fmt: skip
 
     def recurrent(self, inputs: TokenInputs, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        return recurrent_decay_fast_weights(
+        o, final_state = recurrent_decay_fast_weights(
             inputs.phi_q, inputs.phi_k, inputs.v, inputs.log_key_gate, inputs.log_value_gate, state,
             output_final_state=True,
         )  # fmt: skip
+        assert final_state is not None  # output_final_state=True
+        return o, final_state
 
     def step(self, inputs: TokenInputs, state: Tensor, kernel: str) -> Tensor:
         """One token: updates `state` in place (so it keeps its address) and returns o."""
