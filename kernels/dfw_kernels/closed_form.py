@@ -11,14 +11,14 @@ state on the fly, so no per-step state [B, T, K, V] is ever written to memory:
 where G_t = q_t^T do_t + diag(alpha_{t+1}) G_{t+1} diag(beta_{t+1}) (G_T = q_T^T do_T + dS_T) is the
 adjoint of S_t, and dS_0 = diag(alpha_1) G_1 diag(beta_1) is the reverse scan's final state.
 
-Gate gradients (DFW-MATH.md, "Gradients without storing states") are reverse cumulative sums,
+Gate gradients (docs/math.md, "Gradients without storing states") are reverse cumulative sums,
 
     d log alpha_t = sum_{u >= t} (q_u * dq_u - k_u * dk_u)  +  sum_j dS_T[:, j] * S_T[:, j]
     d log beta_t  = sum_{u >= t} (o_u * do_u - v_u * dv_u)  +  sum_i dS_T[i, :] * S_T[i, :]
 
 but evaluated in that form they lose all precision when gates are small: q_t * dq_t and k_t * dk_t
 both contain the token's own term q_t[i] k_t[i] (v_t . do_t), of size 1, while their difference is of
-the size of alpha_t beta_t (DFW-MATH's float64 check used gates near 1; with gates ~e-6 the float32
+the size of alpha_t beta_t (a float64 check with gates near 1 does not show it; with gates ~e-6 the float32
 error is ~1e-2). The own terms cancel exactly, so we drop them before subtracting: with
 P_t = diag(alpha_t) S_{t-1} diag(beta_t), the state decayed but not yet written,
 
