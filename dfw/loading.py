@@ -32,6 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from .errors import ConfigError, error_summary
 from .hf import ATTENTION_FILE, MODEL_TYPE, DFWForCausalLM
+from .hub import check_hub_or_cache
 from .safe_config import build_checked, plain
 from .surgery import convert_attention, core_factory
 
@@ -91,6 +92,8 @@ def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHead
             f"{option}={source!r}: no Hugging Face checkpoint there (config.json missing); "
             "pass a directory written by save_pretrained or by dfw's export, or a hub id such as gpt2"
         )
+    if not looks_local:
+        check_hub_or_cache(source, option)  # no minute of retries when the hub is unreachable
     try:
         return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else source, dtype=torch.float32)
     except OSError as err:
@@ -214,8 +217,10 @@ def read_checkpoint(path: str | Path, option: str, mmap: bool = False) -> dict[s
         raise ConfigError(f"{option}={str(path)!r} does not exist; pass the path of a .ckpt file") from None
     except Exception as err:
         reason = error_summary(err)
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             reason = "it holds pickled Python objects, not only data; dfw does not load those"
+        elif "weights_only" in str(err) or "Weights only load failed" in str(err):
+            reason = "it is not a checkpoint file (unreadable as one: damaged, or something else)"
         raise ConfigError(
             f"{option}={str(path)!r} cannot be loaded as a checkpoint ({reason}); pass a .ckpt written by dfw.train "
             "(a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or best-*.ckpt)"
