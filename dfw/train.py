@@ -24,6 +24,7 @@ import dfw  # noqa: F401  (registers the config resolvers)
 
 from .checkpointing import TrainingInterrupted, load_checkpoint
 from .errors import ConfigError, in_multirun, instantiate, run_or_exit
+from .eval import evaluation_after_training
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
 from .surgery import model_size_metrics
@@ -173,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
     _check_sizes(cfg, net)
+    evaluation = evaluation_after_training(cfg, net, datamodule)  # eval.tasks=[...]: checked now, run after training
     if resumed is not None:
         _check_resumed_model(cfg, resumed, net)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -195,6 +197,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule)
+        if evaluation is not None and trainer.is_global_zero:
+            metrics.update(evaluation.run(merged(module.net), trainer.loggers, step=trainer.global_step))
     finally:
         # Close W&B runs: a later train() in this process (the demo's second stage, a test) must
         # start a run of its own rather than continue this one.
