@@ -196,10 +196,8 @@ def positive_ints(task: str, option: str, values: Any, allow_none: bool = True) 
     """A list of positive integers (sorted, distinct), or None when allowed; else one ConfigError."""
     if values is None and allow_none:
         return None
-    if isinstance(values, int) and not isinstance(values, bool):
-        values = [values]
     try:
-        items = list(values)
+        items = [values] if isinstance(values, int) else list(values)
     except TypeError:
         items = None
     if not items or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in items):
