@@ -9,18 +9,12 @@ task becomes a row (the task's first metric is its headline). lm-eval is an opti
 local files (`lm_eval.include_path=<folder of task YAMLs>`, e.g. `dataset_path: json` with
 `dataset_kwargs.data_files`).
 
-lm-eval's own command line, with dfw's models (`--model dfw` loads anything `model=` takes):
-
-    python -m dfw.eval.harness --model dfw --model_args pretrained=<export> --tasks lambada_openai
-
-is `lm_eval ...` with dfw imported first (lm-eval finds no model plugins by itself, and without dfw
-transformers does not know the `dfw-gpt2` model type of an export).
+lm-eval's own command line with dfw's models is `python -m dfw.eval.lm_eval_cli` (`--model dfw`).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,24 +89,3 @@ class LMEvalHarness(EvalTask):
                 results.append(Measurement("lm_eval", name, float(value), variant=task, headline=first and math.isfinite(value)))
                 first = False
         return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with dfw's models registered (`--model dfw`)."""
-    try:
-        from lm_eval.__main__ import cli_evaluate
-    except ImportError:
-        print(f"error: python -m dfw.eval.harness needs lm-evaluation-harness, which is not installed: {INSTALL}",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(2)
-    import dfw  # noqa: F401  (registers the dfw-gpt2 model type with transformers)
-
-    from . import lm_eval_model  # noqa: F401  (registers --model dfw)
-
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,9 @@ class DFWLM(HFLM):
         if isinstance(pretrained, str):
             from .load import load_eval_model
 
-            loaded = load_eval_model(pretrained, device or "auto", dtype if dtype != "auto" else "float32")
+            # lm-eval's command line asks for cuda:0 by default; as its HFLM, take the CPU where there is no GPU.
+            usable = device is not None and (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available()))
+            loaded = load_eval_model(pretrained, device if usable else "auto", dtype)
             pretrained, tokenizer = loaded.net, tokenizer or loaded.tokenizer
         if tokenizer is None:
             raise ValueError("DFWLM: pass the model's tokenizer with a model object")
