@@ -28,6 +28,7 @@ from . import run_folder
 from .checkpointing import LatestCheckpoint, TrainingInterrupted, checkpoint_step
 from .data import LanguageModelingDataModule
 from .errors import ConfigError, check_config_choices, in_multirun, instantiate, run_or_exit
+from .eval import evaluation_after_training
 from .loading import STAGE_KEY, checkpoint_stage, read_checkpoint, saved_attention
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
@@ -332,6 +333,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _check_resumed_data(cfg, resumed, datamodule)
     net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
     _check_sizes(cfg, net)
+    evaluation = evaluation_after_training(cfg, net, datamodule)  # eval.tasks=[...]: checked now, run after training
     if resumed is not None:
         _check_resumed_model(cfg, resumed["model"], net)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -356,6 +358,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
         try:
             metrics = _fit_and_test(cfg, trainer, module, datamodule)
+            if evaluation is not None and trainer.is_global_zero:
+                metrics.update(evaluation.run(merged(module.net), trainer.loggers, step=trainer.global_step))
         except SIGTERMException:
             # Lightning's own stop for a SIGTERM that came outside a training step (in a validation or the test).
             latest = next((c for c in callbacks if isinstance(c, LatestCheckpoint)), None)

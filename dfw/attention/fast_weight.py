@@ -145,10 +145,12 @@ class FastWeightAttention(AttentionCore):
         return o
 
     def forward(self, q, k, v, x, state: State = None, output_state: bool = False) -> tuple[Tensor, State]:
+        assert state is None or isinstance(state, Tensor), "a fast-weight state is one tensor [B, H, m, D]"
         o, state = self.rule.parallel(self._prepare(q, k, v, x), state, output_state, self.chunk_size, self.kernel)
         return self._finish(o), state
 
     def recurrent(self, q, k, v, x, state: State = None) -> tuple[Tensor, State]:
+        assert state is None or isinstance(state, Tensor), "a fast-weight state is one tensor [B, H, m, D]"
         o, state = self.rule.recurrent(self._prepare(q, k, v, x), state)
         return self._finish(o), state
 
@@ -156,6 +158,31 @@ class FastWeightAttention(AttentionCore):
         """One decode token [B, 1, H, D]: updates `state` in place (the CUDA decode kernel on GPU) and
         returns o. The state keeps its address, so a decode step can be captured in a CUDA graph."""
         return self._finish(self.rule.step(self._prepare(q, k, v, x), state, self.kernel))
+
+    # -- Attention transfer (AttentionCore's interface) ---------------------------------------------------
+    @property
+    def has_attention_weights(self) -> bool:
+        # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its scores' sum.
+        return self.rule.plain_sum and self.normalizer.divides_by_score_sum and self.output_norm is None
+
+    def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
+        if not self.has_attention_weights:
+            return super().attention_weights(q, k)
+        phi_q, phi_k = self._features(q, k)  # (B, T, H, m) each
+        T = q.shape[1]
+        scores = torch.einsum("bihm,bjhm->bhij", phi_q, phi_k)  # (B, H, T, T)
+        scores = scores * torch.ones(T, T, dtype=scores.dtype, device=q.device).tril()
+        return scores / scores.sum(-1, keepdim=True).clamp_min(self.eps)
+
+    @property
+    def output_scale_calibratable(self) -> bool:
+        # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it by c^2.
+        return self.feature_map.scalable and not self.normalizer.cancels_feature_scale and self.output_norm is None
+
+    def scale_output(self, factor: Tensor) -> None:
+        if not self.output_scale_calibratable:
+            super().scale_output(factor)
+        self.feature_map.scale_features(factor.sqrt())  # phi(q), phi(k) x sqrt(factor): the output x factor
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.

@@ -43,12 +43,15 @@ class FeatureMap(nn.Module, Registered):
         Fourier features, clamped as in RFA.
     needs_normalization: features are divided by a per-query factor for numerical range, which only a
         normalisation cancels (`normalization=none` is refused).
+    scalable: `scale_features(factor)` multiplies head h's features by factor[h] exactly, through the map's own
+        parameters (transfer.calibrate).
     """
 
     registry: ClassVar[dict[str, type[FeatureMap]]] = FEATURE_MAPS
     nonnegative: ClassVar[bool] = False
     positive_kernel: ClassVar[bool] = False
     needs_normalization: ClassVar[bool] = False
+    scalable: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, head_dim: int, state_size: int | None, options: dict[str, Any]):
         super().__init__()
@@ -60,6 +63,11 @@ class FeatureMap(nn.Module, Registered):
 
     def training_call(self) -> None:
         """Called once per training-mode call of the attention core (random features redraw here)."""
+
+    @torch.no_grad()
+    def scale_features(self, factor: Tensor) -> None:
+        """Multiply head h's features by factor[h] [H] from now on (only where `scalable`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rescaled through its parameters")
 
 
 def _require_size(name: str, natural: int, state_size: int | None, how: str) -> int:
@@ -93,6 +101,7 @@ class LinearFeatureMap(FeatureMap):
     """
 
     name = "linear"
+    scalable = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
@@ -106,6 +115,10 @@ class LinearFeatureMap(FeatureMap):
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return torch.einsum("bthd,hmd->bthm", x, self.weight.to(x.dtype))  # (B, T, H, m)
+
+    @torch.no_grad()
+    def scale_features(self, factor: Tensor) -> None:
+        self.weight.mul_(factor.to(self.weight.dtype)[:, None, None])  # (H, m, D)
 
 
 class EluFeatureMap(FeatureMap):
@@ -154,6 +167,9 @@ class RandomFeatureMap(FeatureMap):
     the same settings hold the same features, and an exported model keeps the ones it was trained with
     (the buffer is saved in its state dict).
     """
+
+    projection: Tensor  # (H, n, D) buffer: the random directions
+    training_calls: Tensor  # () buffer: training-mode calls so far
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)

@@ -32,11 +32,14 @@ class Normalization(Registered):
     extra_columns: value columns the state carries beyond the head size (its shape is [B, H, m, D + extra]).
     cancels_feature_scale: a constant factor on phi(q) or phi(k) leaves the output unchanged (the read
         then needs no scale of its own, and a feature-map scale cannot calibrate the output).
+    divides_by_score_sum: the output is the read divided by the sum of its scores phi(q_t) . phi(k_s)
+        (with a plain-sum update rule, the output is then normalised kernel weights applied to v).
     """
 
     registry: ClassVar[dict[str, type[Normalization]]] = NORMALIZATIONS
     extra_columns: ClassVar[int] = 0
     cancels_feature_scale: ClassVar[bool] = True
+    divides_by_score_sum: ClassVar[bool] = False
 
     def __init__(self, eps: float):
         self.eps = eps
@@ -80,6 +83,7 @@ class Denominator(Normalization):
 
     name = "denominator"
     extra_columns = 1
+    divides_by_score_sum = True
 
     @classmethod
     def check(cls, feature_map: str, feature_maps: Mapping[str, type[FeatureMap]]) -> None:

@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dfw.data.corpora import SPLITS, Corpus, load_corpus, short_hash
 from dfw.data.sampler import ResumableSampler
+from dfw.data.synthetic import SyntheticMix, SyntheticOptions, ordinary_ids
 from dfw.data.tokenizers import load_tokenizer, parse_tokenizer_spec, tokenizer_fingerprint
 from dfw.errors import ConfigError
 
@@ -64,6 +65,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         seed: int = 0,                        # the training order's seed
         files: Mapping[str, str | Sequence[str]] | None = None,  # data=text: {split: path, glob or list}
         verify_cache: str = "sampled",        # how token files are checked at start: sampled | full (module doc)
+        synthetic: Mapping[str, float | int] | None = None,  # copy/recall segments in training blocks (dfw.data.synthetic)
     ) -> None:
         # Every option is checked here, so a bad one fails when the module is built (build it with
         # dfw.errors.instantiate to get the ConfigError rather than Hydra's wrapper). Nothing is read or
@@ -87,6 +89,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.synthetic = SyntheticOptions.from_config(synthetic)
         self.cache_dir = Path(cache_dir).expanduser()
         self.corpus: Corpus = load_corpus(corpus, files, self.cache_dir)  # checks the corpus and data.files
         parse_tokenizer_spec(tokenizer)
@@ -160,8 +163,12 @@ class LanguageModelingDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
 
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
+        dataset = self._open(split)
+        if split == "train" and self.synthetic is not None:
+            ids = ordinary_ids(len(self.tokenizer), self.tokenizer.all_special_ids)
+            dataset = SyntheticMix(dataset, self.synthetic, ids, self.seed)
         return DataLoader(
-            self._open(split),
+            dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dfw.errors import ConfigError, run_or_exit
 
+from .evaluation import plot_evaluation
 from .plots import plot
 from .sources import load_runs
 from .table import label_runs, markdown
@@ -27,7 +28,7 @@ def report(source: str, out_dir: str | Path | None = None, baseline: str = "soft
     local = Path(source).expanduser().is_dir()
     out = Path(out_dir) if out_dir else (Path(source) / "report" if local else Path("outputs/reports") / source.replace("/", "_"))
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot(runs, out, baseline)
+    plots = plot(runs, out, baseline) + plot_evaluation(runs, out)
     body = markdown(runs, baseline) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     (out / "report.md").write_text(body)
     return out / "report.md"
