@@ -381,7 +381,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig) -> float | None:
     try:
         metrics = run_or_exit(train, cfg, logger=log)
     except TrainingInterrupted as stop:
@@ -397,6 +397,11 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("val/ppl")
 
 
-if __name__ == "__main__":
+def main() -> float | None:
+    """`python -m dfw.train` and `dfw-train`: a config group option that does not exist is one line, exit 2."""
     check_config_choices(config_dir(), sys.argv[1:])
+    return _run()
+
+
+if __name__ == "__main__":
     main()
