@@ -56,3 +56,15 @@ def test_a_folder_of_two_multiruns_lists_the_missing_jobs_of_each(tmp_path, trai
     missing = sorted((Path(r.source).name, r.job) for r in runs if r.status == "missing")
     assert missing == [("eval_grid", 0), ("eval_grid", 1)]
     assert [r.status for r in runs if r.status != "missing"] == ["finished"]
+
+
+def test_the_eval_folder_of_each_run_does_not_label_it():
+    import pandas as pd
+
+    from dfw.report import Run, label_runs
+
+    runs = [Run(name=f"{i}_decay", source="", config={"attention.name": "decay", "attention.state_size": m,
+                                                       "eval.out_dir": f"/sweep/{i}_decay/eval"}, history=pd.DataFrame())
+            for i, m in enumerate((8, 16))]  # fmt: skip
+    label_runs(runs)
+    assert [r.label for r in runs] == ["decay (state_size=8)", "decay (state_size=16)"]
