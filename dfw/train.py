@@ -197,7 +197,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule)
-        if evaluation is not None and trainer.is_global_zero:
+        if evaluation is not None and trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
             metrics.update(evaluation.run(merged(module.net), trainer.loggers, step=trainer.global_step))
     finally:
         # Close W&B runs: a later train() in this process (the demo's second stage, a test) must

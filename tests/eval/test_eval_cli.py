@@ -163,3 +163,13 @@ def test_train_evaluates_after_training_when_asked_and_checks_its_options_first(
     with open(tmp_path / "run" / "csv" / "metrics.csv") as file:
         logged = list(csv.DictReader(file))
     assert any(row.get("eval/ppl/ppl/text validation") for row in logged), "the run's loggers get the numbers too"
+
+
+@pytest.mark.slow
+def test_a_training_checkpoint_is_evaluated_with_its_stored_attention(trained_run, tmp_path):
+    evaluate(eval_cfg(trained_run.dir / "checkpoints" / "last.ckpt", tmp_path / "ckpt", "tasks=[copy]", "wandb=null"))
+    evaluate(eval_cfg(trained_run.dir / "model", tmp_path / "export", "tasks=[copy]", "wandb=null"))
+    ckpt, exported = _rows(tmp_path / "ckpt"), _rows(tmp_path / "export")
+    assert {(r["kind"], r["attention"], r["state_size"]) for r in ckpt} == {("checkpoint", "decay", "32")}
+    assert [r["value"] for r in ckpt if r["metric"] != "tokens_per_sec"] == [
+        r["value"] for r in exported if r["metric"] != "tokens_per_sec"]  # the same final weights
