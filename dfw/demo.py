@@ -26,21 +26,19 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import run_or_exit
+from .presets import compose
 from .train import train
 
 log = logging.getLogger("dfw.demo")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # What decides the teacher's weights; everything else (logging, paths) may change without retraining.
 TEACHER_KEYS = ("model", "attention", "data", "module", "trainer", "seed")
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose("train", overrides)
 
 
 def _teacher_key(cfg: DictConfig) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -13,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 import dfw  # noqa: F401  (registers the config resolvers and the dfw-gpt2 model type)
 from dfw.errors import run_or_exit
 from dfw.eval import evaluate
+from dfw.presets import config_dir
 
 log = logging.getLogger("dfw.eval")
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 
 # `model` is a config group in conf/ (for training), so Hydra would read `model=<path>` as a group choice.
 # Served from the ConfigStore, whose search path has only the groups dfw.eval uses (eval/, data/),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from dfw.errors import ConfigError, run_or_exit
@@ -34,8 +35,8 @@ def report(source: str, out_dir: str | Path | None = None, baseline: str = "soft
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __doc__ as description
-
+    # The package's docstring: dfw.report is loaded before any of its modules (no import, so no cycle).
+    description = sys.modules[__package__].__doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m dfw.report", description=description.split("\n\n")[0])
     parser.add_argument("source", help="a multirun (or run) directory, or a W&B project entity/project")
     parser.add_argument("--out", help="where to write report.md and the plots (default: <source>/report)")
