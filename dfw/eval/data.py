@@ -34,7 +34,9 @@ class EvalData:
             return self._datamodule
         datamodule = instantiate(self.node, _convert_="all")
         if not isinstance(datamodule, LanguageModelingDataModule):
-            raise ConfigError(f"data._target_ must be a LanguageModelingDataModule, got {type(datamodule).__name__}")
+            raise ConfigError(
+                f"data._target_ must be a LanguageModelingDataModule, got {type(datamodule).__name__}"
+            )
         datamodule.tokenizer = self.tokenizer  # the model's own tokenizer, whatever data.tokenizer says
         return datamodule
 

@@ -56,4 +56,6 @@ def load_eval_model(source: str, device: str = "auto", dtype: str = "float32", b
     torch_device, torch_dtype = device_and_dtype(device, dtype)
     loaded = load_model(source, option="model")
     net = loaded.net.to(device=torch_device, dtype=torch_dtype).eval()  # dropout off
-    return EvalModel(net, loaded.tokenizer, describe(net, source, loaded.kind, loaded.attention), batch_size, progress)
+    return EvalModel(
+        net, loaded.tokenizer, describe(net, source, loaded.kind, loaded.attention), batch_size, progress
+    )

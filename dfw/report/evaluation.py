@@ -36,10 +36,19 @@ def headline_columns(evaluations: list[pd.DataFrame]) -> list[tuple[str, str, st
             continue
         for row in frame[frame["headline"]].itertuples():
             key = (row.task, row.metric, row.variant if row.task == "lm_eval" else "")
-            header = f"{row.variant} {row.metric}" if row.task == "lm_eval" else row.task if row.metric == row.task else f"{row.task} {row.metric}"
+            header = (
+                f"{row.variant} {row.metric}"
+                if row.task == "lm_eval"
+                else row.task
+                if row.metric == row.task
+                else f"{row.task} {row.metric}"
+            )
             columns.setdefault(key, header)
     order = {task: i for i, task in enumerate(TASK_ORDER)}
-    return [(header, *key) for key, header in sorted(columns.items(), key=lambda item: order.get(item[0][0], len(order)))]
+    return [
+        (header, *key)
+        for key, header in sorted(columns.items(), key=lambda item: order.get(item[0][0], len(order)))
+    ]
 
 
 def headline_value(frame: pd.DataFrame, task: str, metric: str, variant: str) -> float:
@@ -71,14 +80,18 @@ def headline_note(evaluations: list[pd.DataFrame]) -> str:
                 setting = ", ".join(part for part in (row.variant, where) if part)
                 seen.setdefault(row.task, f"{row.task}: {row.metric} ({setting})")
     order = {task: i for i, task in enumerate(TASK_ORDER)}
-    return "; ".join(note for _, note in sorted(seen.items(), key=lambda item: order.get(item[0], len(order))))
+    return "; ".join(
+        note for _, note in sorted(seen.items(), key=lambda item: order.get(item[0], len(order)))
+    )
 
 
 def _curves(frame: pd.DataFrame, task: str, metric: str, axis: str) -> dict[str, pd.DataFrame]:
     """variant -> rows of one swept metric, sorted by x."""
     if frame.empty:
         return {}
-    rows = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["axis"] == axis) & frame["x"].notna()]
+    rows = frame[
+        (frame["task"] == task) & (frame["metric"] == metric) & (frame["axis"] == axis) & frame["x"].notna()
+    ]
     return {variant: group.sort_values("x") for variant, group in rows.groupby("variant", sort=False)}
 
 
@@ -120,10 +133,19 @@ def plot_evaluation(runs: list, out_dir: Path) -> list[Path]:
             bins = _curves(evaluated[0].evaluation, task, metric, axis)
             first = next(iter(bins.values()), None)
             if first is not None:
-                ax.set_xticks(first["x"], [f"{int(a)}-{int(b)}" for a, b in zip(first["x"], first["x_to"], strict=True)])
+                ax.set_xticks(
+                    first["x"], [f"{int(a)}-{int(b)}" for a, b in zip(first["x"], first["x_to"], strict=True)]
+                )
         else:
             ax.set_xscale("log", base=2)
-            values = sorted({x for run in evaluated for rows in _curves(run.evaluation, task, metric, axis).values() for x in rows["x"]})
+            values = sorted(
+                {
+                    x
+                    for run in evaluated
+                    for rows in _curves(run.evaluation, task, metric, axis).values()
+                    for x in rows["x"]
+                }
+            )
             ax.set_xticks(values, [f"{int(x)}" for x in values])
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale=yscale)

@@ -21,7 +21,9 @@ def sweep(tmp_path, trained_run) -> Path:
     root = tmp_path / "sweep"
     shutil.copytree(trained_run.dir, root / "0_decay")
     evaluate(eval_cfg(root / "0_decay" / "model", root / "0_decay" / "eval", "wandb=null"))
-    evaluate(eval_cfg(root / "0_decay" / "model", root / "teacher" / "eval", "wandb=null", "tasks=[copy,recall]"))
+    evaluate(
+        eval_cfg(root / "0_decay" / "model", root / "teacher" / "eval", "wandb=null", "tasks=[copy,recall]")
+    )
     return root
 
 
@@ -33,10 +35,16 @@ def test_report_puts_eval_columns_beside_training_metrics_and_plots_them(sweep, 
     header = next(line for line in text.splitlines() if line.startswith("| variant"))
     assert header.endswith("| steps | ppl | copy acc | recall acc |")
     trained = _table_row(text, "decay")
-    ppl = next(line for line in (sweep / "0_decay" / "eval" / "results.csv").read_text().splitlines() if ",True," in line)
+    ppl = next(
+        line
+        for line in (sweep / "0_decay" / "eval" / "results.csv").read_text().splitlines()
+        if ",True," in line
+    )
     assert trained[-3] == f"{float(ppl.split(',')[-3]):,.2f}"  # the ppl headline of results.csv
     teacher = _table_row(text, "decay (teacher)")  # evaluated only: no training columns, no ppl
-    assert teacher[3] == "—" and teacher[-3] == "—" and teacher[-2].endswith("%") and teacher[-1].endswith("%")
+    assert (
+        teacher[3] == "—" and teacher[-3] == "—" and teacher[-2].endswith("%") and teacher[-1].endswith("%")
+    )
     assert "copy: acc (random, mean over L); recall: acc (mean over pairs)" in text
     assert "Runs not in the table" not in text, "an evaluated-only model is not a failed run"
     for name in PLOTS:
@@ -51,7 +59,9 @@ def test_a_folder_of_two_multiruns_lists_the_missing_jobs_of_each(tmp_path, trai
                                   "params": {"attention": attentions}}, "overrides": {"task": []}}  # fmt: skip
         (tmp_path / sweep).mkdir()
         (tmp_path / sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra_node}))
-    shutil.copytree(trained_run.dir, tmp_path / "eval_state_size" / "0_decay")  # job 0 of the second sweep ran
+    shutil.copytree(
+        trained_run.dir, tmp_path / "eval_state_size" / "0_decay"
+    )  # job 0 of the second sweep ran
     runs = report.load_runs(str(tmp_path))
     missing = sorted((Path(r.source).name, r.job) for r in runs if r.status == "missing")
     assert missing == [("eval_grid", 0), ("eval_grid", 1)]
