@@ -94,7 +94,7 @@ class Results:
     def records(self, rows: Iterable[Measurement]) -> list[dict[str, Any]]:
         info = asdict(self.info)
         model = {"model": info.pop("source"), **info}
-        return [{**model, **{k: v for k, v in asdict(m).items()}, "seed": self.seed} for m in rows]
+        return [{**model, **asdict(m), "seed": self.seed} for m in rows]
 
 
 def run_tasks(tasks: list[EvalTask], model: EvalModel, data: EvalData, results: Results) -> None:
