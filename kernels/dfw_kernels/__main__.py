@@ -4,6 +4,7 @@
     python -m dfw_kernels aot          compile the Triton kernels for a GPU target without a GPU, and
                                        print registers, stack frame, spills and shared memory per kernel
     python -m dfw_kernels aot --arch 80 --dtype bfloat16 float32 --size 64 128 --json out.json
+    python -m dfw_kernels aot --size 64 --variant full training no-gates   the kernels' other branches
 
 `aot` exits 1 when a kernel spills at a size given to --fail-on-spill (the CI test passes 64).
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -20,6 +22,7 @@ from dataclasses import asdict
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VARIANTS = ("full", "training", "no-gates")  # aot.VARIANTS (not imported here: it imports Triton)
 
 
 def build(args: argparse.Namespace) -> int:
@@ -56,8 +59,8 @@ def aot(args: argparse.Namespace) -> int:
     reports = []
     for dtype in args.dtype:
         for size in args.size:
-            for direction in args.direction:
-                scan = compile_scan(args.arch, DTYPES[dtype], size, size, direction == "reverse")
+            for direction, variant in itertools.product(args.direction, args.variant):
+                scan = compile_scan(args.arch, DTYPES[dtype], size, size, direction == "reverse", variant)
                 for report in scan:  # progress on stderr; the table at the end on stdout
                     print(json.dumps(asdict(report)), file=sys.stderr, flush=True)
                 reports += scan
@@ -96,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bfloat16"])
     p.add_argument("--size", nargs="+", type=int, default=[64, 128], help="state_size = head_size values")
     p.add_argument("--direction", nargs="+", choices=["forward", "reverse"], default=["forward", "reverse"])
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        choices=VARIANTS,
+        default=["full"],
+        help="full: initial and final states, both gates; training: no states; no-gates: neither",
+    )
     p.add_argument(
         "--fail-on-spill",
         nargs="*",

@@ -45,6 +45,7 @@ class KernelReport:
     state_size: int
     head_size: int
     direction: str  # forward | reverse
+    variant: str  # VARIANTS
     arch: int
     num_warps: int
     num_stages: int
@@ -156,84 +157,49 @@ def _fresh_compile():
                 os.environ[name] = value
 
 
-def scan_kernel_arguments(dtype: torch.dtype, state_size: int, head_size: int, reverse: bool) -> dict:
+# What each variant's scans write: "full" every input and output (initial and final states, both gates);
+# "training" what a training step runs (no initial state, no final states); "no-gates" that without gates.
+VARIANTS = ("full", "training", "no-gates")
+
+
+def scan_kernel_arguments(
+    dtype: torch.dtype, state_size: int, head_size: int, reverse: bool, variant: str = "full"
+) -> dict:
     """{kernel name: (function, argument values, tiles)} for one scan as `triton_scan` launches it at the
-    GPT-2 training shape, with every output the forward or reverse scans of the backward ask for."""
+    GPT-2 training shape (contiguous [B, T, H, *] inputs), with the outputs the forward or reverse scans
+    of the backward ask for in this variant (VARIANTS)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     B, T, H = GPT2_TRAINING_SHAPE.values()
     K, V = state_size, head_size
-    t = _TRITON_DTYPES[dtype]
-    f32 = Pointer("fp32")
+    t, f32 = Pointer(_TRITON_DTYPES[dtype]), Pointer("fp32")
+    full, gated = variant == "full", variant != "no-gates"
+    strides = {"gk_sb": T * H * K, "gk_st": H * K, "gk_sh": K, "gk_sd": 1}
+    strides |= {"gv_sb": T * H * V, "gv_st": H * V, "gv_sh": V, "gv_sd": 1}
+    common = dict(T=T, H=H, K=K, V=V, REVERSE=reverse, HAS_GK=gated, HAS_GV=gated, C=triton_chunk.CHUNK)
+    common |= dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", **strides)
+    states = dict(k=t, v=t, gk=f32, gv=f32, s0=f32, h=t, final=f32, final_pre=f32, **common)
+    states |= dict(HAS_S0=full, WRITE_FINAL=full, WRITE_FINAL_PRE=full and not reverse)
+    output = dict(q=t, k=t, v=t, gk=f32, gv=f32, h=t, x1=f32, x2=t, out=t, out_pre=f32, gate_grad=f32)
+    output |= dict(totals=f32, WRITE_OUT=True, WRITE_PRE=not reverse and gated, GATE_GRAD=reverse and gated)
+    output |= dict(SUB=triton_chunk.SUBCHUNK, **common)
     tiles = triton_chunk._tiles(K, V, dtype)
-    gates = {
-        "gk_sb": T * H * K,
-        "gk_st": H * K,
-        "gk_sh": K,
-        "gk_sd": 1,
-        "gv_sb": T * H * V,
-        "gv_st": H * V,
-        "gv_sh": V,
-        "gv_sd": 1,
-    }
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    common = dict(
-        T=T,
-        H=H,
-        K=K,
-        V=V,
-        REVERSE=reverse,
-        HAS_GK=True,
-        HAS_GV=True,
-        C=triton_chunk.CHUNK,
-        PRECISION=precision,
-        **gates,
-    )
-    states = dict(
-        k=Pointer(t),
-        v=Pointer(t),
-        gk=f32,
-        gv=f32,
-        s0=f32,
-        h=Pointer(t),
-        final=f32,
-        final_pre=f32,
-        HAS_S0=True,
-        WRITE_FINAL=True,
-        WRITE_FINAL_PRE=not reverse,
-        **common,
-    )
-    output = dict(
-        q=Pointer(t),
-        k=Pointer(t),
-        v=Pointer(t),
-        gk=f32,
-        gv=f32,
-        h=Pointer(t),
-        x1=f32,
-        x2=Pointer(t),
-        out=Pointer(t),
-        out_pre=f32,
-        gate_grad=f32,
-        totals=f32,
-        WRITE_OUT=True,
-        WRITE_PRE=not reverse,
-        GATE_GRAD=reverse,
-        SUB=triton_chunk.SUBCHUNK,
-        **common,
-    )
     kernels = {
         "states": (triton_chunk._chunk_states_kernel, states, tiles["states"]),
         "output": (triton_chunk._chunk_output_kernel, output, tiles["output"]),
     }
-    if reverse:
-        prefix = dict(
-            gate_grad=f32, totals=f32, r0=f32, T=T, H=H, V=V, REVERSE=True, HAS_R0=True, C=triton_chunk.CHUNK
+    if reverse and gated:
+        prefix = dict(gate_grad=f32, totals=f32, r0=f32, T=T, H=H, V=V, REVERSE=True, HAS_R0=full)
+        kernels["prefix"] = (
+            triton_chunk._gate_grad_prefix_kernel,
+            {**prefix, "C": triton_chunk.CHUNK},
+            tiles["prefix"],
         )
-        kernels["prefix"] = (triton_chunk._gate_grad_prefix_kernel, prefix, tiles["prefix"])
     return kernels
 
 
 def compile_scan(
-    arch: int, dtype: torch.dtype, state_size: int, head_size: int, reverse: bool
+    arch: int, dtype: torch.dtype, state_size: int, head_size: int, reverse: bool, variant: str = "full"
 ) -> list[KernelReport]:
     """Compile every kernel of one scan for compute capability `arch` (80, 90, ...); one report each."""
     if triton_chunk.triton is None:
@@ -243,7 +209,9 @@ def compile_scan(
             "ahead-of-time compiles need Triton outside its interpreter: unset TRITON_INTERPRET"
         )
     reports = []
-    for name, (fn, args, tiles) in scan_kernel_arguments(dtype, state_size, head_size, reverse).items():
+    for name, (fn, args, tiles) in scan_kernel_arguments(
+        dtype, state_size, head_size, reverse, variant
+    ).items():
         tiles = dict(tiles)
         num_warps, num_stages = tiles.pop("num_warps"), tiles.pop("num_stages")
         start = time.perf_counter()
@@ -259,6 +227,7 @@ def compile_scan(
                 state_size=state_size,
                 head_size=head_size,
                 direction="reverse" if reverse else "forward",
+                variant=variant,
                 arch=arch,
                 num_warps=num_warps,
                 num_stages=num_stages,
@@ -279,6 +248,7 @@ COLUMNS = (
     "state_size",
     "head_size",
     "direction",
+    "variant",
     "arch",
     "num_warps",
     "num_stages",

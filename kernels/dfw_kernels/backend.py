@@ -114,15 +114,25 @@ def resolve(
     step (state_dtype: its state's). Raises KernelUnavailable (saying why and what to use instead) when an
     explicitly asked-for kernel cannot run, ValueError for a kernel that does not exist.
     """
+    implementation, reason = _answer(kernel, device, dtype, state_size, head_size, decode, state_dtype)
+    if implementation is None:
+        raise KernelUnavailable(reason)
+    return implementation
+
+
+# torch.compile calls this while it traces and keeps its result as a constant (its guards on the
+# inputs' device and dtype decide again when they change): the decision's logging and the CUDA build
+# stay out of the graph.
+@torch.compiler.assume_constant_result
+def _answer(
+    kernel, device, dtype, state_size, head_size, decode, state_dtype
+) -> tuple[str | None, str | None]:
     key = (kernel, device, dtype, state_size, head_size, decode, state_dtype, cuda.build_generation)
     answer = _resolved.get(key)
     if answer is None:
         _check_kernel(kernel)
         answer = _resolved[key] = _decide(kernel, device, dtype, state_size, head_size, decode, state_dtype)
-    implementation, reason = answer
-    if implementation is None:
-        raise KernelUnavailable(reason)
-    return implementation
+    return answer
 
 
 def _decide(

@@ -75,8 +75,28 @@ def test_the_backend_is_resolved_once_per_device_dtype_and_sizes(monkeypatch):
                                     inputs["initial_state"].clone(), kernel="auto")  # fmt: skip
     decay_fast_weights(**{n: x.float() for n, x in inputs.items()}, kernel="auto")  # another dtype
     assert [(d[0], d[2], d[5]) for d in decisions] == [
-        ("auto", torch.float64, False), ("auto", torch.float64, True), ("auto", torch.float32, False)
+        ("auto", torch.float64, False),
+        ("auto", torch.float64, True),
+        ("auto", torch.float32, False),
     ]
+    dfw_kernels.backend.forget()
+
+
+def test_the_backend_resolves_inside_torch_compile_without_a_graph_break(caplog):
+    """The decision (its log line, the CUDA build) stays out of the traced graph: a constant for Dynamo."""
+    dfw_kernels.backend.forget()
+
+    def scaled(x):
+        implementation = dfw_kernels.backend.resolve("auto", x.device, x.dtype, 4, 4)
+        return x * (2 if implementation == "cuda" else 3)
+
+    compiled = torch.compile(scaled, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    with caplog.at_level(logging.INFO, logger="dfw_kernels"):
+        expected = scaled(x)
+        dfw_kernels.backend.forget()  # decide again, this time while Dynamo traces
+        torch.testing.assert_close(compiled(x), expected)
+    torch._dynamo.reset()
     dfw_kernels.backend.forget()
 
 
