@@ -6,14 +6,14 @@
 #     PART=2 kernels/gpu_check.sh OUT_DIR    # env build decode train demo  (make gpu-check PART=2 OUT=...)
 #     STAGES="build train" kernels/gpu_check.sh OUT_DIR    # stages by name; PART=all (default): every stage
 #
-# OUT_DIR receives at most 4 files, rewritten after every stage (so a kill loses only the running stage):
+# OUT_DIR receives three files, rewritten after every stage (so a kill loses only the running stage):
 # summary.json (each stage's status, exit code, seconds, time limit, and every number), results.md (the
-# same as markdown tables), details.tar.gz (every stage's log, JSON, junit XML and plot) and, once the
-# last stage is done, nothing more. The details are kept in build/gpu-check/ until the next run.
+# same as markdown tables) and details.tar.gz (every stage's log, JSON, junit XML and plot). The details
+# are also kept in build/gpu-check/details until the next run.
 #
 # Time: every stage runs under `timeout` with its own limit (LIMIT_<stage>=seconds overrides it), cut to
-# what is left of BUDGET (default 520 s, the whole command); a stage that times out is recorded as such
-# and the next one starts.
+# what is left of BUDGET (the whole command: 520 s for PART=1 or 2, 1500 s otherwise); a stage that
+# times out is recorded as such and the next one starts.
 #
 # The interpreter: $PY if set, else python3 if its torch has CUDA, else .venv/bin/python if its has
 # (DRY_RUN=1: any torch). torch is never installed or replaced. If that interpreter lacks something of
@@ -34,7 +34,7 @@ ROOT=$PWD
 OUT=${1:-outputs/gpu-check/$(date +%Y-%m-%d_%H-%M-%S)}
 PART=${PART:-all}
 DRY_RUN=${DRY_RUN:-0}
-BUDGET=${BUDGET:-520}
+BUDGET=${BUDGET:-$([[ ${PART:-all} == all ]] && echo 1500 || echo 520)}  # seconds for the whole command
 WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
 GPU_CHECK=${GPU_CHECK_DIR:-$ROOT/build/gpu-check}
 START=$SECONDS

@@ -61,7 +61,8 @@ def decay_fast_weights(
     Returns:
         (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] in float32, or None).
     Raises:
-        KernelUnavailable: kernel="cuda" or "triton" cannot run here or on these inputs (the message says why).
+        KernelUnavailable: kernel="cuda" or "triton" cannot run here or on these inputs (the message says
+            why).
 
     Here K is the state size (the key features) and V the value (head) size. The kernels take float32,
     bfloat16 and float16 inputs with K, V <= 128 (the CUDA kernel zero-pads sizes that are not multiples

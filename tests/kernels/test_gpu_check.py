@@ -46,7 +46,7 @@ def _site_dirs() -> list[Path]:
 
 
 def _dfw_entries() -> set[str]:
-    """dfw's own install (editable: a finder module, a .pth, its dist-info), so dfw comes from the checkout."""
+    """dfw's own install (editable: a finder, a .pth, its dist-info), so that dfw comes from the checkout."""
     try:
         return _top_level_entries(metadata.distribution("dfw"))
     except metadata.PackageNotFoundError:
@@ -114,7 +114,7 @@ def gpu_machine(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-machine")
     python = make_gpu_machine_python(root)
     missing = subprocess.run(
-        [python, "-c", "import importlib.util as u; print([m for m in ('hydra', 'omegaconf', 'dfw') if u.find_spec(m)])"],
+        [python, "-c", "import importlib.util as u; print([m for m in ('hydra', 'dfw') if u.find_spec(m)])"],
         capture_output=True, text=True, cwd="/",
     )  # fmt: skip
     assert missing.returncode == 0 and missing.stdout.strip() == "[]", missing.stdout + missing.stderr

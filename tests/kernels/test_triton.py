@@ -185,8 +185,8 @@ def test_kernels_compile_for_sm90_and_sm80_without_spilling_at_the_gpt2_shape(tm
     for index, (arch, arguments, kernels) in enumerate(AOT_RUNS):
         out = tmp_path / f"aot{index}.json"
         run = subprocess.run(
-            [sys.executable, "-m", "dfw_kernels", "aot", "--arch", str(arch), *arguments, "--fail-on-spill", "64",
-             "--json", str(out)],
+            [sys.executable, "-m", "dfw_kernels", "aot", "--arch", str(arch), *arguments,
+             "--fail-on-spill", "64", "--json", str(out)],
             capture_output=True, text=True, env=env, timeout=600,
         )  # fmt: skip
         print(run.stdout)  # the register and spill table (pytest -s, or -rP, shows it)
