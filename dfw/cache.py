@@ -28,11 +28,11 @@ a CUDA graph (`dfw.bench.decode`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
-from transformers import Cache
+from torch import Tensor
+from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from .attention.base import AttentionCore, State
@@ -103,7 +103,7 @@ class RecurrentCache(Cache):
         model: the converted model (its `config.n_layer` sets the number of layers), or that number.
     """
 
-    def __init__(self, model: nn.Module | int):
+    def __init__(self, model: PreTrainedModel | int):
         num_layers = model if isinstance(model, int) else model.config.n_layer
         super().__init__(layers=[RecurrentLayer() for _ in range(num_layers)])
 
@@ -118,14 +118,14 @@ class RecurrentCache(Cache):
         attention_mask: Any,
     ) -> Tensor:
         """Called by ConvertedAttention: q, k, v [B, T, H, D], x [B, T, C] -> o [B, T, H, D]; keeps the state."""
-        layer: RecurrentLayer = self.layers[layer_idx]
+        layer = cast(RecurrentLayer, self.layers[layer_idx])
         T = q.shape[1]
         padding = _left_padding(attention_mask, q.shape[0], T) if T > 1 else None
         if padding is not None:
             o, state = _prefill_left_padded(core, q, k, v, x, layer.state, padding)
         elif T == 1 and isinstance(layer.state, Tensor) and hasattr(core, "step"):
             # decode: one token with the core's step (the kernel's), the state updated in place
-            o, state = core.step(q, k, v, x, layer.state), layer.state
+            o, state = core.step(q, k, v, x, layer.state), layer.state  # type: ignore[operator]  # (no declared step yet)
         elif T == 1:
             o, state = core.recurrent(q, k, v, x, layer.state)  # decode: one token, PyTorch recurrent form
         else:
@@ -136,7 +136,7 @@ class RecurrentCache(Cache):
 
     def state_bytes(self) -> int:
         """Bytes held by the states of all layers and rows (what generation keeps between tokens)."""
-        return sum(layer.state_bytes for layer in self.layers)
+        return sum(cast(RecurrentLayer, layer).state_bytes for layer in self.layers)
 
 
 def cache_bytes(cache: Cache | None) -> int:
@@ -236,7 +236,7 @@ def _keep_address(old: State, new: State) -> State:
     return new
 
 
-def _tensors(state: State) -> list[Tensor]:
+def _tensors(state: Any) -> list[Tensor]:  # a State, or any nesting of tuples, lists and dicts of tensors
     if isinstance(state, Tensor):
         return [state]
     if isinstance(state, (tuple, list)):
@@ -246,7 +246,7 @@ def _tensors(state: State) -> list[Tensor]:
     return []
 
 
-def _map_tensors(state: State, fn: Callable[[Tensor], Tensor]) -> State:
+def _map_tensors(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(state, Tensor):
         return fn(state)
     if isinstance(state, (tuple, list)):

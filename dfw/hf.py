@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from .surgery import convert_attention, core_factory
+
 MODEL_TYPE = "dfw-gpt2"
+# Beside a softmax export (a plain GPT-2) and in exports of earlier versions: the attention config.
+ATTENTION_FILE = "dfw_attention.yaml"
 
 
 class DFWConfig(GPT2Config):
@@ -52,9 +56,6 @@ class DFWForCausalLM(GPT2LMHeadModel):
     config_class = DFWConfig
 
     def __init__(self, config: DFWConfig) -> None:
-        from .model import core_factory
-        from .surgery import convert_attention
-
         super().__init__(config)
         if not config.attention:
             raise ValueError("DFWConfig.attention is empty: not a converted model")

@@ -28,16 +28,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
+from .. import presets
 from ..cache import RecurrentCache, cache_bytes
 from ..model import core_factory
 from ..surgery import convert_attention
 from .timing import Table, Timing, device_name, time_ms, write_json
 
 log = logging.getLogger(__name__)
-ATTENTION = Path(__file__).resolve().parents[2] / "conf" / "attention"
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def build(size: Size, attention: str | None, n_positions: int, device: torch.dev
     config._attn_implementation = "sdpa"
     net = GPT2LMHeadModel(config)
     if attention is not None:
-        convert_attention(net, core_factory(OmegaConf.load(ATTENTION / f"{attention}.yaml")))
+        convert_attention(net, core_factory(presets.attention_preset(attention)))
     return net.to(device=device, dtype=size.dtype).eval()
 
 

@@ -6,6 +6,8 @@ cuda.py, triton_chunk.py and backend.py import from here; none of them imports a
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,6 +52,10 @@ def new_output(shape, dtype: torch.dtype, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+@overload
+def full_width(log_gate: Tensor, width: int) -> Tensor: ...
+@overload
+def full_width(log_gate: None, width: int) -> None: ...
 def full_width(log_gate: Tensor | None, width: int) -> Tensor | None:
     """[B, T, H, 1] (one gate per head) or [B, T, H, width] -> [B, T, H, width] float32: a broadcast view,
     no copy (autograd sums its gradient back)."""
@@ -58,6 +64,10 @@ def full_width(log_gate: Tensor | None, width: int) -> Tensor | None:
     return log_gate.float().expand(*log_gate.shape[:-1], width)
 
 
+@overload
+def pad_last(x: Tensor, size: int, dim: int = -1) -> Tensor: ...
+@overload
+def pad_last(x: None, size: int, dim: int = -1) -> None: ...
 def pad_last(x: Tensor | None, size: int, dim: int = -1) -> Tensor | None:
     """x zero-padded along `dim` (a negative index) to `size`; x itself when it already has that size."""
     if x is None or x.shape[dim] == size:

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -65,9 +66,8 @@ def _ptxas_report(log: str) -> tuple[int, int, int, int]:
     """(registers, stack frame, spill stores, spill loads) from ptxas -v output; -1 where absent."""
     registers = re.search(r"Used (\d+) registers", log)
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    values = [int(registers.group(1)) if registers else -1]
-    values += [int(x) for x in frame.groups()] if frame else [-1, -1, -1]
-    return tuple(values)
+    stack, stores, loads = (int(x) for x in frame.groups()) if frame else (-1, -1, -1)
+    return (int(registers.group(1)) if registers else -1), stack, stores, loads
 
 
 def _ptxas_path() -> str | None:
@@ -174,13 +174,17 @@ def scan_kernel_arguments(
     K, V = state_size, head_size
     t, f32 = Pointer(_TRITON_DTYPES[dtype]), Pointer("fp32")
     full, gated = variant == "full", variant != "no-gates"
-    strides = {"gk_sb": T * H * K, "gk_st": H * K, "gk_sh": K, "gk_sd": 1}
+    strides: dict[str, int] = {"gk_sb": T * H * K, "gk_st": H * K, "gk_sh": K, "gk_sd": 1}
     strides |= {"gv_sb": T * H * V, "gv_st": H * V, "gv_sh": V, "gv_sd": 1}
-    common = dict(T=T, H=H, K=K, V=V, REVERSE=reverse, HAS_GK=gated, HAS_GV=gated, C=triton_chunk.CHUNK)
+    common: dict[str, Any] = dict(
+        T=T, H=H, K=K, V=V, REVERSE=reverse, HAS_GK=gated, HAS_GV=gated, C=triton_chunk.CHUNK
+    )
     common |= dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", **strides)
-    states = dict(k=t, v=t, gk=f32, gv=f32, s0=f32, h=t, final=f32, final_pre=f32, **common)
+    states: dict[str, Any] = dict(k=t, v=t, gk=f32, gv=f32, s0=f32, h=t, final=f32, final_pre=f32, **common)
     states |= dict(HAS_S0=full, WRITE_FINAL=full, WRITE_FINAL_PRE=full and not reverse)
-    output = dict(q=t, k=t, v=t, gk=f32, gv=f32, h=t, x1=f32, x2=t, out=t, out_pre=f32, gate_grad=f32)
+    output: dict[str, Any] = dict(
+        q=t, k=t, v=t, gk=f32, gv=f32, h=t, x1=f32, x2=t, out=t, out_pre=f32, gate_grad=f32
+    )
     output |= dict(totals=f32, WRITE_OUT=True, WRITE_PRE=not reverse and gated, GATE_GRAD=reverse and gated)
     output |= dict(SUB=triton_chunk.SUBCHUNK, **common)
     tiles = triton_chunk._tiles(K, V, dtype)
@@ -189,7 +193,9 @@ def scan_kernel_arguments(
         "output": (triton_chunk._chunk_output_kernel, output, tiles["output"]),
     }
     if reverse and gated:
-        prefix = dict(gate_grad=f32, totals=f32, r0=f32, T=T, H=H, V=V, REVERSE=True, HAS_R0=full)
+        prefix: dict[str, Any] = dict(
+            gate_grad=f32, totals=f32, r0=f32, T=T, H=H, V=V, REVERSE=True, HAS_R0=full
+        )
         kernels["prefix"] = (
             triton_chunk._gate_grad_prefix_kernel,
             {**prefix, "C": triton_chunk.CHUNK},

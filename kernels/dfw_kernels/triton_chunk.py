@@ -1,7 +1,8 @@
 """The chunked tensor-core form of the DFW scan in Triton (`kernel="triton"`; opt-in, see README).
 
-One primitive, the scan of closed_form.py (`scan_reference` is its specification), so that the forward
-pass is one scan and the backward pass three, with closed_form's cancellation-free gate gradients:
+One primitive, the scan of closed_form.py (`scan_reference` is its specification), computed chunk by
+chunk with the stable chunkwise form of docs/math.md, so that the forward pass is one scan and the
+backward pass three, with closed_form's cancellation-free gate gradients:
 `ScanDecayFastWeights` runs the very code the CUDA path runs, with `triton_scan` as its scan.
 
 A scan is three kernels, each small enough to keep its tiles in registers (`python -m dfw_kernels aot`
@@ -367,7 +368,7 @@ def _tiles(state_size: int, head_size: int, dtype: torch.dtype) -> dict[str, dic
     }
 
 
-def _gate_args(log_gate: Tensor | None, like: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+def _gate_args(log_gate: Tensor | None, like: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """A log-gate [B, T, H, D|1] (any strides) as the kernels take it: (pointer, strides); a dummy if None."""
     if log_gate is None:
         return like, (0, 0, 0, 0)
@@ -547,8 +548,8 @@ def _launch(
     )
     if gate_grad is not None:
         t = tiles["prefix"]
-        grid = (triton.cdiv(head_size, t["BV"]), B * H)
-        _gate_grad_prefix_kernel[grid](
+        prefix_grid = (triton.cdiv(head_size, t["BV"]), B * H)
+        _gate_grad_prefix_kernel[prefix_grid](
             gate_grad,
             totals,
             dummy if r0 is None else r0,
