@@ -32,8 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from dfw_kernels import KERNELS
-from dfw_kernels import cuda as cuda_kernel
+from dfw_kernels import KERNELS, unavailable_reason
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -86,8 +85,8 @@ class FastWeightAttention(AttentionCore):
         check_choice("attention.update_rule", update_rule, UPDATE_RULES)
         check_choice("attention.normalization", normalization, NORMALIZATIONS)
         check_choice("attention.kernel", kernel, KERNELS)
-        if kernel == "cuda" and (reason := cuda_kernel.unavailable_reason()) is not None:
-            raise ConfigError(f"attention.kernel=cuda cannot run here: {reason}; use attention.kernel=auto or torch")
+        if (reason := unavailable_reason(kernel)) is not None:  # cuda or triton that cannot run here
+            raise ConfigError(f"attention.kernel={kernel} cannot run here: {reason}; use attention.kernel=auto or torch")
         _check_rule_options(rule_options)
         if state_size is not None and (not isinstance(state_size, int) or state_size <= 0):
             raise ConfigError(f"attention.state_size must be a positive integer or null, got {state_size!r}")
