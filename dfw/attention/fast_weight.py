@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from dfw_kernels import KERNELS
 from dfw_kernels import cuda as cuda_kernel
+from dfw_kernels.reference import accumulation_dtype
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -132,8 +133,11 @@ class FastWeightAttention(AttentionCore):
             phi_k = phi_k / phi_k.sum(-1, keepdim=True).clamp_min(self.eps)
         return phi_q * self.read_scale, phi_k
 
-    def _prepare(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> TokenInputs:
-        """Token-wise inputs of the recurrence: features, values and the rule's gates, all [B, T, H, *]."""
+    def _prepare(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, token_mask: Tensor | None = None
+    ) -> TokenInputs:
+        """Token-wise inputs of the recurrence: features, values and the rule's gates, all [B, T, H, *];
+        pads (token_mask False) made into tokens that leave the state as it was (`UpdateRule.skip_pads`)."""
         phi_q, phi_k = self._features(q, k)
         gates = {name: getattr(self, name) for name in self.gate_names}
         inputs = self.rule.token_inputs(gates, x, TokenInputs(phi_q, phi_k, v))
@@ -145,6 +149,8 @@ class FastWeightAttention(AttentionCore):
                 v=torch.cat([inputs.v, v.new_ones(B, T, H, 1)], dim=-1),  # (B, T, H, D + 1)
                 log_value_gate=log_value_gate,  # (B, T, H, D + 1)
             )
+        if token_mask is not None:
+            inputs = self.rule.skip_pads(inputs, token_mask)
         return inputs
 
     def _finish(self, o: Tensor) -> Tensor:
@@ -154,18 +160,46 @@ class FastWeightAttention(AttentionCore):
             o = self.output_norm(o)
         return o
 
-    def forward(self, q, k, v, x, state: State = None, output_state: bool = False) -> tuple[Tensor, State]:
-        o, state = self.rule.parallel(self._prepare(q, k, v, x), state, output_state, self.chunk_size, self.kernel)
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: State | None = None,
+        output_state: bool = False,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, State | None]:
+        inputs = self._prepare(q, k, v, x, token_mask)
+        state = _fast_weights(state)
+        o, state = self.rule.parallel(inputs, state, output_state, self.chunk_size, self.kernel)
         return self._finish(o), state
 
-    def recurrent(self, q, k, v, x, state: State = None) -> tuple[Tensor, State]:
-        o, state = self.rule.recurrent(self._prepare(q, k, v, x), state)
+    def recurrent(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: State | None = None,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, State]:
+        o, state = self.rule.recurrent(self._prepare(q, k, v, x, token_mask), _fast_weights(state))
         return self._finish(o), state
 
-    def step(self, q, k, v, x, state: Tensor) -> Tensor:
+    def allocate_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Zeros [B, H, m, D] (D + 1 with a denominator column), float32 (float64 for float64 activations)."""
+        columns = self.head_dim + (self.normalization == "denominator")
+        shape = (batch_size, self.num_heads, self.state_size, columns)
+        return torch.zeros(shape, device=device, dtype=accumulation_dtype(dtype))
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: State, token_mask: Tensor | None = None
+    ) -> Tensor:
         """One decode token [B, 1, H, D]: updates `state` in place (the CUDA decode kernel on GPU) and
         returns o. The state keeps its address, so a decode step can be captured in a CUDA graph."""
-        return self._finish(self.rule.step(self._prepare(q, k, v, x), state, self.kernel))
+        inputs = self._prepare(q, k, v, x, token_mask)
+        return self._finish(self.rule.step(inputs, _fast_weights(state), self.kernel))
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.
@@ -179,6 +213,13 @@ class FastWeightAttention(AttentionCore):
             f"normalization={self.normalization}, state_size={self.state_size}, chunk_size={self.chunk_size}, "
             f"kernel={self.kernel}"
         )
+
+
+def _fast_weights(state: State | None) -> Tensor | None:
+    """The fast-weight core's state is one tensor [B, H, m, D (+1)]."""
+    if state is not None and not isinstance(state, Tensor):
+        raise TypeError(f"FastWeightAttention's state is one tensor [B, H, m, D], not {type(state).__name__}")
+    return state
 
 
 def _check_rule_options(rule_options: dict[str, Any]) -> None:
