@@ -35,6 +35,7 @@ from .checkpointing import load_checkpoint
 from .config import auto_precision
 from .data.tokenizers import gpt2_tokenizer, load_tokenizer
 from .errors import ConfigError, run_or_exit
+from .hf import DFWForCausalLM, as_dfw_model
 from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
 from .safe_config import build_checked
 from .surgery import convert_attention
@@ -49,7 +50,8 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
     - a `.ckpt` written by `dfw.train`: its stored run config rebuilds the model (no training config needed);
     - a directory exported by `dfw.train` (`dfw_attention.yaml` beside the Hugging Face files);
     - a Hugging Face directory or hub id: a softmax GPT-2 (offline, the hub id must be in the local cache).
-    A softmax model is always returned as a plain `GPT2LMHeadModel` (same weights, transformers' KV cache).
+    A softmax model is always returned as a plain `GPT2LMHeadModel` (same weights, transformers' KV cache), a
+    converted one as a `DFWForCausalLM` (its generate supplies a RecurrentCache).
     """
     path = Path(source).expanduser()
     if path.suffix == ".ckpt":
@@ -61,6 +63,8 @@ def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
     attention = saved_attention(path) if path.is_dir() else None
     if attention is not None and attention.get("name") != "softmax":
         net = load_exported(path)
+        if not isinstance(net, DFWForCausalLM):  # an export of an earlier version
+            net = as_dfw_model(net, attention)
     else:
         net = from_pretrained(source, option="model")
     tokenizer = (
@@ -91,9 +95,10 @@ def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBa
         net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
     except Exception as err:
         raise ConfigError(f"model={str(path)!r}: the stored model config is not a GPT-2 config ({err})") from None
-    if attention.get("name") != "softmax":
-        convert_attention(net, core_factory(attention, source=source))
-    return load_weights(net, weights, f"model={str(path)!r}"), tokenizer
+    if attention.get("name") == "softmax":
+        return load_weights(net, weights, f"model={str(path)!r}"), tokenizer
+    convert_attention(net, core_factory(attention, source=source))
+    return as_dfw_model(load_weights(net, weights, f"model={str(path)!r}"), attention), tokenizer
 
 
 def is_converted(net: torch.nn.Module) -> bool:

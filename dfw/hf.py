@@ -11,6 +11,9 @@ with (`attention`), which weights it holds (`exported_weights`: final or best, `
 Without dfw, transformers refuses the unknown model type `dfw-gpt2` (rather than loading a softmax
 GPT-2 that silently drops the converted attention). The stored attention config is checked against
 dfw's own attention classes before anything is built from it (`dfw.safe_config`).
+
+A DFWForCausalLM generates the way transformers' tools call it (`pipeline("text-generation")`,
+lm-eval, `model.generate(ids)`): `generate` without a cache gets a `dfw.cache.RecurrentCache`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+from .cache import RecurrentCache
 
 MODEL_TYPE = "dfw-gpt2"
 
@@ -61,6 +66,22 @@ class DFWForCausalLM(GPT2LMHeadModel):
         # config.attention comes from a file (config.json), so it is checked as untrusted input.
         source = f"{config._name_or_path}/config.json" if config._name_or_path else "DFWConfig"
         convert_attention(self, core_factory(config.attention, source=source))
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> None:
+        """`generate` without a cache gets a RecurrentCache (transformers would make a DynamicCache, which
+        holds none of a converted layer's state), as fla's and mamba's models supply their own; a cache
+        passed in, or use_cache=False, is left to transformers."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+            return
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r}: a converted model decodes "
+                "with its own RecurrentCache (fixed-size states, not keys and values); leave it unset"
+            )
+        model_kwargs["cache"] = RecurrentCache(self)
 
 
 def as_dfw_model(net: GPT2LMHeadModel, attention: dict[str, Any], **metadata: Any) -> DFWForCausalLM:
