@@ -129,7 +129,10 @@ def zero_weight_gate(hidden_size: int, bias: Tensor) -> nn.Linear:
 def gate_logits(gate: nn.Module, x: Tensor, num_heads: int) -> Tensor:
     """gate(x) as [B, T, H, width], in float32 under bf16 autocast (gates need the range)."""
     B, T, _ = x.shape
-    return gate(x).to(torch.promote_types(x.dtype, torch.float32)).view(B, T, num_heads, -1)  # (B, T, H, width)
+    logits = gate(x)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return logits.view(B, T, num_heads, -1)  # (B, T, H, width)
 
 
 def check_choice(option: str, value: Any, choices) -> None:
