@@ -43,8 +43,12 @@ gpu-check:
 wheelhouse:
 	PYTHON=$(PYTHON) PYTHON_VERSION=$(PYTHON_VERSION) WHEELHOUSE=$(WHEELHOUSE) kernels/wheelhouse.sh
 
+# Lint, format and types: what CI and pre-commit run. `ruff format --check` passes once the whole tree
+# has been formatted (the maintainers' one formatting pass); mypy checks the paths of [tool.mypy].
 lint: install
-	$(VENV)/bin/ruff check dfw kernels tests
+	$(PY) -m ruff check dfw kernels tests
+	$(PY) -m mypy
+	$(PY) -m ruff format --check dfw kernels tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs/*/ multirun

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from transformers import Cache
+from transformers import Cache, GPT2LMHeadModel
 from transformers.cache_utils import DynamicLayer
 
 from .attention.base import ConvertedAttention
@@ -65,7 +65,7 @@ class RecurrentCache(Cache):
             on a GPU and every layer is converted; False: always the eager decode step.
     """
 
-    def __init__(self, model: nn.Module | int, cuda_graph: bool = True):
+    def __init__(self, model: GPT2LMHeadModel | int, cuda_graph: bool = True):
         if isinstance(model, int):
             layers: list[Any] = [RecurrentLayer() for _ in range(model)]
         else:
@@ -80,6 +80,13 @@ class RecurrentCache(Cache):
     def fully_recurrent(self) -> bool:
         """Every layer keeps a fixed-size state (no KV cache that grows): the decode step is static."""
         return all(isinstance(layer, RecurrentLayer) for layer in self.layers)
+
+    def recurrent_layers(self) -> list[RecurrentLayer]:
+        """Every layer's entry, of a cache whose every layer is converted (`fully_recurrent`)."""
+        layers = [layer for layer in self.layers if isinstance(layer, RecurrentLayer)]
+        if len(layers) != len(self.layers):
+            raise TypeError("a layer of this cache keeps softmax's KV cache, not a fixed-size state")
+        return layers
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor of every converted layer's state (what a captured decode step reads and writes)."""
@@ -156,7 +163,9 @@ def decode_call_unsupported(
     return None
 
 
-def decode_step(model: nn.Module, input_ids: Tensor, position_ids: Tensor, cache: RecurrentCache) -> Tensor:
+def decode_step(
+    model: GPT2LMHeadModel, input_ids: Tensor, position_ids: Tensor, cache: RecurrentCache
+) -> Tensor:
     """One new token per row through a fully converted GPT2LMHeadModel: logits [B, 1, V].
 
     What `GPT2LMHeadModel.forward(input_ids, position_ids=..., cache=cache)` computes (tested equal), without
@@ -171,7 +180,9 @@ def decode_step(model: nn.Module, input_ids: Tensor, position_ids: Tensor, cache
     return model.lm_head(transformer.ln_f(hidden))  # (B, 1, V)
 
 
-def decode(model: nn.Module, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
+def decode(
+    model: GPT2LMHeadModel, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor | None
+) -> Tensor:
     """The decode step for a call `decode_call_unsupported` accepted: replayed from a CUDA graph when the
     cache has graphs and the device allows (`DecodeGraphs`), else eager. Returns logits [B, 1, V]."""
     B = input_ids.shape[0]
@@ -257,7 +268,9 @@ class DecodeGraphs:
             self.fallback_reason = self.capture.unavailable_reason(device)
         return self.fallback_reason is None
 
-    def run(self, model: nn.Module, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    def run(
+        self, model: GPT2LMHeadModel, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor
+    ) -> Tensor:
         B = input_ids.shape[0]
         step = self.steps.get(B)
         if step is None or step.addresses != _addresses(cache):
@@ -271,19 +284,20 @@ class DecodeGraphs:
                 return decode_step(model, input_ids, position_ids, cache)
         step.input_ids.copy_(input_ids)
         step.position_ids.copy_(position_ids)
-        seen = [layer.seen_tokens for layer in cache.layers]
+        layers = cache.recurrent_layers()
+        seen = [layer.seen_tokens for layer in layers]
         step.replay()
-        for layer, count in zip(cache.layers, seen, strict=True):
+        for layer, count in zip(layers, seen, strict=True):
             layer.seen_tokens = count + 1  # what each layer's Python would have counted
         self.replays += 1
         return step.logits.clone()  # the next replay overwrites the buffer
 
     def _capture(
-        self, model: nn.Module, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor
+        self, model: GPT2LMHeadModel, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor
     ) -> CapturedStep:
         static_ids, static_positions = input_ids.clone(), position_ids.clone()  # (B, 1) each
-        states = cache.state_tensors()
-        saved, seen = [t.clone() for t in states], [layer.seen_tokens for layer in cache.layers]
+        states, layers = cache.state_tensors(), cache.recurrent_layers()
+        saved, seen = [t.clone() for t in states], [layer.seen_tokens for layer in layers]
         try:
             replay, logits = self.capture.capture(
                 lambda: decode_step(model, static_ids, static_positions, cache)
@@ -291,7 +305,7 @@ class DecodeGraphs:
         finally:  # the warm-up and captured runs advanced the states: put them back
             for tensor, before in zip(states, saved, strict=True):
                 tensor.copy_(before)
-            for layer, count in zip(cache.layers, seen, strict=True):
+            for layer, count in zip(layers, seen, strict=True):
                 layer.seen_tokens = count
         self.captures += 1
         return CapturedStep(replay, static_ids, static_positions, logits, _addresses(cache))

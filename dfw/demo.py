@@ -12,7 +12,8 @@
    (100% = as good as softmax with the same fine-tuning budget).
 
 Overrides go to both fine-tuning stages (`trainer.max_steps=100`); prefix them with `teacher.` for the
-pretraining stage (`teacher.trainer.max_steps=200`). `--teacher-only` runs (or reuses) stage 1 and
+pretraining stage (`teacher.trainer.max_steps=200`; `teacher.experiment=recall_teacher` pretrains the
+teacher that can copy and recall instead). `--teacher-only` runs (or reuses) stage 1 and
 prints the teacher's directory as the last line, for sweeps that convert the same teacher.
 """
 
@@ -25,14 +26,13 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import run_or_exit
+from .presets import compose
 from .train import train
 
 log = logging.getLogger("dfw.demo")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # What decides the teacher's weights; everything else (logging, paths) may change without retraining.
 TEACHER_KEYS = ("model", "attention", "data", "module", "trainer", "seed")
 # How dfw trains a softmax teacher, beyond its config: raised when that changes, so no cached teacher trained
@@ -41,8 +41,7 @@ TEACHER_VERSION = 2
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose("train", overrides)
 
 
 def _teacher_key(cfg: DictConfig) -> str:
@@ -57,8 +56,11 @@ def _teacher_key(cfg: DictConfig) -> str:
 
 
 def pretrain_teacher(overrides: list[str], run_dir: Path) -> tuple[Path, dict[str, float]]:
-    """Stage 1, or its cached result: (export directory, metrics)."""
-    cfg = _compose(["experiment=demo_teacher", f"paths.output_dir={run_dir / 'teacher'}", *overrides])
+    """Stage 1, or its cached result: (export directory, metrics). `experiment=<name>` among the overrides
+    pretrains another teacher recipe instead of demo_teacher (e.g. recall_teacher), cached the same way."""
+    experiment = next((o for o in overrides if o.startswith("experiment=")), "experiment=demo_teacher")
+    overrides = [o for o in overrides if not o.startswith("experiment=")]
+    cfg = _compose([experiment, f"paths.output_dir={run_dir / 'teacher'}", *overrides])
     teacher_dir = Path(cfg.paths.cache_dir) / "teachers" / _teacher_key(cfg)
     metrics_file = teacher_dir / "metrics.json"
     if metrics_file.is_file():

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A setting, file or resource the user named is wrong or missing; the message says what to do."""
+
+
+def error_summary(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -60,3 +67,22 @@ def in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_config_choices(config_dir: Path, arguments: Sequence[str]) -> None:
+    """Every `group=option` of a command line names a file `<config_dir>/<group>/<option>.yaml`; else one
+    `error:` line and exit code 2, before Hydra (whose message for it is many lines, with exit code 1).
+    Hydra's own groups (hydra/...) and anything that is not a plain choice are left to Hydra."""
+    for argument in arguments:
+        if argument.startswith(("-", "~")) or "=" not in argument:
+            continue
+        key, _, value = argument.partition("=")
+        key = key.lstrip("+")
+        group = config_dir / key
+        if key.startswith("hydra") or not key or not group.is_dir() or any(c in value for c in "()[]{}$*?'\""):
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):  # a multirun sweeps a comma-separated list
+            if option not in ("null", "") and option not in options:
+                print(f"error: {key}={option} is not an option of {key}; use one of {', '.join(options)} (conf/{key}/)", file=sys.stderr)
+                sys.exit(2)

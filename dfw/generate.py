@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from lightning import LightningDataModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import (
     DynamicCache,
-    GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerBase,
     TextStreamer,
@@ -32,74 +29,21 @@ import dfw  # noqa: F401  (registers the config resolvers)
 
 from .attention import ConvertedAttention
 from .cache import RecurrentCache, cache_bytes
-from .checkpointing import load_checkpoint
 from .config import auto_precision
-from .data.tokenizers import gpt2_tokenizer, load_tokenizer
 from .errors import ConfigError, run_or_exit
-from .hf import DFWForCausalLM, as_dfw_model
-from .model import core_factory, from_pretrained, load_exported, load_weights, saved_attention
-from .safe_config import build_checked
-from .surgery import convert_attention
+from .loading import load_model
+from .presets import config_dir
 
 log = logging.getLogger(__name__)
 
 
 
 def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
-    """The model and tokenizer that `source` names.
-
-    - a `.ckpt` written by `dfw.train`: its stored run config rebuilds the model (no training config needed);
-    - a directory exported by `dfw.train` (`dfw_attention.yaml` beside the Hugging Face files);
-    - a Hugging Face directory or hub id: a softmax GPT-2 (offline, the hub id must be in the local cache).
-    A softmax model is always returned as a plain `GPT2LMHeadModel` (same weights, transformers' KV cache), a
-    converted one as a `DFWForCausalLM` (its generate supplies a RecurrentCache and runs dfw's decode step).
-    """
-    path = Path(source).expanduser()
-    if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise ConfigError(
-                f"model={source!r}: no such checkpoint; pass an existing .ckpt (e.g. <run>/checkpoints/last.ckpt)"
-            )
-        return _from_checkpoint(path)
-    attention = saved_attention(path) if path.is_dir() else None
-    if attention is not None and attention.get("name") != "softmax":
-        net = load_exported(path)
-        if not isinstance(net, DFWForCausalLM):  # an export of an earlier version
-            net = as_dfw_model(net, attention)
-    else:
-        net = from_pretrained(source, option="model")
-    tokenizer = (
-        load_tokenizer(str(path), None, None) if (path / "tokenizer.json").is_file() else gpt2_tokenizer()
-    )
-    return net, tokenizer
-
-
-def _from_checkpoint(path: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
-    # Data only (weights_only=True); the stored configs are checked before anything is built from them.
-    checkpoint = load_checkpoint(path, "model")
-    config = (checkpoint.get("hyper_parameters") or {}).get("config")
-    if not isinstance(config, dict) or not isinstance(checkpoint.get("model_config"), dict):
-        raise ConfigError(
-            f"model={str(path)!r} has no run config or model config: not a checkpoint written by dfw.train"
-        )
-    attention, data = config.get("attention") or {}, config.get("data") or {}
-    spec = (config.get("model") or {}).get("tokenizer") or "gpt2"
-    source = f"{path} (stored run config)"
-    # gpt2 and saved directories need no corpus; bpe-<N> is found through the run's data config.
-    tokenizer = gpt2_tokenizer() if spec == "gpt2" else build_checked(data, LightningDataModule, source, "data").tokenizer
-    weights = {
-        key.removeprefix("net."): value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith("net.")
-    }
-    try:
-        net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
-    except Exception as err:
-        raise ConfigError(f"model={str(path)!r}: the stored model config is not a GPT-2 config ({err})") from None
-    if attention.get("name") == "softmax":
-        return load_weights(net, weights, f"model={str(path)!r}"), tokenizer
-    convert_attention(net, core_factory(attention, source=source))
-    return as_dfw_model(load_weights(net, weights, f"model={str(path)!r}"), attention), tokenizer
+    """The model and tokenizer that `source` names: an export, a `.ckpt`, a Hugging Face directory or hub id
+    (`dfw.loading.load_model`; a softmax model is a plain `GPT2LMHeadModel` with transformers' KV cache, a
+    converted one a `DFWForCausalLM`, whose generate supplies a RecurrentCache and runs dfw's decode step)."""
+    loaded = load_model(source, option="model")
+    return loaded.net, loaded.tokenizer
 
 
 def is_converted(net: torch.nn.Module) -> bool:
@@ -137,8 +81,42 @@ def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, name)
 
 
+GENERATE_CONFIG = config_dir() / "generate.yaml"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_generation_options(cfg: DictConfig) -> None:
+    """Every option of conf/generate.yaml checked before anything is loaded: one ConfigError for the first
+    one that is wrong (an unknown `+key`, an empty prompt, a number out of its range)."""
+    known = set(OmegaConf.load(GENERATE_CONFIG)) - {"defaults", "hydra"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not an option of dfw.generate; its options are {', '.join(sorted(known))}")
+    prompts = list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt]
+    if not prompts:
+        raise ConfigError("prompt is an empty list; give a string or a list of strings")
+    for i, prompt in enumerate(prompts):
+        where = f"prompt[{i}]" if isinstance(cfg.prompt, (list, ListConfig)) else "prompt"
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"{where} is empty; give the text to continue, e.g. prompt=\"To be, or not to be\"")
+    if not _is_int(cfg.max_new_tokens) or cfg.max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
+    if isinstance(cfg.temperature, bool) or not isinstance(cfg.temperature, (int, float)) or not cfg.temperature >= 0:
+        raise ConfigError(f"temperature must be 0 (greedy) or positive, got {cfg.temperature!r}")
+    if not _is_int(cfg.top_k) or cfg.top_k < 0:
+        raise ConfigError(f"top_k must be a non-negative integer (0: no top-k filtering), got {cfg.top_k!r}")
+    if isinstance(cfg.top_p, bool) or not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {cfg.top_p!r}")
+    if not _is_int(cfg.seed):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Load, generate, print; returns the texts (prompt + continuation) and the measurements."""
+    check_generation_options(cfg)
     device, dtype = _device_and_dtype(cfg)
     net, tokenizer = load_for_generation(str(cfg.model))
     net = net.to(device=device, dtype=dtype).eval()
@@ -148,6 +126,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     prompt_length = batch["input_ids"].shape[1]
+    if prompt_length >= net.config.n_positions:
+        raise ConfigError(
+            f"the prompt is {prompt_length} tokens, which leaves none of the model's {net.config.n_positions} learned "
+            "positions for new tokens; shorten it"
+        )
     if prompt_length + cfg.max_new_tokens > net.config.n_positions:
         raise ConfigError(
             f"prompt ({prompt_length} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
@@ -210,9 +193,7 @@ def _decode_step_used(cache: Any) -> str:
 # `model` is a config group in conf/ (for training, model=gpt2 picks conf/model/gpt2.yaml), so Hydra would
 # read `model=<path>` as a group choice. Served from the ConfigStore, whose search path has no such group,
 # conf/generate.yaml takes `model=<anything>` as a value.
-ConfigStore.instance().store(
-    name="generate", node=OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "generate.yaml")
-)
+ConfigStore.instance().store(name="generate", node=OmegaConf.load(GENERATE_CONFIG))
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")

@@ -27,8 +27,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GPT
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .cache import RecurrentCache, decode, decode_call_unsupported
+from .surgery import convert_attention, core_factory
 
 MODEL_TYPE = "dfw-gpt2"
+# Beside a softmax export (a plain GPT-2) and in exports of earlier versions: the attention config.
+ATTENTION_FILE = "dfw_attention.yaml"
 
 
 class DFWConfig(GPT2Config):
@@ -60,9 +63,6 @@ class DFWForCausalLM(GPT2LMHeadModel):
     config_class = DFWConfig
 
     def __init__(self, config: DFWConfig) -> None:
-        from .model import core_factory
-        from .surgery import convert_attention
-
         super().__init__(config)
         if not config.attention:
             raise ValueError("DFWConfig.attention is empty: not a converted model")

@@ -82,24 +82,35 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # `ckpt_path=...` resumes the same W&B run from this id.
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                checkpoint["wandb_run_id"] = logger.experiment.id
-        # The architecture, so a checkpoint rebuilds its model without the hub (dfw.generate).
-        checkpoint["model_config"] = self.net.config.to_dict()
-        # Lightning does not store RNG states; dropout after a resume must draw what it would have.
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        store_run_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if states is not None:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        restore_run_state(checkpoint)
+
+
+def store_run_state(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """What every dfw checkpoint carries besides Lightning's own (fine-tuning's and the transfer stage's):
+    the W&B run id, the model config of `module.net` and the RNG states."""
+    # `ckpt_path=...` resumes the same W&B run from this id.
+    for logger in module.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            checkpoint["wandb_run_id"] = logger.experiment.id
+    # The architecture, so a checkpoint rebuilds its model without the hub (dfw.loading).
+    checkpoint["model_config"] = module.net.config.to_dict()
+    # Lightning does not store RNG states; dropout after a resume must draw what it would have.
+    checkpoint["rng_states"] = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_run_state(checkpoint: dict[str, Any]) -> None:
+    """The RNG states `store_run_state` kept, restored on resume."""
+    states = checkpoint.get("rng_states")
+    if states is not None:
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def throughput_monitor(window_size: int = 10) -> ThroughputMonitor:

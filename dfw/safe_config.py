@@ -6,7 +6,8 @@ An export's attention config, the run config stored in a checkpoint and the data
 file). So a stored node is checked before anything is built from it:
 
 - `_target_` must name one of dfw's own classes of the expected kind (an attention core, a data
-  module): a class under the `dfw` package that subclasses the kind's base class. New classes and
+  module): a class under the `dfw` package that subclasses the kind's base class, looked up by name
+  among the classes dfw has defined, so nothing the name points at is imported. New classes and
   new options pass without editing this module: the allow-list is dfw's own code.
 - every other key must be an argument of that class (its signature), `_partial_` a bool; no other
   Hydra key (`_args_`, `_recursive_`, `_convert_`), no nested `_target_`, no interpolation;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,21 +50,43 @@ def _kind_names(base: type) -> str:
     return f"dfw's own {base.__name__} classes"
 
 
+# The modules that define the classes of each kind: dfw's own, imported before a stored name is looked up.
+KIND_MODULES = {"AttentionCore": ("dfw.attention",), "LightningDataModule": ("dfw.data",)}
+
+
+def own_classes(base: type) -> dict[str, type]:
+    """dfw's own subclasses of `base` by every dotted name they are importable as (their module, and each
+    package above it that exports them, e.g. both dfw.attention.fast_weight.X and dfw.attention.X)."""
+    for module in KIND_MODULES.get(base.__name__, ()):
+        importlib.import_module(module)
+    found: dict[str, type] = {}
+    stack = [base]
+    while stack:
+        for cls in stack.pop().__subclasses__():
+            stack.append(cls)
+            parts = cls.__module__.split(".")
+            if parts[0] != "dfw" or not inspect.isclass(cls):
+                continue
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+            for depth in range(1, len(parts)):
+                package = sys.modules.get(".".join(parts[:depth]))
+                if package is not None and getattr(package, cls.__name__, None) is cls:
+                    found[f"{package.__name__}.{cls.__name__}"] = cls
+    return found
+
+
 def resolve_own_class(target: Any, base: type, where: str) -> type:
     """The class `target` names, if it is one of dfw's own subclasses of `base`; else UnsafeConfigError.
 
-    Only modules of the `dfw` package are imported to find out.
+    Looked up by name among the classes dfw defines (`own_classes`): nothing that `target` names is
+    imported, so naming a module with side effects (an entry point's __main__) runs nothing.
     """
     if not isinstance(target, str) or not (target == "dfw" or target.startswith("dfw.")):
         raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named in a stored config")
-    module_name, _, attr = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        raise UnsafeConfigError(f"{where}._target_={target!r}: no such class in dfw") from None
-    if not (inspect.isclass(obj) and issubclass(obj, base) and obj.__module__.split(".")[0] == "dfw"):
-        raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named in a stored config")
-    return obj
+    cls = own_classes(base).get(target)
+    if cls is None:
+        raise UnsafeConfigError(f"{where}._target_={target!r} refused: not one of {_kind_names(base)}")
+    return cls
 
 
 def check_options(cls: Callable, options: Mapping[str, Any], where: str, ignore: frozenset = DESCRIPTIVE_KEYS) -> None:

@@ -16,15 +16,41 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .attention import AttentionCore, ConvertedAttention, SoftmaxAttention
 from .attention.softmax import kv_cache_bytes
+from .errors import instantiate
+from .safe_config import build_checked, check_options
 
 log = logging.getLogger(__name__)
 
 # Builds one layer's core: called with hidden_size, num_heads, head_dim, layer_idx, scaling.
 CoreFactory = Callable[..., AttentionCore]
+
+
+def core_factory(attention: DictConfig | dict, source: str | None = None) -> CoreFactory:
+    """The `conf/attention/*.yaml` node -> a callable that builds one layer's core.
+
+    `source`: the file the node was read from (an export, a checkpoint). Such a node is checked
+    against dfw's own attention classes and options and built without Hydra (`dfw.safe_config`).
+    A node of the run's own config is built by Hydra; an option its class does not take is one
+    ConfigError naming it.
+    """
+    if source is not None:
+        return build_checked(attention, AttentionCore, source, "attention")
+    node = OmegaConf.to_container(attention, resolve=True) if OmegaConf.is_config(attention) else dict(attention)
+    node.pop("name", None)
+    if isinstance(node.get("_target_"), str):
+        try:
+            target = get_object(node["_target_"])
+        except Exception:  # Hydra's instantiate below reports a target it cannot find
+            target = None
+        if callable(target):
+            check_options(target, node, "attention")
+    return instantiate(node)
 
 
 @dataclass

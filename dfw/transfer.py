@@ -13,13 +13,19 @@ kept. The whole forward runs without gradients except inside the cores, and stop
                                 (additive rule with a denominator: there the scores are the weights)
 
 `transfer.calibrate=true` is a conversion initialisation for DFW (feature_map=linear, no normaliser):
-on one batch, each head's feature map is scaled so that its output RMS matches softmax's. The output is
-bilinear in phi, so scaling W_h by c scales the head's output by exactly c^2, and the scale lives in
-the feature map's own weights (exports need nothing new).
+on one batch, each head's output is scaled so that its RMS matches softmax's. The output is bilinear in
+phi, so scaling W_h by c scales the head's output by exactly c^2, and the scale lives in the feature
+map's own weights (exports need nothing new).
+
+What the stage needs from a core is `AttentionCore`'s stated interface, never its internals: the
+parameters it trains (`transfer_parameters`), the attention weights the teacher compares with
+(`has_attention_weights`, `attention_weights`) and the calibration hook (`output_scale_calibratable`,
+`scale_output`). What a checkpoint of the stage carries besides the stage marker is fine-tuning's
+(`dfw.module.store_run_state`).
 
 `run_transfer` is the stage `dfw.train` runs between validating the converted model and fine-tuning:
 a Trainer of its own (the run's trainer settings, `transfer.steps` steps), logging `transfer/loss` and
-`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`) that
+`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`, `dfw.loading.STAGE_KEY`) that
 `ckpt_path=` resumes inside the stage.
 """
 
@@ -28,7 +34,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -36,21 +41,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ConvertedAttention, FastWeightAttention
-from .attention.feature_maps import LinearFeatureMap
+from .attention import ConvertedAttention
 from .checkpointing import CrashCheckpoint, LatestCheckpoint
 from .errors import ConfigError
-from .module import LanguageModel
+from .loading import STAGE_KEY
+from .module import restore_run_state, store_run_state
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("output_mse", "attention_ce")
-STAGE_KEY = "dfw_stage"  # in a checkpoint: "transfer" for one taken inside this stage
 
 
 def new_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters conversion added (`dfw.surgery` puts every one under `attn.core.`)."""
-    return {name: p for name, p in net.named_parameters() if ".attn.core." in name}
+    """The parameters the stage trains, by name: what each converted layer's core names (`transfer_parameters`)."""
+    own = {id(p) for layer in converted_layers(net) for p in layer.core.transfer_parameters()}
+    return {name: p for name, p in net.named_parameters() if id(p) in own}
 
 
 def converted_layers(net: nn.Module) -> list[ConvertedAttention]:
@@ -63,25 +68,6 @@ def softmax_weights(q: Tensor, k: Tensor, scaling: float) -> Tensor:
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scaling  # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
-
-def kernel_weights(core: FastWeightAttention, q: Tensor, k: Tensor) -> Tensor:
-    """The linear attention weights phi(q_i) . phi(k_j) / sum_{j' <= i} phi(q_i) . phi(k_j'), [B, H, T, T]."""
-    phi_q, phi_k = core._features(q, k)  # (B, T, H, m) each
-    T = q.shape[1]
-    scores = torch.einsum("bihm,bjhm->bhij", phi_q, phi_k)  # (B, H, T, T)
-    scores = scores * torch.ones(T, T, dtype=scores.dtype, device=q.device).tril()
-    return scores / scores.sum(-1, keepdim=True).clamp_min(core.eps)
-
-
-def has_kernel_weights(core: nn.Module) -> bool:
-    """Whether the core's output is its kernel scores, normalised, times v (so attention_ce applies)."""
-    return (
-        isinstance(core, FastWeightAttention)
-        and core.update_rule == "add"
-        and core.normalization == "denominator"
-        and core.output_norm is None
-    )
 
 
 class LayerTeacher:
@@ -106,7 +92,7 @@ class LayerTeacher:
         with torch.enable_grad():
             if self.loss_name == "attention_ce":
                 weights = softmax_weights(q, k, attn.scaling)  # (B, H, T, T)
-                estimate = kernel_weights(attn.core, q, k)  # (B, H, T, T)
+                estimate = attn.core.attention_weights(q, k)  # (B, H, T, T)
                 # -sum_j A_ij log A^_ij; masked entries have A_ij = 0 and contribute nothing.
                 self.loss = -(weights * estimate.clamp_min(1e-12).log()).sum(-1).mean()
             else:
@@ -145,17 +131,14 @@ def run_teacher_forced(net: nn.Module, input_ids: Tensor) -> None:
 
 @torch.no_grad()
 def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
-    """Scale each head's linear feature map so the core's output RMS matches softmax's on `input_ids`.
+    """Scale each head's output so the core's output RMS matches softmax's on `input_ids`.
 
-    Applies to cores with feature_map=linear and no normaliser (DFW): their output is bilinear in
-    phi, so W_h <- W_h sqrt(rms_softmax / rms_core) makes the two RMS equal (all layers at once, each from
-    the teacher's inputs). Returns the number of layers calibrated (0: nothing to calibrate).
+    Applies to cores whose output scale is calibratable (`AttentionCore.output_scale_calibratable`: DFW,
+    feature_map=linear and no normaliser, where W_h <- W_h sqrt(rms_softmax / rms_core) makes the two RMS
+    equal); all layers at once, each from the teacher's inputs. Returns the number of layers calibrated
+    (0: nothing to calibrate).
     """
-    layers = [
-        layer for layer in converted_layers(net)
-        if isinstance(layer.core, FastWeightAttention) and isinstance(layer.core.feature_map, LinearFeatureMap)
-        and layer.core.normalization == "none" and layer.core.output_norm is None
-    ]  # fmt: skip
+    layers = [layer for layer in converted_layers(net) if layer.core.output_scale_calibratable]
     if not layers:
         return 0
     with teacher_forcing(net) as teachers:
@@ -165,11 +148,10 @@ def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
     by_layer = {id(layer): teacher for layer, teacher in zip(converted_layers(net), teachers, strict=True)}
     for layer in layers:
         softmax_rms, core_rms = by_layer[id(layer)].rms
-        factor = (softmax_rms / core_rms.clamp_min(1e-12)).sqrt()  # (H,)
-        weight = layer.core.feature_map.weight  # (H, m, D)
-        weight.mul_(factor.to(weight.dtype)[:, None, None])
+        factor = softmax_rms / core_rms.clamp_min(1e-12)  # (H,)
+        layer.core.scale_output(factor)
         log.info("transfer.calibrate: layer %d output scale x %s", layer.layer_idx,
-                 ", ".join(f"{f:.3g}" for f in factor.square().tolist()))  # fmt: skip
+                 ", ".join(f"{f:.3g}" for f in factor.tolist()))  # fmt: skip
     return len(layers)
 
 
@@ -208,19 +190,11 @@ class AttentionTransfer(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What a fine-tuning checkpoint carries (W&B run id, model config, RNG states), and the stage.
-        LanguageModel.on_save_checkpoint(self, checkpoint)
+        store_run_state(self, checkpoint)
         checkpoint[STAGE_KEY] = "transfer"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        LanguageModel.on_load_checkpoint(self, checkpoint)
-
-
-def checkpoint_stage(ckpt_path: str | None) -> str | None:
-    """None without a checkpoint; "transfer" for one taken inside the transfer stage; else "finetune"."""
-    if not ckpt_path:
-        return None
-    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get(STAGE_KEY, "finetune")
+        restore_run_state(checkpoint)
 
 
 def check_transfer_config(transfer: Any) -> None:
@@ -260,7 +234,7 @@ def run_transfer(
     if not new:
         log.info("attention transfer: %s adds no parameters to learn; skipping the stage", name)
         return changed
-    if transfer.loss == "attention_ce" and not all(has_kernel_weights(layer.core) for layer in converted_layers(net)):
+    if transfer.loss == "attention_ce" and not all(layer.core.has_attention_weights for layer in converted_layers(net)):
         raise ConfigError(
             "transfer.loss=attention_ce needs kernel attention weights (update_rule=add with normalization=denominator, "
             "e.g. attention=hedgehog, linear or t2r); use transfer.loss=output_mse for this attention"

@@ -44,3 +44,30 @@ class FailAtStep(_AtStep):
 
     def fire(self) -> None:
         raise RuntimeError("injected failure")
+
+
+class SignalAtStep(_AtStep):
+    """A signal sent to the process by name (SIGTERM from a scheduler, SIGUSR1 before a SLURM time limit)."""
+
+    def __init__(self, step: int, name: str = "SIGTERM"):
+        super().__init__(step)
+        self.signum = getattr(signal, name)
+
+    def fire(self) -> None:
+        signal.raise_signal(self.signum)
+
+
+class NaNValidationAtStep(Callback):
+    """The validation after `step` computes NaN logits (a model whose evaluation diverged; training is finite)."""
+
+    def __init__(self, step: int):
+        self.step, self.hook = step, None
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == "fit" and trainer.global_step == self.step:
+            self.hook = pl_module.net.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None

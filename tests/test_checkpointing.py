@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfw.checkpointing import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted, atomic_torch_save
+from dfw.checkpointing import (
+    CheckpointWriteError,
+    LatestCheckpoint,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    atomic_torch_save,
+    load_checkpoint,
+)
 from dfw.errors import ConfigError, run_or_exit
 from dfw.model import load_exported
 from dfw.train import train
@@ -34,12 +42,12 @@ def _cfg(root: Path, text_files, *extra: str, attention: str = "decay"):
     return compose(*tiny_overrides(root, text_files, f"attention={attention}", *COMMON, f"trainer.max_steps={STEPS}", *extra))
 
 
-def _cli(root: Path, text_files, *extra: str) -> subprocess.CompletedProcess:
+def _cli(root: Path, text_files, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     overrides = tiny_overrides(root, text_files, "attention=decay", *COMMON, f"trainer.max_steps={STEPS}", *extra)
     # The same intra-op thread count as the in-process runs it is compared with (one per pytest-xdist
     # worker): float reductions split differently over threads, and the comparison is bit for bit.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # fmt: skip
+           "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "dfw.train", *overrides, f"hydra.run.dir={root}/hydra"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -111,6 +119,67 @@ def test_ctrl_c_stops_at_the_step_boundary_and_resumes_exactly(tmp_path, text_fi
     assert not list(last.parent.glob("on-exception*"))
     train(_cfg(tmp_path / "resumed", text_files, f"ckpt_path={last}"))
     _assert_same_weights(last, straight / "last.ckpt")
+
+
+def _fake_slurm(tmp_path: Path, restarts: int = 0) -> dict[str, str]:
+    """The environment of a SLURM job step (Lightning detects SLURMEnvironment from it), with an `scontrol` on
+    PATH that records its arguments instead of talking to a scheduler."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
+            "SLURM_JOB_NAME": "dfw-test", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost", "SLURM_RESTART_COUNT": str(restarts)}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_the_step_boundary_exits_143_and_resumes_exactly(tmp_path, text_files, straight):
+    # What a scheduler sends before preempting a job, during step 3 (not a checkpoint step).
+    stopped = _cli(tmp_path, text_files, "+callbacks.term._target_=tests.checkpoint_faults.SignalAtStep", "+callbacks.term.step=3")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]  # 128 + SIGTERM: the scheduler sees a failed job
+    output = stopped.stdout + stopped.stderr
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"interrupted (SIGTERM) at step 3; the state at that step is in {last}; resume with ckpt_path={last}" in output
+    assert "Traceback" not in output
+    assert _load(last)["global_step"] == 3 and not list(last.parent.glob("on-exception*"))
+    train(_cfg(tmp_path / "resumed", text_files, f"ckpt_path={last}"))
+    _assert_same_weights(last, straight / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_under_slurm_the_requeue_signal_requeues_the_job_which_resumes_exactly(tmp_path, text_files, straight):
+    slurm = _fake_slurm(tmp_path)
+    fault = ["+callbacks.usr1._target_=tests.checkpoint_faults.SignalAtStep", "+callbacks.usr1.step=3", "+callbacks.usr1.name=SIGUSR1"]
+    stopped = _cli(tmp_path, text_files, *fault, env=slurm)
+    assert stopped.returncode == 138, stopped.stderr[-2000:]  # 128 + SIGUSR1
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _load(last)["global_step"] == 3
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    assert "requeued SLURM job 4242" in stopped.stdout + stopped.stderr
+    # SLURM starts the job again with the same command line: it resumes from its own last.ckpt.
+    again = _cli(tmp_path, text_files, env=_fake_slurm(tmp_path, restarts=1))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {last}" in again.stdout + again.stderr
+    _assert_same_weights(last, straight / "last.ckpt")
+
+
+def test_the_slurm_launcher_sends_the_signal_that_runs_stop_and_requeue_on():
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from omegaconf import OmegaConf
+
+    launcher = OmegaConf.load(REPO / "conf" / "hydra" / "launcher" / "slurm.yaml")
+    name, _, seconds = launcher.additional_parameters.signal.partition("@")
+    assert int(seconds) == launcher.signal_delay_s > 0
+    assert f"SIG{name}" in compose("paths.output_dir=/tmp/unused").callbacks.last_checkpoint.stop_signals
+    assert SLURMEnvironment().requeue_signal == getattr(signal, f"SIG{name}")  # Lightning's requeue signal
+    assert launcher.additional_parameters.requeue is True and launcher.max_num_timeout == 0
+
+
+def test_stop_signals_are_checked_when_the_callback_is_built(tmp_path):
+    with pytest.raises(ConfigError, match="callbacks.last_checkpoint.stop_signals: 'SIGNOPE' is not a signal"):
+        LatestCheckpoint(str(tmp_path), every_n_steps=2, stop_signals=["SIGTERM", "SIGNOPE"])
 
 
 def test_ctrl_c_in_process_raises_training_interrupted(tmp_path, text_files):
@@ -227,10 +296,101 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         run_or_exit(train, cfg, logger=logging.getLogger("dfw.train"))
     assert exit_.value.code == 2
     errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
-    assert len(errors) == 1 and "train/loss is nan" in errors[0], errors
+    assert len(errors) == 1 and "loss is nan" in errors[0], errors
     assert not (tmp_path / "model").exists()
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not list(checkpoints.glob("on-exception*"))
     for path in checkpoints.glob("*.ckpt"):  # whatever was written holds finite weights
         assert all(torch.isfinite(w).all() for w in _load(path)["state_dict"].values()), path
     assert isinstance(NonFiniteLossError("x"), ConfigError)
+
+
+def test_a_nan_validation_stops_the_run_and_is_never_the_best_checkpoint(tmp_path, text_files, caplog):
+    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "+callbacks.nan._target_=tests.checkpoint_faults.NaNValidationAtStep",
+               "+callbacks.nan.step=2")  # fmt: skip
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
+        run_or_exit(train, cfg, logger=logging.getLogger("dfw.train"))
+    assert exit_.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(errors) == 1 and "val/loss is nan at step 2" in errors[0] and "no checkpoint was written" in errors[0], errors
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))  # neither best-step2.ckpt nor last.ckpt
+
+
+def test_resuming_an_older_checkpoint_never_overwrites_a_later_one(tmp_path, text_files, straight, caplog):
+    # A folder whose last.ckpt is at step 8, resumed from its step-2 checkpoint with trainer.max_steps=4.
+    train(_cfg(tmp_path / "old", text_files, "trainer.max_steps=2"))
+    checkpoints = tmp_path / "old" / "run" / "checkpoints"
+    older = checkpoints / "step2.ckpt"
+    (checkpoints / "last.ckpt").rename(older)
+    shutil.copy(straight / "last.ckpt", checkpoints / "last.ckpt")
+    before = _listing(checkpoints)
+    # This run's own folder is elsewhere: it continues there and says so.
+    with caplog.at_level(logging.WARNING):
+        train(_cfg(tmp_path / "new", text_files, f"ckpt_path={older}", "trainer.max_steps=4"))
+    assert _listing(checkpoints) == before
+    assert _load(tmp_path / "new" / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert any("holds a later state (step 8)" in r.getMessage() for r in caplog.records)
+    # Its own folder is the resumed checkpoint's: refused, nothing written.
+    with pytest.raises(ConfigError, match=r"is at step 2, but .*last.ckpt holds a later state \(step 8\)"):
+        train(_cfg(tmp_path / "old", text_files, f"ckpt_path={older}", "trainer.max_steps=4"))
+    assert _listing(checkpoints) == before
+    # A new run (no ckpt_path) in a folder that holds a run's latest state: refused too.
+    with pytest.raises(ConfigError, match=r"last.ckpt exists \(step 8\) from an earlier run in this folder"):
+        train(_cfg(tmp_path / "old", text_files))
+    assert _listing(checkpoints) == before
+
+
+def _changed_train_file(tmp_path: Path, text_files) -> Path:
+    changed = tmp_path / "train-changed.txt"
+    changed.write_text(text_files["train"].read_text().replace("fox", "cat"))
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.block_size=16", "data.block_size: checkpoint 32, requested 16"),
+        ("data.batch_size=2", "data.batch_size: checkpoint 4, requested 2"),
+        ("seed=7", "data.seed: checkpoint 1234, requested 7"),
+        ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches: checkpoint 1, requested 2"),
+        ("CHANGED", "the train split's text is not the checkpoint's"),
+    ],
+)
+def test_a_resume_on_other_data_refuses_naming_what_changed(tmp_path, text_files, straight, override, message):
+    checkpoints = tmp_path / "old"
+    shutil.copytree(straight, checkpoints)
+    before = _listing(checkpoints)
+    if override == "CHANGED":
+        override = f"data.files.train={_changed_train_file(tmp_path, text_files)}"
+    with pytest.raises(ConfigError, match=message + ".*resume.allow_data_change=true"):
+        train(_cfg(tmp_path, text_files, f"ckpt_path={checkpoints / 'last.ckpt'}", "trainer.max_steps=10", override))
+    assert _listing(checkpoints) == before
+
+
+def test_resume_allow_data_change_continues_and_says_so(tmp_path, text_files, straight, caplog):
+    checkpoints = tmp_path / "old"
+    shutil.copytree(straight, checkpoints)
+    changed = f"data.files.train={_changed_train_file(tmp_path, text_files)}"
+    with caplog.at_level(logging.WARNING):
+        train(_cfg(tmp_path, text_files, f"ckpt_path={checkpoints / 'last.ckpt'}", "trainer.max_steps=9", changed,
+                   "resume.allow_data_change=true"))  # fmt: skip
+    assert _load(checkpoints / "last.ckpt")["global_step"] == 9
+    assert any("resume.allow_data_change=true: resuming" in r.getMessage() and "train split" in r.getMessage() for r in caplog.records)
+
+
+def test_a_random_bytes_checkpoint_is_not_called_pickled_objects(tmp_path):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(ConfigError, match="it is not a checkpoint file") as error:
+        load_checkpoint(path, "ckpt_path")
+    assert "pickled" not in str(error.value)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_checkpoints_get_the_permissions_of_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        atomic_torch_save({"global_step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode

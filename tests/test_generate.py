@@ -100,3 +100,30 @@ def test_a_model_that_is_not_there_is_a_one_line_error(tmp_path):
         load_for_generation(str(tmp_path))
     done = run_module("dfw.generate", f"model={tmp_path / 'missing.ckpt'}", timeout=120)
     assert done.returncode == 2 and "no such checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("prompt=''", "prompt is empty"),
+        ("prompt=[Hi,'']", r"prompt\[1\] is empty"),
+        ("max_new_tokens=0", "max_new_tokens must be a positive integer, got 0"),
+        ("max_new_tokens=-3", "max_new_tokens must be a positive integer, got -3"),
+        ("temperature=-1", "temperature must be 0 .greedy. or positive, got -1"),
+        ("top_k=-1", "top_k must be a non-negative integer .0: no top-k filtering., got -1"),
+        ("top_p=0", r"top_p must be in \(0, 1\] .1: no nucleus filtering., got 0"),
+        ("top_p=2", r"top_p must be in \(0, 1\] .1: no nucleus filtering., got 2"),
+        ("top_p=-0.5", r"top_p must be in \(0, 1\]"),
+        ("+temprature=0.5", "temprature is not an option of dfw.generate; its options are .*temperature"),
+        ("seed=x", "seed must be an integer, got 'x'"),
+    ],
+)
+def test_bad_generation_options_are_one_error_before_loading(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        generate(generate_cfg(tmp_path / "never-loaded", override))
+
+
+def test_a_prompt_longer_than_the_context_says_to_shorten_it(exported_tiny):
+    directory, _ = exported_tiny
+    with pytest.raises(ConfigError, match=r"the prompt is \d+ tokens, which leaves none of the model's 96 learned positions for new tokens; shorten it"):
+        generate(generate_cfg(directory, "prompt='" + "word " * 200 + "'", "max_new_tokens=1", "device=cpu"))

@@ -170,6 +170,28 @@ def test_the_allow_list_is_dfws_own_classes_and_their_options():
             pytest.fail(what)
 
 
+def test_a_stored_target_is_checked_by_name_before_anything_is_imported():
+    """A module named by a stored config is never imported to find out what it holds: importing
+    dfw.report.__main__ would run dfw's report tool (and exit) inside whoever loads the model."""
+    code = (
+        "import sys\n"
+        "from dfw.attention import AttentionCore\n"
+        "from dfw.safe_config import UnsafeConfigError, checked_node\n"
+        "for target in ('dfw.report.__main__.X', 'dfw.bench.__main__.Y', 'dfw.demo.Z'):\n"
+        "    try:\n"
+        "        checked_node({'_target_': target}, AttentionCore, 'f.yaml', 'attention')\n"
+        "    except UnsafeConfigError as err:\n"
+        "        print('refused', err)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dfw.report', 'dfw.bench', 'dfw.demo'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("refused f.yaml: attention._target_=")]) == 3, lines
+    assert lines[-1] == "[]"
+
+
 def test_an_unknown_attention_option_is_one_error_naming_it(tmp_path, text_files):
     cfg = compose(*tiny_overrides(tmp_path, text_files, "attention=decay", "+attention.stat_size=3"))
     # FastWeightAttention refuses it itself (its update rules take options of their own); a class without

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import csv
+import functools
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from dfw.errors import ConfigError
+from dfw.errors import ConfigError, instantiate
 from dfw.model import load_exported
+from dfw.module import LanguageModel
 from dfw.train import train
 from tests.attention.helpers import build_at_gpt2_shapes
-from tests.conftest import CONF, TRAINED_RUN, compose, run_module, tiny_overrides
+from tests.conftest import CONF, REPO, TRAINED_RUN, compose, run_module, tiny_overrides
 
 GROUPS = ["model", "attention", "data", "trainer", "logger", "callbacks", "experiment", "debug"]
 
@@ -128,7 +135,53 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
     assert "error: attention.state_size must be a positive integer" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
-    result = run_module("dfw.train", "attention=no_such_attention", f"hydra.run.dir={tmp_path}/hydra")
-    assert result.returncode != 0
-    assert "Could not find 'attention/no_such_attention'" in result.stderr
-    assert "Traceback" not in result.stderr
+    # A config group option that does not exist: the README's promise too (one line, exit code 2), not Hydra's
+    # many-line message with exit code 1.
+    result = run_module("dfw.train", "attention=no_such_attention", f"hydra.run.dir={tmp_path}/nope")
+    assert result.returncode == 2
+    presets = ", ".join(_options("attention"))
+    assert [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] == [
+        f"error: attention=no_such_attention is not an option of attention; use one of {presets} (conf/attention/)"
+    ]
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow
+def test_model_gpt2_without_network_fails_within_30_s_with_one_line(tmp_path, text_files):
+    """Offline mode unset, an empty Hugging Face cache and a hub address that refuses connections (before: a
+    minute of retries, with a warning for each)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", WANDB_MODE="offline")
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "dfw.train", *tiny_overrides(tmp_path, text_files, "model=gpt2"), f"hydra.run.dir={tmp_path}/hydra"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert done.returncode == 2 and elapsed < 30, (done.returncode, elapsed, output[-3000:])
+    assert len(errors) == 1 and "model.pretrained='gpt2': could not load it" in errors[0] and "unreachable" in errors[0], errors
+    assert "Traceback" not in output and "Retrying" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["finetune", "transfer_finetune", "transfer_lora"])
+def test_every_recipe_validates_its_last_step_and_reports_and_tests_the_exported_weights(tmp_path, text_files, recipe):
+    """5 steps in all, validation every 2: the last fine-tuning step (3 after 2 transfer steps, 5 without) is
+    not on the interval, yet it is validated, and val/ppl and test/ppl are the exported model's."""
+    transfer = [] if recipe == "finetune" else ["transfer.steps=2"]
+    overrides = tiny_overrides(tmp_path, text_files, "attention=decay", f"recipe={recipe}", "budget_steps=5", *transfer)
+    cfg = compose(*[o for o in overrides if not o.startswith("trainer.max_steps=")])  # the recipe's steps
+    metrics = train(cfg)
+    last_step = 5 - (2 if transfer else 0)
+    assert metrics["weights/step"] == last_step
+    assert _checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == last_step
+    net = load_exported(tmp_path / "run" / "model")
+    module = LanguageModel(net, optimizer=functools.partial(torch.optim.AdamW))
+    datamodule = instantiate(cfg.data, _convert_="all")
+    evaluator = L.Trainer(accelerator="cpu", logger=False, limit_val_batches=2, limit_test_batches=2, inference_mode=False,
+                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    val = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/ppl"]
+    test = evaluator.test(module, datamodule=datamodule, verbose=False)[0]["test/ppl"]
+    assert metrics["val/ppl"] == pytest.approx(val, rel=1e-4) and metrics["test/ppl"] == pytest.approx(test, rel=1e-4)

@@ -14,8 +14,6 @@ from dfw.surgery import convert_attention
 from dfw.train import train
 from dfw.transfer import (
     calibrate_output_scale,
-    has_kernel_weights,
-    kernel_weights,
     new_parameters,
     run_teacher_forced,
     teacher_forcing,
@@ -86,20 +84,49 @@ def test_transfer_steps_train_only_the_new_parameters_and_lower_the_loss(name, l
     assert all(p.requires_grad for p in net.parameters())  # restored on exit
 
 
-def test_kernel_weights_are_what_the_core_applies_to_v():
-    """attention_ce's estimate is the core's own attention: kernel_weights @ v equals its output."""
+def test_attention_weights_are_what_the_core_applies_to_v():
+    """attention_ce's estimate is the core's own attention: attention_weights @ v equals its output."""
     _, net = _converted("hedgehog")
     core = net.transformer.h[0].attn.core
-    assert has_kernel_weights(core) and not has_kernel_weights(_converted("decay")[1].transformer.h[0].attn.core)
+    decay = _converted("decay")[1].transformer.h[0].attn.core
+    assert core.has_attention_weights and not decay.has_attention_weights
     with torch.no_grad():
         for p in core.parameters():
             p.add_(0.3 * torch.randn_like(p))
     q, k, v = (torch.randn(2, T, HEADS, WIDTH // HEADS, dtype=torch.float64) for _ in range(3))
     o, _ = core(q, k, v, torch.randn(2, T, WIDTH, dtype=torch.float64))
-    weights = kernel_weights(core, q, k)  # (B, H, T, T)
+    weights = core.attention_weights(q, k)  # (B, H, T, T)
     expected = torch.einsum("bhij,bjhd->bihd", weights, v)
     torch.testing.assert_close(o, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
+
+
+def test_what_each_preset_offers_attention_transfer():
+    """The core says what transfer may do with it: attention_ce where the output is normalised kernel weights
+    applied to v (additive rule, denominator), calibration where the output is bilinear in a linear map."""
+    from tests.attention.helpers import PRESETS, build
+
+    cores = {name: build(preset(name, **({} if name in ("softmax", "hedgehog", "delta") else {"state_size": 8})))
+             for name in PRESETS}  # fmt: skip
+    assert {name for name, core in cores.items() if core.has_attention_weights} == {"hedgehog", "linear", "performer", "t2r"}
+    assert {name for name, core in cores.items() if core.output_scale_calibratable} == {"decay"}
+    for name, core in cores.items():  # what transfer trains: the core's own parameters, all of them
+        assert {id(p) for p in core.transfer_parameters()} == {id(p) for p in core.parameters()}, name
+    with pytest.raises(NotImplementedError):
+        cores["rfa"].attention_weights(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
+
+
+def test_scale_output_multiplies_each_heads_output_exactly():
+    from tests.attention.helpers import build
+
+    torch.manual_seed(0)
+    core = build(preset("decay")).double()
+    inputs = (*(torch.randn(2, 9, 2, 8, dtype=torch.float64) for _ in range(3)), torch.randn(2, 9, 16, dtype=torch.float64))
+    before, _ = core(*inputs)
+    factor = torch.tensor([0.25, 3.0], dtype=torch.float64)
+    core.scale_output(factor)
+    after, _ = core(*inputs)
+    torch.testing.assert_close(after, before * factor[:, None], rtol=1e-12, atol=1e-12)
 
 
 def test_calibration_matches_each_heads_output_rms_to_softmax():

@@ -2,12 +2,14 @@
 
 `conf/attention/<name>.yaml` selects a core with `_target_` (and `_partial_: true`); the model
 surgery in `dfw.surgery` finishes building it per layer with the layer's sizes. The fast-weight family
-is three registries: `FEATURE_MAPS`, `UPDATE_RULES` and `NORMALIZATIONS`.
+is three registries, `FEATURE_MAPS`, `UPDATE_RULES` and `NORMALIZATIONS`, filled the same way: a subclass
+of `FeatureMap`, `UpdateRule` or `Normalization` with a `name` registers itself (`registry.py`).
 """
 
 from .base import AttentionCore, ConvertedAttention
-from .fast_weight import NORMALIZATIONS, FastWeightAttention
+from .fast_weight import FastWeightAttention
 from .feature_maps import FEATURE_MAPS, FeatureMap
+from .normalizations import NORMALIZATIONS, Normalization
 from .softmax import SoftmaxAttention
 from .update_rules import UPDATE_RULES, TokenInputs, UpdateRule
 from .update_rules.decay import uniform_gate_bias
@@ -22,6 +24,7 @@ __all__ = [
     "ConvertedAttention",
     "FastWeightAttention",
     "FeatureMap",
+    "Normalization",
     "SoftmaxAttention",
     "TokenInputs",
     "UpdateRule",

@@ -13,11 +13,13 @@ step for a single new token and its parallel form, continued from the cached sta
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import Cache
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from .state import RecurrentLayer, State, copy_state_
 
@@ -78,11 +80,36 @@ class AttentionCore(nn.Module):
         """Bytes of state this core keeps for `batch_size` sequences after `seq_len` tokens."""
         raise NotImplementedError
 
+    # -- What attention transfer (dfw.transfer) asks of a core ------------------------------------------
+    def transfer_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters attention transfer trains: the core's own (those conversion added)."""
+        return self.parameters()
+
+    @property
+    def has_attention_weights(self) -> bool:
+        """Whether the output is `attention_weights(q, k)` applied to v (so transfer.loss=attention_ce applies)."""
+        return False
+
+    def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
+        """The teacher's target of comparison for transfer.loss=attention_ce: the core's own causal attention
+        weights [B, H, T, T] from q, k [B, T, H, D], rows summing to 1 (only where `has_attention_weights`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention weights of its own")
+
+    @property
+    def output_scale_calibratable(self) -> bool:
+        """Whether `scale_output` can rescale each head's output exactly (transfer.calibrate)."""
+        return False
+
+    def scale_output(self, factor: Tensor) -> None:
+        """The calibration hook (transfer.calibrate): multiply head h's output by `factor[h]` [H] from now on,
+        through the core's own parameters (so an export carries it). Only where `output_scale_calibratable`."""
+        raise NotImplementedError(f"{type(self).__name__} has no output scale to calibrate")
+
 
 class ConvertedAttention(nn.Module):
     """Drop-in replacement for `GPT2Attention` (self-attention only) around an `AttentionCore`."""
 
-    def __init__(self, original: nn.Module, core: AttentionCore):
+    def __init__(self, original: GPT2Attention, core: AttentionCore):
         super().__init__()
         if getattr(original, "is_cross_attention", False):
             raise ValueError("ConvertedAttention replaces self-attention only, not cross-attention")

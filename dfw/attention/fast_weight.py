@@ -18,10 +18,11 @@ choices are independent config options (`attention.feature_map`, `.update_rule`,
 x_t is the input of the attention block. Decaying fast weights is `feature_map=linear,
 update_rule=decay, normalization=none`.
 
-The core composes three registries and has no case of its own: `FEATURE_MAPS` (feature_maps.py; each
-map states what it can be normalised with), `UPDATE_RULES` (update_rules/: each rule owns its gate
-parameters, their conversion initialisation, and its parallel, recurrent and decode-step forms) and
-the normalisations here, which act on features and values whatever the rule. Gated is the decaying
+The core composes three registries, filled the same way (`dfw.attention.registry`), and has no case of
+its own: `FEATURE_MAPS` (feature_maps.py; each map states what it can be normalised with), `UPDATE_RULES`
+(update_rules/: each rule owns its gate parameters, their conversion initialisation, and its parallel,
+recurrent and decode-step forms) and `NORMALIZATIONS` (normalizations.py: each acts on features, values
+and the output whatever the rule, and states which feature maps it takes). Gated is the decaying
 recurrence with a scalar key-side gate log g_t and keys scaled by 1 - g_t; the delta rule has its own
 chunkwise (WY/UT) form in `update_rules/delta.py`.
 """
@@ -31,7 +32,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from dfw_kernels import KERNELS
 from dfw_kernels import cuda as cuda_kernel
 from dfw_kernels.reference import accumulation_dtype
@@ -40,17 +40,16 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import AttentionCore, State
 from .feature_maps import FEATURE_MAPS
+from .normalizations import NORMALIZATIONS
 from .update_rules import UPDATE_RULES, TokenInputs
 from .update_rules.base import check_choice
-
-NORMALIZATIONS = ("none", "denominator", "sum")
 
 
 class FastWeightAttention(AttentionCore):
     """Arguments after `scaling` are the attention config (conf/attention/*.yaml):
 
     feature_map: a key of FEATURE_MAPS.            update_rule: a key of UPDATE_RULES (add | gated | delta | decay).
-    normalization: none | denominator | sum.       state_size: m; null for the feature map's natural size.
+    normalization: a key of NORMALIZATIONS (none | denominator | sum).   state_size: m; null for the map's natural size.
     output_norm: LayerNorm over each head's output (off in the paper).
     chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch | triton (the dfw_kernels op).
     eps: clamp of the denominator and of feature sums.
@@ -95,7 +94,7 @@ class FastWeightAttention(AttentionCore):
             raise ConfigError(f"attention.state_size must be a positive integer or null, got {state_size!r}")
         if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
             raise ConfigError(f"attention.chunk_size must be a positive multiple of 16, got {chunk_size!r}")
-        _check_normalization(feature_map, normalization)
+        NORMALIZATIONS[normalization].check(feature_map, FEATURE_MAPS)
         rule_class = UPDATE_RULES[update_rule]
         rule_class.check(feature_map, normalization)
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -109,10 +108,12 @@ class FastWeightAttention(AttentionCore):
             self.feature_map = FEATURE_MAPS[feature_map](num_heads, head_dim, state_size, options)
         except ValueError as err:
             raise ConfigError(f"attention: {err}") from None
-        self.state_size = self.feature_map.output_size  # m
+        self.state_size = self.feature_map.state_size  # m
+        self.normalizer = NORMALIZATIONS[normalization](eps)
         # Without a normaliser the read phi(q) S is scaled like softmax's logits (1/sqrt(D));
         # with one, a constant factor on phi(q) cancels.
-        self.read_scale = (head_dim**-0.5 if scaling is None else scaling) if normalization == "none" else 1.0
+        softmax_scale = head_dim**-0.5 if scaling is None else scaling
+        self.read_scale = 1.0 if self.normalizer.cancels_feature_scale else softmax_scale
 
         self.rule = rule_class(hidden_size, num_heads, head_dim, self.state_size, {**rule_class.options, **rule_options})
         # The rule's new parameters are the core's own children, so their keys are attn.core.<name>.*
@@ -128,9 +129,7 @@ class FastWeightAttention(AttentionCore):
             self.feature_map.training_call()  # random features redraw on their schedule
         phi_q = self.feature_map(q, is_query=True)  # (B, T, H, m)
         phi_k = self.feature_map(k)  # (B, T, H, m)
-        if self.normalization == "sum":
-            phi_q = phi_q / phi_q.sum(-1, keepdim=True).clamp_min(self.eps)
-            phi_k = phi_k / phi_k.sum(-1, keepdim=True).clamp_min(self.eps)
+        phi_q, phi_k = self.normalizer.features(phi_q, phi_k)
         return phi_q * self.read_scale, phi_k
 
     def _prepare(
@@ -141,21 +140,13 @@ class FastWeightAttention(AttentionCore):
         phi_q, phi_k = self._features(q, k)
         gates = {name: getattr(self, name) for name in self.gate_names}
         inputs = self.rule.token_inputs(gates, x, TokenInputs(phi_q, phi_k, v))
-        if self.normalization == "denominator":
-            # Carry z_t = sum_s decay * phi(k_s) as one more value column of ones (never value-gated).
-            B, T, H, _ = v.shape
-            log_value_gate = None if inputs.log_value_gate is None else F.pad(inputs.log_value_gate, (0, 1))
-            inputs = inputs._replace(
-                v=torch.cat([inputs.v, v.new_ones(B, T, H, 1)], dim=-1),  # (B, T, H, D + 1)
-                log_value_gate=log_value_gate,  # (B, T, H, D + 1)
-            )
+        inputs = self.normalizer.token_inputs(inputs)
         if token_mask is not None:
             inputs = self.rule.skip_pads(inputs, token_mask)
         return inputs
 
     def _finish(self, o: Tensor) -> Tensor:
-        if self.normalization == "denominator":
-            o = o[..., :-1] / o[..., -1:].clamp_min(self.eps)  # (B, T, H, D)
+        o = self.normalizer.output(o)  # (B, T, H, D)
         if self.output_norm is not None:
             o = self.output_norm(o)
         return o
@@ -171,9 +162,9 @@ class FastWeightAttention(AttentionCore):
         token_mask: Tensor | None = None,
     ) -> tuple[Tensor, State | None]:
         inputs = self._prepare(q, k, v, x, token_mask)
-        state = _fast_weights(state)
-        o, state = self.rule.parallel(inputs, state, output_state, self.chunk_size, self.kernel)
-        return self._finish(o), state
+        fast_weights = _fast_weights(state)
+        o, final = self.rule.parallel(inputs, fast_weights, output_state, self.chunk_size, self.kernel)
+        return self._finish(o), final
 
     def recurrent(
         self,
@@ -189,7 +180,7 @@ class FastWeightAttention(AttentionCore):
 
     def allocate_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Zeros [B, H, m, D] (D + 1 with a denominator column), float32 (float64 for float64 activations)."""
-        columns = self.head_dim + (self.normalization == "denominator")
+        columns = self.head_dim + self.normalizer.extra_columns
         shape = (batch_size, self.num_heads, self.state_size, columns)
         return torch.zeros(shape, device=device, dtype=accumulation_dtype(dtype))
 
@@ -198,12 +189,39 @@ class FastWeightAttention(AttentionCore):
     ) -> Tensor:
         """One decode token [B, 1, H, D]: updates `state` in place (the CUDA decode kernel on GPU) and
         returns o. The state keeps its address, so a decode step can be captured in a CUDA graph."""
-        inputs = self._prepare(q, k, v, x, token_mask)
-        return self._finish(self.rule.step(inputs, _fast_weights(state), self.kernel))
+        fast_weights = _fast_weights(state)
+        if fast_weights is None:
+            raise TypeError("FastWeightAttention.step updates a state in place: pass allocate_state(...)")
+        return self._finish(self.rule.step(self._prepare(q, k, v, x, token_mask), fast_weights, self.kernel))
+
+    # -- Attention transfer (AttentionCore's interface) ---------------------------------------------------
+    @property
+    def has_attention_weights(self) -> bool:
+        # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its scores' sum.
+        return self.rule.plain_sum and self.normalizer.divides_by_score_sum and self.output_norm is None
+
+    def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
+        if not self.has_attention_weights:
+            return super().attention_weights(q, k)
+        phi_q, phi_k = self._features(q, k)  # (B, T, H, m) each
+        T = q.shape[1]
+        scores = torch.einsum("bihm,bjhm->bhij", phi_q, phi_k)  # (B, H, T, T)
+        scores = scores * torch.ones(T, T, dtype=scores.dtype, device=q.device).tril()
+        return scores / scores.sum(-1, keepdim=True).clamp_min(self.eps)
+
+    @property
+    def output_scale_calibratable(self) -> bool:
+        # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it by c^2.
+        return self.feature_map.scalable and not self.normalizer.cancels_feature_scale and self.output_norm is None
+
+    def scale_output(self, factor: Tensor) -> None:
+        if not self.output_scale_calibratable:
+            super().scale_output(factor)
+        self.feature_map.scale_features(factor.sqrt())  # phi(q), phi(k) x sqrt(factor): the output x factor
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.
-        columns = self.head_dim + (self.normalization == "denominator")
+        columns = self.head_dim + self.normalizer.extra_columns
         return batch_size * self.num_heads * self.state_size * columns * torch.float32.itemsize
 
     def extra_repr(self) -> str:
@@ -231,24 +249,3 @@ def _check_rule_options(rule_options: dict[str, Any]) -> None:
             f"dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
         )
 
-
-def _check_normalization(feature_map: str, normalization: str) -> None:
-    """Normalisations that the feature map cannot take fail here, before any forward pass."""
-    phi = FEATURE_MAPS[feature_map]
-    maps_that = lambda capable: ", ".join(name for name, cls in FEATURE_MAPS.items() if capable(cls))
-    if normalization == "sum" and not phi.nonnegative:
-        raise ConfigError(
-            f"attention.normalization=sum needs non-negative features, and feature_map={feature_map} can be negative "
-            f"(its sum can be 0); use feature_map={maps_that(lambda cls: cls.nonnegative)}, or normalization=none"
-        )
-    if normalization == "denominator" and not phi.positive_kernel:
-        raise ConfigError(
-            f"attention.normalization=denominator needs a positive kernel, and feature_map={feature_map} gives "
-            f"signed scores (the denominator crosses 0); use normalization=none or one of "
-            f"{maps_that(lambda cls: cls.positive_kernel)}"
-        )
-    if normalization == "none" and phi.needs_normalization:
-        raise ConfigError(
-            f"attention.feature_map={feature_map} needs attention.normalization=denominator or sum "
-            "(its queries are rescaled for range by a factor only a normalisation cancels)"
-        )

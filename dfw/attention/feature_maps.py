@@ -2,9 +2,11 @@
 
 One phi is shared between queries and keys within a head, as in the kernel view of attention
 (phi(q) . phi(k) replaces exp(q . k / sqrt(D))). `FEATURE_MAPS` is the registry that
-`attention.feature_map` names; every map is built from (num_heads, head_dim, state_size, options),
-where `state_size` None means the map's natural size and `options` holds the map-specific settings
-of the attention config (each map reads its own and ignores the rest).
+`attention.feature_map` names: a subclass of `FeatureMap` with a `name` registers itself
+(`dfw.attention.registry`, as update rules and normalisations do). Every map is built from
+(num_heads, head_dim, state_size, options), where `state_size` None means the map's natural size and
+`options` holds the map-specific settings of the attention config (each map reads its own and ignores
+the rest); the map's `state_size` is then m, the size of its features and of the state's key side.
 
 | name       | phi(x)                                                | paper                          |
 |------------|-------------------------------------------------------|--------------------------------|
@@ -21,14 +23,18 @@ of the attention config (each map reads its own and ignores the rest).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .registry import Registered
 
-class FeatureMap(nn.Module):
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {}
+
+
+class FeatureMap(nn.Module, Registered):
     """Base class. Its capabilities, which decide the normalisations it works with (checked when a core is built):
 
     nonnegative: every feature is >= 0, so sums of features are safe to divide by (`normalization=sum`).
@@ -37,22 +43,31 @@ class FeatureMap(nn.Module):
         Fourier features, clamped as in RFA.
     needs_normalization: features are divided by a per-query factor for numerical range, which only a
         normalisation cancels (`normalization=none` is refused).
+    scalable: `scale_features(factor)` multiplies head h's features by factor[h] exactly, through the map's own
+        parameters (transfer.calibrate).
     """
 
-    nonnegative = False
-    positive_kernel = False
-    needs_normalization = False
+    registry: ClassVar[dict[str, type[FeatureMap]]] = FEATURE_MAPS
+    nonnegative: ClassVar[bool] = False
+    positive_kernel: ClassVar[bool] = False
+    needs_normalization: ClassVar[bool] = False
+    scalable: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, head_dim: int, state_size: int | None, options: dict[str, Any]):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.output_size = head_dim if state_size is None else state_size
+        self.state_size = head_dim if state_size is None else state_size
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         raise NotImplementedError
 
     def training_call(self) -> None:
         """Called once per training-mode call of the attention core (random features redraw here)."""
+
+    @torch.no_grad()
+    def scale_features(self, factor: Tensor) -> None:
+        """Multiply head h's features by factor[h] [H] from now on (only where `scalable`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rescaled through its parameters")
 
 
 def per_head_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -78,9 +93,11 @@ def _require_size(name: str, natural: int, state_size: int | None, how: str) -> 
 class IdentityFeatureMap(FeatureMap):
     """phi(x) = x: no parameters; the state size is the head size."""
 
+    name = "identity"
+
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
-        self.output_size = _require_size("identity", head_dim, state_size, "head size")
+        self.state_size = _require_size("identity", head_dim, state_size, "head size")
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return x
@@ -94,11 +111,14 @@ class LinearFeatureMap(FeatureMap):
     inner products as well as a map of that size can.
     """
 
+    name = "linear"
+    scalable = True
+
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
-        weight = torch.empty(num_heads, self.output_size, head_dim)  # (H, m, D)
+        weight = torch.empty(num_heads, self.state_size, head_dim)  # (H, m, D)
         for h in range(num_heads):
-            if self.output_size == head_dim:
+            if self.state_size == head_dim:
                 nn.init.eye_(weight[h])
             else:
                 nn.init.orthogonal_(weight[h])
@@ -107,16 +127,22 @@ class LinearFeatureMap(FeatureMap):
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return per_head_linear(x, self.weight.to(x.dtype))  # (B, T, H, m)
 
+    @torch.no_grad()
+    def scale_features(self, factor: Tensor) -> None:
+        self.weight.mul_(factor.to(self.weight.dtype)[:, None, None])  # (H, m, D)
+
 
 class EluFeatureMap(FeatureMap):
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020): no parameters; state size = head size."""
+
+    name = "elu"
 
     nonnegative = True
     positive_kernel = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
-        self.output_size = _require_size("elu", head_dim, state_size, "head size")
+        self.state_size = _require_size("elu", head_dim, state_size, "head size")
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return F.elu(x) + 1.0
@@ -129,14 +155,16 @@ class ReluMLPFeatureMap(FeatureMap):
     no choice of it reproduces exp(q . k), so fine-tuning starts away from the pretrained attention.
     """
 
+    name = "relu_mlp"
+
     nonnegative = True
     positive_kernel = True
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
         bound = 1.0 / math.sqrt(head_dim)  # nn.Linear's default bounds for fan_in = D
-        self.weight = nn.Parameter(torch.empty(num_heads, self.output_size, head_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(num_heads, self.output_size).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(num_heads, self.state_size, head_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_heads, self.state_size).uniform_(-bound, bound))
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         return F.relu(per_head_linear(x, self.weight.to(x.dtype)) + self.bias.to(x.dtype))
@@ -150,6 +178,9 @@ class RandomFeatureMap(FeatureMap):
     the same settings hold the same features, and an exported model keeps the ones it was trained with
     (the buffer is saved in its state dict).
     """
+
+    projection: Tensor  # (H, n, D) buffer: the random directions
+    training_calls: Tensor  # () buffer: training-mode calls so far
 
     def __init__(self, num_heads, head_dim, state_size, options):
         super().__init__(num_heads, head_dim, state_size, options)
@@ -180,7 +211,7 @@ class RandomFeatureMap(FeatureMap):
         self.training_calls.fill_(self.calls)
 
     def extra_repr(self) -> str:
-        return f"size={self.output_size}, redraw_interval={self.redraw_interval}, seed={self.seed}"
+        return f"size={self.state_size}, redraw_interval={self.redraw_interval}, seed={self.seed}"
 
 
 class FavorFeatureMap(RandomFeatureMap):
@@ -196,12 +227,14 @@ class FavorFeatureMap(RandomFeatureMap):
     per-query factor that the denominator (or sum) normalisation cancels exactly; hence favor needs one.
     """
 
+    name = "favor"
+
     nonnegative = True
     positive_kernel = True
     needs_normalization = True
 
     def sample(self, generator: torch.Generator) -> Tensor:
-        H, m, D = self.num_heads, self.output_size, self.head_dim
+        H, m, D = self.num_heads, self.state_size, self.head_dim
         blocks = []
         for _ in range(math.ceil(m / D) * H):
             q, r = torch.linalg.qr(torch.randn(D, D, generator=generator, dtype=torch.float64))
@@ -218,7 +251,7 @@ class FavorFeatureMap(RandomFeatureMap):
         exponent = exponent - 0.5 * x.square().sum(-1, keepdim=True)
         if is_query:
             exponent = exponent - exponent.amax(-1, keepdim=True).detach()
-        return exponent.exp() * self.output_size**-0.5
+        return exponent.exp() * self.state_size**-0.5
 
 
 class RandomFourierFeatureMap(RandomFeatureMap):
@@ -232,6 +265,8 @@ class RandomFourierFeatureMap(RandomFeatureMap):
     Conversion: s = 1 (our choice; the papers do not state one). The features are signed, so the
     denominator can come near zero: as in RFA, it is clamped.
     """
+
+    name = "rff"
 
     positive_kernel = True  # signed features of a positive kernel (exp(q^ . k^) up to a constant)
 
@@ -247,14 +282,14 @@ class RandomFourierFeatureMap(RandomFeatureMap):
             self.register_buffer("scale", scale)
 
     def sample(self, generator: torch.Generator) -> Tensor:
-        H, n, D = self.num_heads, self.output_size // 2, self.head_dim
+        H, n, D = self.num_heads, self.state_size // 2, self.head_dim
         return torch.randn(H, n, D, generator=generator)  # (H, m/2, D)
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         x = F.normalize(x.to(dtype), dim=-1) * self.scale.to(dtype)  # (B, T, H, D)
         angle = per_head_linear(x, self.projection.to(dtype))  # (B, T, H, m/2)
-        return torch.cat([angle.sin(), angle.cos()], dim=-1) * (self.output_size // 2) ** -0.5  # (B, T, H, m)
+        return torch.cat([angle.sin(), angle.cos()], dim=-1) * (self.state_size // 2) ** -0.5  # (B, T, H, m)
 
 
 class DPFPFeatureMap(FeatureMap):
@@ -262,6 +297,8 @@ class DPFPFeatureMap(FeatureMap):
 
         r = [relu(x), relu(-x)] in R^{2D},   phi(x) = [r * roll(r, j) for j = 1..nu]
     """
+
+    name = "dpfp"
 
     nonnegative = True
     positive_kernel = True
@@ -272,14 +309,14 @@ class DPFPFeatureMap(FeatureMap):
         if not isinstance(order, int) or not 1 <= order < 2 * head_dim:
             raise ValueError(f"attention.dpfp_order must be an integer in [1, {2 * head_dim - 1}], got {order!r}")
         self.order = order
-        self.output_size = _require_size("dpfp", 2 * head_dim * order, state_size, "2 * head size * dpfp_order")
+        self.state_size = _require_size("dpfp", 2 * head_dim * order, state_size, "2 * head size * dpfp_order")
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (B, T, H, 2D)
         return torch.cat([r * r.roll(j, dims=-1) for j in range(1, self.order + 1)], dim=-1)  # (B, T, H, 2D nu)
 
     def extra_repr(self) -> str:
-        return f"order={self.order}, size={self.output_size}"
+        return f"order={self.order}, size={self.state_size}"
 
 
 class HedgehogFeatureMap(FeatureMap):
@@ -295,6 +332,8 @@ class HedgehogFeatureMap(FeatureMap):
     semi-orthogonal. Hedgehog then trains W to match softmax attention (`transfer.loss=attention_ce`).
     """
 
+    name = "hedgehog"
+
     nonnegative = True
     positive_kernel = True
 
@@ -303,7 +342,7 @@ class HedgehogFeatureMap(FeatureMap):
         if state_size % 2:
             raise ValueError(f"feature_map=hedgehog needs an even state_size ([Wx, -Wx] halves), got {state_size}")
         super().__init__(num_heads, head_dim, state_size, options)
-        half = self.output_size // 2
+        half = self.state_size // 2
         weight = torch.empty(2, num_heads, half, head_dim)  # (query | key, H, m/2, D)
         for side in range(2):
             for h in range(num_heads):
@@ -320,16 +359,5 @@ class HedgehogFeatureMap(FeatureMap):
         return torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1)  # (B, T, H, m)
 
     def extra_repr(self) -> str:
-        return f"size={self.output_size}"
+        return f"size={self.state_size}"
 
-
-FEATURE_MAPS: dict[str, type[FeatureMap]] = {
-    "identity": IdentityFeatureMap,
-    "linear": LinearFeatureMap,
-    "elu": EluFeatureMap,
-    "relu_mlp": ReluMLPFeatureMap,
-    "favor": FavorFeatureMap,
-    "rff": RandomFourierFeatureMap,
-    "dpfp": DPFPFeatureMap,
-    "hedgehog": HedgehogFeatureMap,
-}

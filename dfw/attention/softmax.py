@@ -62,8 +62,10 @@ class SoftmaxAttention(AttentionCore):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         B, _, T, _ = q.shape
         if state is not None:
-            k = torch.cat([state[0], k], dim=2)  # (B, H, T_past + T, D)
-            v = torch.cat([state[1], v], dim=2)
+            k_past, v_past = state
+            assert isinstance(k_past, Tensor) and isinstance(v_past, Tensor), "softmax's state is (k, v)"
+            k = torch.cat([k_past, k], dim=2)  # (B, H, T_past + T, D)
+            v = torch.cat([v_past, v], dim=2)
         past = k.shape[2] - T
         if past == 0 and token_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)

@@ -20,17 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers import GPT2Config
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dfw.attention import SoftmaxAttention
 from dfw.model import core_factory
+from dfw.presets import attention_preset, names
 
 from .timing import Table, device_name, time_ms, write_json
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "attention"
 PRESETS = ("softmax", "linear", "performer", "rfa", "t2r", "delta", "decay")
 
 
@@ -77,7 +76,7 @@ class GPT2SoftmaxCore(nn.Module):
 
 
 def build_core(preset: str, shape: Shape, device: torch.device) -> nn.Module:
-    node = OmegaConf.load(CONF / f"{preset}.yaml")
+    node = attention_preset(preset)
     factory = core_factory(node)
     H, D = shape.num_heads, shape.head_dim
     core = factory(hidden_size=shape.hidden_size, num_heads=H, head_dim=D, layer_idx=0)
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     shape_name = args.shape or ("gpt2-small" if device.type == "cuda" else "gpt2-small-cpu")
     shape = SHAPES[shape_name]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    unknown = [p for p in presets if not (CONF / f"{p}.yaml").is_file()]
+    unknown = [p for p in presets if p not in names("attention")]
     if unknown:
         parser.error(f"no conf/attention/{unknown[0]}.yaml; choose from {', '.join(PRESETS)}")
 

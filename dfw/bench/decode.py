@@ -33,6 +33,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
+from .. import presets
 from ..cache import RecurrentCache, cache_bytes
 from ..hf import as_dfw_model
 from ..model import core_factory
@@ -40,7 +41,6 @@ from ..surgery import convert_attention
 from .timing import Table, Timing, device_name, time_ms, write_json
 
 log = logging.getLogger(__name__)
-ATTENTION = Path(__file__).resolve().parents[2] / "conf" / "attention"
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def build(size: Size, attention: str | None, n_positions: int, device: torch.dev
     config._attn_implementation = "sdpa"
     net = GPT2LMHeadModel(config)
     if attention is not None:
-        node = OmegaConf.load(ATTENTION / f"{attention}.yaml")
+        node = presets.attention_preset(attention)
         convert_attention(net, core_factory(node))
         net = as_dfw_model(net, OmegaConf.to_container(node, resolve=True))  # decodes as an export does
     return net.to(device=device, dtype=size.dtype).eval()

@@ -33,11 +33,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import register_resolvers
+from .. import presets
 from ..model import build_model
 from .timing import Table, Timing, device_name, write_json
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 GPT2_VOCAB = 50257
 
 
@@ -115,8 +114,6 @@ class StepTimer(L.Callback):
 
 
 def _compose(variant: Variant, size: Size, root: Path):
-    from hydra import compose, initialize_config_dir
-
     overrides = [
         "model=tiny",
         f"attention={variant.attention}",
@@ -132,9 +129,7 @@ def _compose(variant: Variant, size: Size, root: Path):
     ]
     if variant.kernel is not None:
         overrides.append(f"attention.kernel={variant.kernel}")
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return presets.compose("train", overrides)
 
 
 def measure(variant: Variant, size: Size, device: torch.device) -> dict[str, object]:

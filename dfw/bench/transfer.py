@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dfw.model import core_factory
+from dfw.presets import attention_preset, names
 from dfw.surgery import convert_attention
 from dfw.transfer import run_teacher_forced, teacher_forcing
 
 from .timing import Table, Timing, device_name, time_ms, write_json
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "attention"
 # name: (GPT2Config fields, batch, block size)
 SHAPES = {
     "demo": (dict(n_layer=4, n_head=4, n_embd=128, n_positions=128, vocab_size=4096), 16, 128),  # the CPU demo
@@ -39,7 +38,7 @@ def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats:
     special = fields["vocab_size"] - 1  # GPT-2's 50256 is outside the smaller vocabularies
     config = GPT2Config(**fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=special, eos_token_id=special)
     net = GPT2LMHeadModel(config)
-    node = OmegaConf.load(CONF / f"{preset}.yaml")
+    node = attention_preset(preset)
     if node.get("state_size") is not None:
         node.state_size = config.n_embd // config.n_head  # the head size, as the demo converts DFW
     convert_attention(net, core_factory(node))
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    unknown = [p for p in presets if not (CONF / f"{p}.yaml").is_file()]
+    unknown = [p for p in presets if p not in names("attention")]
     if unknown:
         parser.error(f"no conf/attention/{unknown[0]}.yaml")
     fields, batch, block = SHAPES[args.shape]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from dfw.errors import ConfigError, run_or_exit
 
+from .evaluation import plot_evaluation
 from .plots import plot
 from .sources import load_runs
 from .table import label_runs, markdown
@@ -26,15 +28,15 @@ def report(source: str, out_dir: str | Path | None = None, baseline: str = "soft
     local = Path(source).expanduser().is_dir()
     out = Path(out_dir) if out_dir else (Path(source) / "report" if local else Path("outputs/reports") / source.replace("/", "_"))
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot(runs, out, baseline)
+    plots = plot(runs, out, baseline) + plot_evaluation(runs, out)
     body = markdown(runs, baseline) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     (out / "report.md").write_text(body)
     return out / "report.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __doc__ as description
-
+    # The package's docstring: dfw.report is loaded before any of its modules (no import, so no cycle).
+    description = sys.modules[__package__].__doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m dfw.report", description=description.split("\n\n")[0])
     parser.add_argument("source", help="a multirun (or run) directory, or a W&B project entity/project")
     parser.add_argument("--out", help="where to write report.md and the plots (default: <source>/report)")

@@ -18,6 +18,9 @@ import pandas as pd
 import yaml
 
 from dfw.errors import ConfigError
+from dfw.run_folder import holder
+
+from .evaluation import EVAL_RESULTS, read_evaluation
 
 STEP = "step"
 VAL_PPL, TEST_PPL, TOKENS_PER_SEC = "val/ppl", "test/ppl", "train/device/items_per_sec"
@@ -32,11 +35,12 @@ class Run:
     source: str                                 # where it was read from
     config: dict[str, Any]                      # the resolved run config, flattened: {"attention.name": ...}
     history: pd.DataFrame                       # one row per logged step: `step` and metric columns
-    status: str = "finished"                    # finished | crashed | diverged | missing
+    status: str = "finished"                    # finished | running | crashed | export failed | diverged | missing
     reason: str = ""                            # why it is not finished, when known
     overrides: list[str] = field(default_factory=list)  # the job's command-line overrides (Hydra runs)
     label: str = ""                             # the variant, as shown in the table (set by `label_runs`)
     job: int | None = None                      # Hydra's job number in a multirun
+    evaluation: pd.DataFrame = field(default_factory=pd.DataFrame)  # dfw.eval's results.csv rows (evaluation.py)
 
     def last(self, key: str) -> float:
         """The last value logged for `key` (nan when never logged)."""
@@ -146,7 +150,30 @@ def read_run_dir(run_dir: Path) -> Run:
         run.config = flatten(_yaml(run_dir / ".hydra" / "config.yaml") or {})
     interrupted = (run_dir / "checkpoints" / "on-exception.ckpt").is_file()  # Lightning's OnExceptionCheckpoint
     run.status, run.reason = run_status(run, error=_last_error_line(run_dir), interrupted=interrupted)
+    run.evaluation = read_evaluation(run_dir)
+    busy = holder(run_dir)  # the lock of a live run (dfw.run_folder): still in progress, whatever it logged so far
+    if busy is not None:
+        run.status, run.reason = "running", f"in progress (pid {busy.get('pid', '?')} on {busy.get('host', '?')})"
+    elif csv_run is None and not run.config and not run.evaluation.empty:  # a model evaluated, not trained here
+        first = run.evaluation.iloc[0]
+        run.status, run.reason = "evaluated", f"evaluated only: {first['model']}"
+        state_size = float(first["state_size"]) if pd.notna(first["state_size"]) else None
+        run.config = {"attention.name": first["attention"], "attention.state_size": state_size}
+    elif run.status == "finished" and (missing := _missing_export(run, run_dir)):
+        run.status, run.reason = "export failed", f"trained and tested, but {missing} holds no exported model"
     return run
+
+
+def _missing_export(run: Run, run_dir: Path) -> str:
+    """The export folder the run was to write and did not (its config.json is missing), or "" when none was
+    due. An export inside the run folder is looked up in `run_dir`, so a moved or copied run reads the same."""
+    export_dir, output_dir = run.config.get("export_dir"), run.config.get("paths.output_dir")
+    if not export_dir:
+        return ""
+    export = Path(str(export_dir))
+    if output_dir and export.is_relative_to(str(output_dir)):
+        export = run_dir / export.relative_to(str(output_dir))
+    return "" if (export / "config.json").is_file() else str(export)
 
 
 def run_status(run: Run, error: str = "", interrupted: bool = False) -> tuple[str, str]:
@@ -199,7 +226,7 @@ def expected_jobs(multirun_dir: Path) -> list[list[str]] | None:
 
 def _run_dirs(root: Path) -> list[Path]:
     """Every directory under `root` that a run wrote (its CSV logs, or Hydra's copy of its config)."""
-    marks = ("csv/metrics.csv", ".hydra/config.yaml")
+    marks = ("csv/metrics.csv", ".hydra/config.yaml", str(EVAL_RESULTS))
     return sorted({path.parents[1] for mark in marks for path in root.rglob(mark) if len(path.relative_to(root).parts) <= 6})
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+from .evaluation import fmt_value, headline_columns, headline_note, headline_value
 from .sources import STATE_BYTES, STEP, TEST_PPL, Run
 
 # Config keys that differ between runs without making them different experiments.
@@ -25,6 +26,8 @@ def label_runs(runs: list[Run]) -> None:
     for run in runs:
         if run.status in ("finished", "diverged"):  # their configs are the resolved ones the runs logged
             by_name.setdefault(str(run.config.get("attention.name", "?")), []).append(run)
+        elif run.status == "evaluated":  # a model evaluated without training in the sweep (the teacher)
+            run.label = f"{run.config.get('attention.name')} ({run.name})"
         else:
             run.label = " ".join(run.overrides) or run.name
     for name, group in by_name.items():
@@ -57,26 +60,30 @@ def reference_ppl(runs: list[Run], baseline: str) -> float:
 
 def markdown(runs: list[Run], baseline: str = "softmax", title: str = "") -> str:
     reference = reference_ppl(runs, baseline)
-    done = [r for r in runs if r.status in ("finished", "diverged")]
-    done.sort(key=lambda r: r.config.get("attention.name") != baseline)  # the reference first, then job order
+    done = [r for r in runs if r.status in ("finished", "diverged", "evaluated")]
+    done.sort(key=lambda r: (r.status != "evaluated", r.config.get("attention.name") != baseline))  # teacher, reference
+    evals = headline_columns([r.evaluation for r in done])  # dfw.eval's tasks, a column each (evaluation.py)
     lines = [f"## {title}", ""] if title else []
     lines += [
         "| variant | state size m | val ppl, converted | val ppl | test ppl | softmax quality retained "
-        "| train tokens/s | state bytes / sequence | steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| train tokens/s | state bytes / sequence | steps |" + "".join(f" {header} |" for header, *_ in evals),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(evals),
     ]
     for run in done:
         share = reference / run.val_ppl if run.val_ppl > 0 else math.nan
         m = run.state_size
+        steps = str(int(run.history[STEP].max())) if STEP in run.history else "—"
+        cells = "".join(f" {fmt_value(metric, headline_value(run.evaluation, task, metric, variant))} |"
+                        for _, task, metric, variant in evals)  # fmt: skip
         lines.append(
             f"| {run.label} | {'—' if math.isnan(m) else int(m)} | {fmt_number(run.val_ppl_converted)} "
             f"| {fmt_number(run.val_ppl)} | {fmt_number(run.last(TEST_PPL))} "
             f"| {'—' if math.isnan(share) else f'{100 * share:.1f}%'} | {fmt_number(run.tokens_per_sec, 0)} "
-            f"| {fmt_bytes(run.last(STATE_BYTES))} | {int(run.history[STEP].max())} |"
+            f"| {fmt_bytes(run.last(STATE_BYTES))} | {steps} |{cells}"
         )
     if math.isnan(reference):
         lines += ["", f"No finished `{baseline}` run: the share of softmax quality retained is not computed."]
-    problems = [r for r in runs if r.status != "finished"]
+    problems = [r for r in runs if r.status not in ("finished", "evaluated")]
     if problems:
         lines += ["", "Runs not in the table, or not finished:", "", "| run | status | reason | overrides |", "|---|---|---|---|"]
         lines += [f"| {r.name} | {r.status} | {r.reason} | {' '.join(r.overrides)} |" for r in problems]
@@ -85,6 +92,7 @@ def markdown(runs: list[Run], baseline: str = "softmax", title: str = "") -> str
         f"val ppl: best validation perplexity of fine-tuning (converted: before it); softmax quality retained = "
         f"{baseline} val ppl / val ppl; train tokens/s: median over training; state bytes / sequence: generation "
         "state of one sequence after a training-length context, float32 (softmax: the KV cache, which grows with "
-        "the context).",
+        "the context)." + (f" Evaluation (dfw.eval, docs/evaluation.md): {headline_note([r.evaluation for r in done])}."
+                           if evals else ""),
     ]
     return "\n".join(lines) + "\n"

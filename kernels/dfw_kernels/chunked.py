@@ -54,7 +54,7 @@ def chunk_size_for(
     (gates shifted by one token) cut time elsewhere, and use the same c."""
     limit = max_chunk_decay(dtype)
     c = 1 << (max_chunk_size.bit_length() - 1)
-    bound = 0.0  # per token: the largest |log-gate| over channels, both sides (B, T, H); bounds any channel's
+    bound: float | Tensor = 0.0  # per token: the largest |log-gate| over channels, both sides (B, T, H); bounds any channel's
     for g in (log_key_gate, log_value_gate):
         if g is not None:
             bound = bound + g.detach().to(dtype).abs().amax(-1)
@@ -181,7 +181,7 @@ def chunk_scan(
             steps = slice(1, c) if reverse else slice(0, (T - 1) % c)
             final_pre = torch.baddbmm(S, k_write[i, :, steps].transpose(-1, -2), v_write[i, :, steps])
         S.baddbmm_(k_write[i].transpose(-1, -2), v_write[i])  # (BH, K, V)
-    if value_scale is not None:  # e^{d_t} = e^{d_t - n} e^n
+    if value_scale is not None and value_half is not None:  # e^{d_t} = e^{d_t - n} e^n (set together)
         o_pre = o_pre.add_(o_read.mul_(value_half)).mul_(value_scale)
     else:
         o_pre = o_pre.add_(o_read)

@@ -11,14 +11,14 @@ state on the fly, so no per-step state [B, T, K, V] is ever written to memory:
 where G_t = q_t^T do_t + diag(alpha_{t+1}) G_{t+1} diag(beta_{t+1}) (G_T = q_T^T do_T + dS_T) is the
 adjoint of S_t, and dS_0 = diag(alpha_1) G_1 diag(beta_1) is the reverse scan's final state.
 
-Gate gradients (DFW-MATH.md, "Gradients without storing states") are reverse cumulative sums,
+Gate gradients (docs/math.md, "Gradients without storing states") are reverse cumulative sums,
 
     d log alpha_t = sum_{u >= t} (q_u * dq_u - k_u * dk_u)  +  sum_j dS_T[:, j] * S_T[:, j]
     d log beta_t  = sum_{u >= t} (o_u * do_u - v_u * dv_u)  +  sum_i dS_T[i, :] * S_T[i, :]
 
 but evaluated in that form they lose all precision when gates are small: q_t * dq_t and k_t * dk_t
 both contain the token's own term q_t[i] k_t[i] (v_t . do_t), of size 1, while their difference is of
-the size of alpha_t beta_t (DFW-MATH's float64 check used gates near 1; with gates ~e-6 the float32
+the size of alpha_t beta_t (a float64 check with gates near 1 does not show it; with gates ~e-6 the float32
 error is ~1e-2). The own terms cancel exactly, so we drop them before subtracting: with
 P_t = diag(alpha_t) S_{t-1} diag(beta_t), the state decayed but not yet written,
 
@@ -146,6 +146,12 @@ def _transpose(state: Tensor | None) -> Tensor | None:
     return None if state is None else state.transpose(-1, -2)  # (B, H, V, K)
 
 
+def _kept(x: Tensor | None) -> Tensor:
+    """A tensor the forward kept because this backward needs it."""
+    assert x is not None, "the forward did not keep a tensor the backward needs"
+    return x
+
+
 def backward(
     scan: Scan,
     q: Tensor,
@@ -174,9 +180,9 @@ def backward(
     if d_final_state is not None:
         d_final_state = d_final_state.to(acc)
         if need_dgk:
-            key_start = (d_final_state * final_pre_state).sum(-1)  # (B, H, K)
+            key_start = (d_final_state * _kept(final_pre_state)).sum(-1)  # (B, H, K)
         if need_dgv:
-            value_start = (d_final_state * final_pre_state).sum(-2)  # (B, H, V)
+            value_start = (d_final_state * _kept(final_pre_state)).sum(-2)  # (B, H, V)
     dq = dk = dv = dgk = dgv = ds0 = dq_pre = None
 
     if need_dq or need_dgk:  # dq_t = do_t S_t^T: a forward scan over S^T.
@@ -192,7 +198,7 @@ def backward(
             reverse=True,
             out_dtype=v.dtype if need_dv else None,
             output_final_state=need_ds0,
-            gate_grad_inputs=(o_pre, v, value_start) if need_dgv else None,
+            gate_grad_inputs=(_kept(o_pre), v, value_start) if need_dgv else None,
         )  # fmt: skip
         dv, dgv, ds0 = result.out, result.gate_grad, result.final_state
 
@@ -201,7 +207,7 @@ def backward(
             v, do, q, log_value_gate, log_key_gate, _transpose(d_final_state),
             reverse=True,
             out_dtype=k.dtype if need_dk else None,
-            gate_grad_inputs=(dq_pre, k, key_start) if need_dgk else None,
+            gate_grad_inputs=(_kept(dq_pre), k, key_start) if need_dgk else None,
         )  # fmt: skip
         dk, dgk = result.out, result.gate_grad
     return dq, dk, dv, dgk, dgv, ds0

@@ -14,6 +14,7 @@ closed_form.py, run with `cuda_scan`: one scan forward, three scans backward.
 import logging
 import os
 from pathlib import Path
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -136,9 +137,9 @@ def scan_op(
     strides: copied here unless contiguous and 16-byte aligned); log-gates float32 or None; states
     [B, H, K, V] float32 (any strides). K and V multiples of 8 up to 128. The gate-gradient epilogue runs when gate_grad_x1 and gate_grad_x2 are given.
     """
-    q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start = (
-        _aligned(x)
-        for x in (q, k, v, log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start)
+    q, k, v = (_aligned(x) for x in (q, k, v))
+    log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start = (
+        _aligned(x) for x in (log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start)
     )
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -156,7 +157,11 @@ def scan_op(
             torch.cuda.current_stream(q.device).cuda_stream,
         )  # fmt: skip
     # The ops return a fixed number of tensors: an empty one stands for "not asked for".
-    return tuple(x if x is not None else q.new_empty(0) for x in (out, out_pre, final, final_pre, gate_grad))
+
+    def or_empty(x: Tensor | None) -> Tensor:
+        return x if x is not None else q.new_empty(0)
+
+    return or_empty(out), or_empty(out_pre), or_empty(final), or_empty(final_pre), or_empty(gate_grad)
 
 
 @scan_op.register_fake
@@ -189,7 +194,8 @@ def step_op(
     q, k [B, 1, H, K], v [B, 1, H, V] (any strides); log-gates float32 or None; state [B, H, K, V]
     float32 (any strides). Returns o [B, 1, H, V] in q's dtype.
     """
-    q, k, v, log_key_gate, log_value_gate = (_aligned(x) for x in (q, k, v, log_key_gate, log_value_gate))
+    q, k, v = (_aligned(x) for x in (q, k, v))
+    log_key_gate, log_value_gate = (_aligned(x) for x in (log_key_gate, log_value_gate))
     out = _output(v.shape, q.dtype, q)
     with torch.cuda.device(q.device):
         load_extension().scan(
@@ -204,6 +210,10 @@ def _(q, k, v, log_key_gate, log_value_gate, state):
     return torch.empty_like(v, dtype=q.dtype)
 
 
+@overload
+def _aligned(x: Tensor) -> Tensor: ...
+@overload
+def _aligned(x: None) -> None: ...
 def _aligned(x: Tensor | None) -> Tensor | None:
     """Contiguous and 16-byte aligned (cp.async copies 16 bytes at a time), copying only if needed.
 
@@ -261,6 +271,10 @@ def _full_width(log_gate: Tensor | None, width: int) -> Tensor | None:
     return log_gate.float().expand(*log_gate.shape[:-1], width)
 
 
+@overload
+def _pad_last(x: Tensor, size: int, dim: int = -1) -> Tensor: ...
+@overload
+def _pad_last(x: None, size: int, dim: int = -1) -> None: ...
 def _pad_last(x: Tensor | None, size: int, dim: int = -1) -> Tensor | None:
     if x is None or x.shape[dim] == size:
         return x

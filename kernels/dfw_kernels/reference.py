@@ -1,6 +1,6 @@
 """Decaying fast weights in plain PyTorch: the reference the tests trust, and the CPU path.
 
-Notation and layout follow fla (and ../shared/DFW-MATH.md): per head, key size K (= the state size m
+Notation and layout follow fla (and docs/math.md): per head, key size K (= the state size m
 after the feature map) and value size V (= the head size d); the state S is K x V.
 
     S_t = diag(alpha_t) S_{t-1} diag(beta_t) + k_t^T v_t        o_t = q_t S_t   (read after write)

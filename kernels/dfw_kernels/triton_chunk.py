@@ -1,7 +1,7 @@
 """The chunked tensor-core form of the DFW scan in Triton (`kernel="triton"`; opt-in, see README).
 
 One primitive, the scan of closed_form.py (`scan_reference` is its specification), computed chunk by
-chunk with the stable chunkwise form of ../shared/DFW-MATH.md, so that the forward pass is one scan and
+chunk with the stable chunkwise form of docs/math.md, so that the forward pass is one scan and
 the backward pass three (dq, dv and dS_0, dk), with closed_form's cancellation-free gate gradients:
 `ScanDecayFastWeights` runs the very code the CUDA path runs, with `triton_scan` as its scan.
 

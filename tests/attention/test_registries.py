@@ -143,3 +143,49 @@ def test_the_core_accepts_a_normalisation_exactly_when_the_map_can_take_it(name,
     else:
         with pytest.raises(ConfigError, match=rf"normalization|feature_map={name}"):
             build(node)
+
+
+def test_the_three_registries_are_filled_the_same_way():
+    from dfw.attention import FeatureMap, Normalization
+    from dfw.attention.registry import Registered
+
+    for base, registry in ((UpdateRule, UPDATE_RULES), (FeatureMap, FEATURE_MAPS), (Normalization, NORMALIZATIONS)):
+        assert issubclass(base, Registered) and base.registry is registry
+        assert registry and all(issubclass(cls, base) and cls.name == name for name, cls in registry.items())
+    assert list(NORMALIZATIONS) == ["none", "denominator", "sum"]
+    assert list(FEATURE_MAPS) == ["identity", "linear", "elu", "relu_mlp", "favor", "rff", "dpfp", "hedgehog"]
+
+
+@pytest.fixture
+def squared_map_and_halved_output():
+    """A feature map phi(x) = x^2 and a normalisation o <- o / 2, each defined as one class (so registered)."""
+    from dfw.attention import FeatureMap, Normalization
+
+    class SquaredFeatureMap(FeatureMap):
+        name = "test_squared"
+        nonnegative = positive_kernel = True
+
+        def forward(self, x, is_query=False):
+            return x * x
+
+    class HalvedOutput(Normalization):
+        name = "test_halved"
+        cancels_feature_scale = False
+
+        def output(self, o):
+            return o / 2
+
+    assert FEATURE_MAPS["test_squared"] is SquaredFeatureMap and NORMALIZATIONS["test_halved"] is HalvedOutput
+    yield "test_squared", "test_halved"
+    del FEATURE_MAPS["test_squared"], NORMALIZATIONS["test_halved"]
+
+
+def test_a_new_feature_map_and_normalisation_are_one_class_each(squared_map_and_halved_output):
+    feature_map, normalization = squared_map_and_halved_output
+    node = preset("decay", feature_map=feature_map, normalization=normalization, update_rule="add", state_size=None)
+    core = build(node).double()
+    q, k, v = (torch.randn(1, 7, H, D, dtype=torch.float64) for _ in range(3))
+    o, _ = core(q, k, v, torch.randn(1, 7, C, dtype=torch.float64))
+    scores = torch.einsum("bihd,bjhd->bhij", q * q * D**-0.5, k * k).tril()  # (B, H, T, T), causal
+    expected = torch.einsum("bhij,bjhd->bihd", scores, v) / 2
+    assert rel(o, expected) < 1e-12

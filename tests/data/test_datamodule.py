@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 import dfw.data.datamodule
 from dfw.data import LanguageModelingDataModule, gpt2_tokenizer
 from dfw.data.corpora import SHAKESPEARE_HELD_OUT, shakespeare_split_files
+from dfw.data.tokenizers import tokenizer_fingerprint
 from dfw.errors import ConfigError, instantiate
 from tests.conftest import CONF, compose
 
@@ -94,6 +97,77 @@ def test_second_run_reads_the_cache_and_edits_invalidate_it(tmp_path, corpus_fil
     assert edited.token_file("test") != first.token_file("test")
     with pytest.raises(AssertionError, match="tokenised again"):
         edited.prepare_data()
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated to an even size":
+        path.write_bytes(data[: len(data) // 4 * 2])
+    elif how == "truncated to an odd size":
+        path.write_bytes(data[: len(data) // 2 + 1])
+    elif how == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
+    elif how == "no sidecar":
+        path.with_suffix(".json").unlink()
+    elif how == "a foreign sidecar":
+        path.with_suffix(".json").write_text("[1, 2")
+
+
+@pytest.mark.parametrize("how", ["truncated to an even size", "truncated to an odd size", "random bytes", "no sidecar", "a foreign sidecar"])
+def test_a_damaged_token_cache_is_rebuilt_with_one_line_naming_it(tmp_path, corpus_files, how, caplog):
+    first = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
+    first.prepare_data()
+    path = first.token_file("train")
+    good = path.read_bytes()
+    _damage(path, how)
+    again = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
+    with caplog.at_level("WARNING", logger="dfw.data.datamodule"):
+        again.prepare_data()
+        again.setup("fit")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "rebuilding it" in warnings[0], warnings
+    assert path.read_bytes() == good
+    assert again.datasets["train"].num_tokens * 2 == len(good)
+
+
+def test_the_cache_header_records_what_the_tokens_are(tmp_path, corpus_files):
+    dm = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
+    dm.prepare_data()
+    header = json.loads(dm.token_file("train").with_suffix(".json").read_text())
+    tokens = np.fromfile(dm.token_file("train"), dtype=np.uint16)
+    assert header["tokens"] == len(tokens) and header["dtype"] == "uint16"
+    assert header["sha256"] == hashlib.sha256(tokens.tobytes()).hexdigest()
+    assert header["tokenizer"] == tokenizer_fingerprint(dm.tokenizer) and header["corpus"] == dm.corpus.fingerprint
+
+
+def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_error_naming_it(tmp_path, corpus_files, monkeypatch):
+    first = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
+    first.prepare_data()
+    path = first.token_file("validation")
+    _damage(path, "random bytes")
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dfw.data.datamodule, "tokenize_to_file", unwritable)
+    with pytest.raises(ConfigError, match=f"token cache {path} is damaged .* cannot be rebuilt"):
+        build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1).prepare_data()
+
+
+def test_the_sampled_check_reads_a_sample_and_the_full_check_every_byte(tmp_path, corpus_files, caplog, monkeypatch):
+    monkeypatch.setattr(dfw.data.datamodule, "SAMPLE_CHUNKS", 2)  # samples: bytes 0-1 and the last two
+    monkeypatch.setattr(dfw.data.datamodule, "SAMPLE_BYTES", 2)
+    first = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
+    first.prepare_data()
+    path = first.token_file("train")
+    data = bytearray(path.read_bytes())
+    data[2] ^= 1  # one token changed, outside the sample
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="dfw.data.datamodule"):
+        build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1).prepare_data()
+        assert not caplog.records  # what the sampled check costs: damage outside its sample goes unseen
+        build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1, verify_cache="full").prepare_data()
+    assert [str(path) in r.getMessage() for r in caplog.records] == [True]
 
 
 def test_validation_and_test_loaders_are_sequential_and_keep_the_last_batch(tmp_path, corpus_files):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -128,6 +131,32 @@ def test_interrupted_and_unfinished_runs_are_crashed(trained_run, tmp_path):
     rows[rows["step"] < 2].to_csv(metrics, index=False)  # as if it stopped at step 1 of 4
     run = report.read_run_dir(unfinished)
     assert run.status == "crashed" and run.reason == "stopped at step 1 of 4"
+
+
+@pytest.mark.slow
+def test_running_crashed_and_export_failed_runs_are_told_apart(trained_run, tmp_path):
+    running = tmp_path / "running"
+    shutil.copytree(trained_run.dir, running, ignore=shutil.ignore_patterns("model", "*.ckpt"))
+    metrics = running / "csv" / "metrics.csv"
+    rows = pd.read_csv(metrics)
+    rows[rows["step"] < 2].to_csv(metrics, index=False)  # logged up to step 1 so far
+    code = f"import time\nfrom dfw import run_folder\nrun_folder.acquire({str(running)!r})\nprint('locked', flush=True)\ntime.sleep(600)\n"
+    live = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "locked"
+        run = report.read_run_dir(running)
+        assert (run.status, run.reason) == ("running", f"in progress (pid {live.pid} on {socket.gethostname()})")
+    finally:
+        live.kill()
+        live.wait()
+    run = report.read_run_dir(running)  # the same run, killed: its lock is stale
+    assert run.status == "crashed" and run.reason == "stopped at step 1 of 4"
+
+    export_failed = tmp_path / "export-failed"
+    shutil.copytree(trained_run.dir, export_failed, ignore=shutil.ignore_patterns("model"))
+    run = report.read_run_dir(export_failed)
+    assert (run.status, run.reason) == ("export failed", f"trained and tested, but {export_failed / 'model'} holds no exported model")
+    assert report.read_run_dir(trained_run.dir).status == "finished"
 
 
 def test_jobs_are_expanded_as_hydras_basic_sweeper_does(tmp_path):

@@ -12,3 +12,4 @@ from .base import UpdateRule
 
 class AddRule(UpdateRule):
     name = "add"
+    plain_sum = True

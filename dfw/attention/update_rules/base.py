@@ -1,7 +1,7 @@
 """What an update rule is: its gate parameters, the token-wise inputs it makes, and its three forms.
 
 A rule is a subclass of `UpdateRule` with a `name`; defining it registers it in `UPDATE_RULES` (the
-registry that `attention.update_rule` names), and every module of this package is imported, so a new
+registry that `attention.update_rule` names; `dfw.attention.registry`), and every module of this package is imported, so a new
 rule is one new file here plus a preset in `conf/attention/`.
 """
 
@@ -15,6 +15,7 @@ from dfw_kernels import decay_fast_weights, decay_fast_weights_step, recurrent_d
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ..registry import Registered
 
 UPDATE_RULES: dict[str, type[UpdateRule]] = {}
 
@@ -34,7 +35,7 @@ class TokenInputs(NamedTuple):
     write_strength: Tensor | None = None  # (B, T, H, 1): the delta rule's beta_t in (0, 1)
 
 
-class UpdateRule:
+class UpdateRule(Registered):
     """One update rule S_t = update(S_{t-1}, phi(k_t), v_t, gates(x_t)).
 
     Built once per layer from the layer's sizes and the attention config's options (`options` lists
@@ -50,13 +51,9 @@ class UpdateRule:
     with another recurrence overrides all three forms.
     """
 
-    name: ClassVar[str]  # the value of attention.update_rule
+    registry: ClassVar[dict[str, type[UpdateRule]]] = UPDATE_RULES  # name: the value of attention.update_rule
     options: ClassVar[dict[str, Any]] = {}  # rule-specific config options and their defaults
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            UPDATE_RULES[cls.name] = cls
+    plain_sum: ClassVar[bool] = False  # S_t = sum_s phi(k_s)^T v_s: no gate, no decay (attention transfer asks)
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, options: Mapping[str, Any]):
         self.hidden_size, self.num_heads, self.head_dim, self.state_size = hidden_size, num_heads, head_dim, state_size
@@ -82,12 +79,13 @@ class UpdateRule:
         overrides it. `torch.where`, not a product, so a non-finite value at a pad cannot leak in.
         """
         real = token_mask[:, :, None, None]  # (B, T, 1, 1)
-        at_pads_zero = lambda t: None if t is None else torch.where(real, t, 0.0)
+        at_pads_zero = lambda t: torch.where(real, t, 0.0)
+        gate = lambda t: None if t is None else at_pads_zero(t)
         return inputs._replace(
             phi_k=at_pads_zero(inputs.phi_k),
             v=at_pads_zero(inputs.v),
-            log_key_gate=at_pads_zero(inputs.log_key_gate),
-            log_value_gate=at_pads_zero(inputs.log_value_gate),
+            log_key_gate=gate(inputs.log_key_gate),
+            log_value_gate=gate(inputs.log_value_gate),
         )
 
     def parallel(
@@ -99,10 +97,12 @@ class UpdateRule:
         )  # fmt: skip
 
     def recurrent(self, inputs: TokenInputs, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        return recurrent_decay_fast_weights(
+        o, final_state = recurrent_decay_fast_weights(
             inputs.phi_q, inputs.phi_k, inputs.v, inputs.log_key_gate, inputs.log_value_gate, state,
             output_final_state=True,
         )  # fmt: skip
+        assert final_state is not None  # output_final_state=True
+        return o, final_state
 
     def step(self, inputs: TokenInputs, state: Tensor, kernel: str) -> Tensor:
         """One token: updates `state` in place (so it keeps its address) and returns o."""

@@ -41,7 +41,7 @@ class DecayRule(UpdateRule):
 
     def gates(self) -> dict[str, nn.Module]:
         H, m, D = self.num_heads, self.state_size, self.head_dim
-        gates = {}
+        gates: dict[str, nn.Module] = {}
         if self.sides in ("key", "both"):
             gates["key_gate"] = zero_weight_gate(self.hidden_size, uniform_gate_bias(m).repeat(H))  # f_t, (C -> H*m)
         if self.sides in ("value", "both"):
