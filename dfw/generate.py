@@ -112,6 +112,8 @@ def check_generation_options(cfg: DictConfig) -> None:
         raise ConfigError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {cfg.top_p!r}")
     if not _is_int(cfg.seed):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise ConfigError(f"cuda_graph must be true or false, got {cfg.cuda_graph!r}")
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
@@ -137,8 +139,6 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             f"{net.config.n_positions} learned positions; lower max_new_tokens"
         )
     converted = is_converted(net)
-    if not isinstance(cfg.cuda_graph, bool):
-        raise ConfigError(f"cuda_graph must be true or false, got {cfg.cuda_graph!r}")
     cache = RecurrentCache(net, cuda_graph=cfg.cuda_graph) if converted else DynamicCache(config=net.config)
     sampling = cfg.temperature > 0
     options = (
