@@ -125,11 +125,22 @@ def decay_fast_weights_step(
 
 @torch.no_grad()
 def _torch_step(q, k, v, log_key_gate, log_value_gate, state):
-    """The decode step in PyTorch: [B, 1, H, *] inputs, state [B, H, K, V] updated in place."""
-    dtype = state.dtype
+    """The decode step in PyTorch: [B, 1, H, *] inputs, state [B, H, K, V] updated in place.
+
+    Written in few operator calls (one in-place batched outer-product add, one batched read): at decode
+    sizes each call's overhead, not the arithmetic, is what a token costs on a CPU.
+    """
+    B, _, H, K = k.shape
+    V, dtype = v.shape[-1], state.dtype
+    cast = lambda t: t if t.dtype == dtype else t.to(dtype)
     if log_key_gate is not None:
-        state.mul_(log_key_gate[:, 0].to(dtype).exp().unsqueeze(-1))  # (B, H, K, 1)
+        state.mul_(cast(log_key_gate).exp().reshape(B, H, -1, 1))  # (B, H, K|1, 1)
     if log_value_gate is not None:
-        state.mul_(log_value_gate[:, 0].to(dtype).exp().unsqueeze(-2))  # (B, H, 1, V)
-    state.add_(k[:, 0].to(dtype).unsqueeze(-1) * v[:, 0].to(dtype).unsqueeze(-2))  # (B, H, K, V)
-    return torch.einsum("bhk,bhkv->bhv", q[:, 0].to(dtype), state).unsqueeze(1).to(v.dtype)  # (B, 1, H, V)
+        state.mul_(cast(log_value_gate).exp().reshape(B, H, 1, -1))  # (B, H, 1, V|1)
+    rows = state.view(B * H, K, V) if state.is_contiguous() else None  # (B*H, K, V), the same memory
+    if rows is not None:
+        rows.baddbmm_(cast(k).reshape(B * H, K, 1), cast(v).reshape(B * H, 1, V))  # += k^T v
+    else:
+        state.add_(cast(k).reshape(B, H, K, 1) * cast(v).reshape(B, H, 1, V))  # (B, H, K, V)
+    o = torch.matmul(cast(q).reshape(B, H, 1, K), state)  # (B, H, 1, V)
+    return o.view(B, 1, H, V).to(v.dtype)  # (B, 1, H, V)
