@@ -1,4 +1,4 @@
-"""The chunked tensor-core form of the DFW scan in Triton (`kernel="triton"`; opt-in, see README).
+"""The chunked tensor-core form of the DFW scan in Triton (`kernel="triton"`; opt-in, see docs/kernels.md).
 
 One primitive, the scan of closed_form.py (`scan_reference` is its specification), computed chunk by
 chunk with the stable chunkwise form of docs/math.md, so that the forward pass is one scan and the
