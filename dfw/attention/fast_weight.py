@@ -87,7 +87,9 @@ class FastWeightAttention(AttentionCore):
         check_choice("attention.normalization", normalization, NORMALIZATIONS)
         check_choice("attention.kernel", kernel, KERNELS)
         if (reason := unavailable_reason(kernel)) is not None:  # cuda or triton that cannot run here
-            raise ConfigError(f"attention.kernel={kernel} cannot run here: {reason}; use attention.kernel=auto or torch")
+            raise ConfigError(
+                f"attention.kernel={kernel} cannot run here: {reason}; use attention.kernel=auto or torch"
+            )
         _check_rule_options(rule_options)
         if state_size is not None and (not isinstance(state_size, int) or state_size <= 0):
             raise ConfigError(f"attention.state_size must be a positive integer or null, got {state_size!r}")

@@ -115,6 +115,8 @@ def _compile(fn, args: dict, arch: int, num_warps: int, num_stages: int):
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
+    # What a launch knows of an aligned pointer or an int divisible by 16 (no hint on a Triton without it).
+    divisible = backend.parse_attr("D") if hasattr(backend, "parse_attr") else None
     signature, constexprs, attrs = {}, {}, {}
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
     not_specialised = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
@@ -124,15 +126,16 @@ def _compile(fn, args: dict, arch: int, num_warps: int, num_stages: int):
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, Pointer):
             signature[name] = "*" + value.dtype
-            attrs[(index,)] = backend.parse_attr("D")  # 16-byte aligned, as torch allocates
+            if divisible is not None:  # 16-byte aligned, as torch allocates
+                attrs[(index,)] = divisible
         elif name in not_specialised:
             signature[name] = "i32"
         elif value == 1:  # a launch makes an int argument of 1 a constant
             signature[name], constexprs[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(index,)] = backend.parse_attr("D")
+            if value % 16 == 0 and divisible is not None:
+                attrs[(index,)] = divisible
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     with _fresh_compile(), contextlib.redirect_stdout(log):
