@@ -358,7 +358,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
         try:
             metrics = _fit_and_test(cfg, trainer, module, datamodule)
-            if evaluation is not None and trainer.is_global_zero:
+            if evaluation is not None and trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
                 metrics.update(evaluation.run(merged(module.net), trainer.loggers, step=trainer.global_step))
         except SIGTERMException:
             # Lightning's own stop for a SIGTERM that came outside a training step (in a validation or the test).

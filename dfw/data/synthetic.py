@@ -76,7 +76,9 @@ def recall_sequences(
     position predict its value, `answers` (= tokens[:, query_positions + 1]).
     """
     if pairs > min(len(key_ids), len(value_ids)):
-        raise ConfigError(f"recall with {pairs} pairs needs {pairs} distinct keys and values; the vocabulary has fewer")
+        raise ConfigError(
+            f"recall with {pairs} pairs needs {pairs} distinct keys and values; the vocabulary has fewer"
+        )
     keys = _distinct(key_ids, batch_size, pairs, generator)  # (B, N)
     values = _distinct(value_ids, batch_size, pairs, generator)  # (B, N)
     context = torch.stack([keys, values], dim=2).flatten(1)  # (B, 2N): k_1 v_1 k_2 v_2 ...
@@ -94,28 +96,38 @@ def recall_sequences(
 class SyntheticOptions:
     """`data.synthetic`: which training blocks carry a synthetic segment, and which kind."""
 
-    share: float = 0.25           # of the training blocks, those that carry one segment (the rest stay text)
-    recall: float = 0.5           # of those, the share of recall segments (the others are copy segments)
-    random_tokens: float = 0.5    # of the copy segments, the share whose span is random tokens (else text)
-    min_length: int = 4           # shortest copied span L, in tokens (the longest: half the block)
+    share: float = 0.25  # of the training blocks, those that carry one segment (the rest stay text)
+    recall: float = 0.5  # of those, the share of recall segments (the others are copy segments)
+    random_tokens: float = 0.5  # of the copy segments, the share whose span is random tokens (else text)
+    min_length: int = 4  # shortest copied span L, in tokens (the longest: half the block)
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> SyntheticOptions | None:
         if node is None:
             return None
         if not isinstance(node, Mapping):
-            raise ConfigError(f"data.synthetic must be a mapping of {', '.join(f.name for f in fields(cls))}, or null")
+            raise ConfigError(
+                f"data.synthetic must be a mapping of {', '.join(f.name for f in fields(cls))}, or null"
+            )
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(node) - names)
         if unknown:
-            raise ConfigError(f"data.synthetic.{unknown[0]} is not an option; its options are {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"data.synthetic.{unknown[0]} is not an option; its options are {', '.join(sorted(names))}"
+            )
         options = cls(**node)
         for name in ("share", "recall", "random_tokens"):
             value = getattr(options, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise ConfigError(f"data.synthetic.{name} must be a fraction between 0 and 1, got {value!r}")
-        if isinstance(options.min_length, bool) or not isinstance(options.min_length, int) or options.min_length < 1:
-            raise ConfigError(f"data.synthetic.min_length must be a positive integer, got {options.min_length!r}")
+        if (
+            isinstance(options.min_length, bool)
+            or not isinstance(options.min_length, int)
+            or options.min_length < 1
+        ):
+            raise ConfigError(
+                f"data.synthetic.min_length must be a positive integer, got {options.min_length!r}"
+            )
         return options
 
 
@@ -145,11 +157,15 @@ class SyntheticMix(Dataset):
             pairs = int(torch.randint(1, max(1, T // 4) + 1, (), generator=generator))
             segment = recall_sequences(self.key_ids, self.value_ids, 1, pairs, generator)[0][0]  # (4N,)
         else:
-            length = int(torch.randint(min(self.options.min_length, T // 2), T // 2 + 1, (), generator=generator))
+            length = int(
+                torch.randint(min(self.options.min_length, T // 2), T // 2 + 1, (), generator=generator)
+            )
             if uniform() < self.options.random_tokens:
                 span = random_spans(self.ids, 1, length, generator)[0]  # (L,)
             else:
-                other = self.blocks[int(torch.randint(len(self.blocks), (), generator=generator))]["input_ids"]
+                other = self.blocks[int(torch.randint(len(self.blocks), (), generator=generator))][
+                    "input_ids"
+                ]
                 span = text_spans(other, 1, length, generator)[0]  # (L,)
             segment = torch.cat([span, span])  # (2L,)
         start = int(torch.randint(T - len(segment) + 1, (), generator=generator))

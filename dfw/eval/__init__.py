@@ -45,5 +45,14 @@ from . import copy, harness, passkey, ppl, recall  # noqa: F401  (each module re
 from .base import TASKS, EvalModel, EvalTask, Measurement, ModelInfo
 from .run import Evaluation, build_tasks, evaluate, evaluation_after_training
 
-__all__ = ["TASKS", "EvalModel", "EvalTask", "Evaluation", "Measurement", "ModelInfo", "build_tasks", "evaluate",
-           "evaluation_after_training"]
+__all__ = [
+    "TASKS",
+    "EvalModel",
+    "EvalTask",
+    "Evaluation",
+    "Measurement",
+    "ModelInfo",
+    "build_tasks",
+    "evaluate",
+    "evaluation_after_training",
+]

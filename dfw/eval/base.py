@@ -27,14 +27,14 @@ TASKS: dict[str, type[EvalTask]] = {}
 class Measurement:
     """One number a task measured, with the setting it was measured at."""
 
-    task: str                   # the task's registered name: ppl, copy, recall, passkey, lm_eval
-    metric: str                 # what the value is: ppl, loss (nats per token), acc, exact_match, tokens_per_sec, ...
+    task: str  # the task's registered name: ppl, copy, recall, passkey, lm_eval
+    metric: str  # what the value is: ppl, loss (nats per token), acc, exact_match, tokens_per_sec, ...
     value: float
-    variant: str = ""           # which kind of input: random | text (copy), the lm-eval task, length=<T> (passkey)
-    axis: str = ""              # the swept setting `x` is a value of: position, L, pairs, depth ("" when none)
-    x: float | None = None      # its value (a position bin's first position, L, the number of pairs, ...)
-    x_to: float | None = None   # for a bin of values: its last one (position bins: 16 to 31)
-    headline: bool = False      # the task's summary number (a column of dfw.report's table)
+    variant: str = ""  # which kind of input: random | text (copy), the lm-eval task, length=<T> (passkey)
+    axis: str = ""  # the swept setting `x` is a value of: position, L, pairs, depth ("" when none)
+    x: float | None = None  # its value (a position bin's first position, L, the number of pairs, ...)
+    x_to: float | None = None  # for a bin of values: its last one (position bins: 16 to 31)
+    headline: bool = False  # the task's summary number (a column of dfw.report's table)
 
     @property
     def where(self) -> str:
@@ -65,12 +65,12 @@ def _number(x: float | None) -> str:
 class ModelInfo:
     """What is recorded beside every number: which model, converted to what."""
 
-    source: str                 # what `model=` named (a path or a hub id)
-    kind: str                   # export | checkpoint | hf_dir | hub | trained run
-    attention: str              # the attention preset's name (softmax for a plain GPT-2)
-    state_size: int | None      # m of a fast-weight core; None for softmax (its KV cache grows with the context)
-    state_bytes: int            # generation state of one sequence after `context` tokens, float32
-    context: int                # the model's learned positions (n_positions)
+    source: str  # what `model=` named (a path or a hub id)
+    kind: str  # export | checkpoint | hf_dir | hub | trained run
+    attention: str  # the attention preset's name (softmax for a plain GPT-2)
+    state_size: int | None  # m of a fast-weight core; None for softmax (its KV cache grows with the context)
+    state_bytes: int  # generation state of one sequence after `context` tokens, float32
+    context: int  # the model's learned positions (n_positions)
     parameters: int
 
 
@@ -114,7 +114,9 @@ class EvalModel:
         """(rows, logits [b, T, V] float32) for `tokens` [N, T], no padding, in batches of as many tokens as
         `batch_size` sequences of the full context (shorter sequences: proportionally more rows)."""
         rows_per_batch = max(1, self.batch_size * self.context // tokens.shape[1])
-        bar = tqdm(total=len(tokens), desc=description, unit="seq", leave=False, disable=not self.progress or None)
+        bar = tqdm(
+            total=len(tokens), desc=description, unit="seq", leave=False, disable=not self.progress or None
+        )
         with bar, torch.inference_mode():
             for start in range(0, len(tokens), rows_per_batch):
                 rows = slice(start, min(start + rows_per_batch, len(tokens)))
@@ -136,15 +138,25 @@ class EvalModel:
         """
         from ..cache import RecurrentCache
 
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         outputs: list[list[int]] = []
-        bar = tqdm(total=len(prompts), desc=description, unit="seq", leave=False, disable=not self.progress or None)
+        bar = tqdm(
+            total=len(prompts), desc=description, unit="seq", leave=False, disable=not self.progress or None
+        )
         with bar, torch.inference_mode():
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 width = max(len(p) for p in batch)
-                ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=self.device)  # (b, T)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
+                ids = torch.tensor(
+                    [[pad] * (width - len(p)) + p for p in batch], device=self.device
+                )  # (b, T)
+                mask = torch.tensor(
+                    [[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device
+                )
                 cache = {"cache": RecurrentCache(self.net)} if self.converted else {}
                 began = time.perf_counter()
                 out = self.net.generate(

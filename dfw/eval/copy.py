@@ -36,10 +36,10 @@ def default_lengths(context: int) -> list[int]:
 class Copy(EvalTask):
     name = "copy"
 
-    lengths: list[int] | None = None    # span lengths L; null: 8, 16, ... up to half the model's context
-    samples: int = 64                   # sequences per variant and L
-    variants: list[str] | None = None   # random and/or text; null: both
-    split: str = "validation"           # where the text spans come from
+    lengths: list[int] | None = None  # span lengths L; null: 8, 16, ... up to half the model's context
+    samples: int = 64  # sequences per variant and L
+    variants: list[str] | None = None  # random and/or text; null: both
+    split: str = "validation"  # where the text spans come from
 
     def __post_init__(self) -> None:
         self.lengths = positive_ints("copy", "lengths", self.lengths)
@@ -47,7 +47,9 @@ class Copy(EvalTask):
         self.variants = list(VARIANTS) if self.variants is None else list(self.variants)
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
-            raise ConfigError(f"copy.variants must be a non-empty list of {' and '.join(VARIANTS)}, got {self.variants!r}")
+            raise ConfigError(
+                f"copy.variants must be a non-empty list of {' and '.join(VARIANTS)}, got {self.variants!r}"
+            )
 
     def check(self, model: EvalModel, data: Any) -> None:
         for length in self.lengths or []:
@@ -57,11 +59,15 @@ class Copy(EvalTask):
                     f"{model.context}; use L from 2 to {model.context // 2}"
                 )
         if not self.lengths and model.context < 16:
-            raise ConfigError(f"copy: the model's context ({model.context}) is too short for L=8; set copy.lengths")
+            raise ConfigError(
+                f"copy: the model's context ({model.context}) is too short for L=8; set copy.lengths"
+            )
         if "text" in self.variants:
             longest = max(self.lengths or default_lengths(model.context))
             if len(data.tokens(self.split)) < longest:
-                raise ConfigError(f"copy: the {self.split} split of data={data.corpus} is shorter than L={longest}")
+                raise ConfigError(
+                    f"copy: the {self.split} split of data={data.corpus} is shorter than L={longest}"
+                )
 
     def run(self, model: EvalModel, data: Any) -> list[Measurement]:
         lengths = self.lengths or default_lengths(model.context)
@@ -74,7 +80,9 @@ class Copy(EvalTask):
                 rng = generator(self.seed, "copy", variant, length)
                 spans = (random_spans(ids, self.samples, length, rng) if variant == "random"
                          else text_spans(text, self.samples, length, rng))  # fmt: skip
-                loss_first, loss_second, correct = _score(model, copy_sequences(spans), length, f"copy {variant} L={length}")
+                loss_first, loss_second, correct = _score(
+                    model, copy_sequences(spans), length, f"copy {variant} L={length}"
+                )
                 accuracies.append(correct)
                 common = dict(variant=variant, axis="L", x=length)
                 results += [
@@ -87,7 +95,9 @@ class Copy(EvalTask):
         return results
 
 
-def _score(model: EvalModel, tokens: torch.Tensor, length: int, description: str) -> tuple[float, float, float]:
+def _score(
+    model: EvalModel, tokens: torch.Tensor, length: int, description: str
+) -> tuple[float, float, float]:
     """(loss on the first copy, loss on the second, top-1 accuracy on the second), tokens 2..L of each."""
     first = torch.arange(1, length)  # predicted positions: tokens 2..L of the first copy
     second = first + length  # and of the second

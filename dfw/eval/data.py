@@ -5,6 +5,7 @@ tokenised again)."""
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from ..data import LanguageModelingDataModule, TokenBlocks, tokenize_to_file
-from ..data.datamodule import token_dtype
+from ..data import LanguageModelingDataModule, TokenBlocks
 from ..errors import ConfigError, instantiate
 
 
@@ -34,7 +34,9 @@ class EvalData:
             return self._datamodule
         datamodule = instantiate(self.node, _convert_="all")
         if not isinstance(datamodule, LanguageModelingDataModule):
-            raise ConfigError(f"data._target_ must be a LanguageModelingDataModule, got {type(datamodule).__name__}")
+            raise ConfigError(
+                f"data._target_ must be a LanguageModelingDataModule, got {type(datamodule).__name__}"
+            )
         datamodule.tokenizer = self.tokenizer  # the model's own tokenizer, whatever data.tokenizer says
         return datamodule
 
@@ -42,15 +44,16 @@ class EvalData:
     def corpus(self) -> str:
         return self.datamodule.corpus.name
 
-    def _token_file(self, split: str):
-        path = self.datamodule.token_file(split)
-        if not path.is_file():
-            tokenize_to_file(self.datamodule.corpus.documents(split), self.tokenizer, path)
-        return path
+    def _token_file(self, split: str) -> tuple[Path, np.dtype, int]:
+        """(path, dtype, token count) of the split's token file, built or checked by the data module (the same
+        cache, with its header, as training uses)."""
+        path, header = self.datamodule._ensure_token_file(split)
+        return path, np.dtype(header["dtype"]), int(header["tokens"])
 
     def blocks(self, split: str, block_size: int) -> TokenBlocks:
         """Consecutive, non-overlapping blocks of `block_size` tokens of `split`."""
-        blocks = TokenBlocks(self._token_file(split), token_dtype(len(self.tokenizer)), block_size)
+        path, dtype, count = self._token_file(split)
+        blocks = TokenBlocks(path, dtype, block_size, num_tokens=count)
         if len(blocks) == 0:
             raise ConfigError(f"the {split} split of data={self.corpus} has {blocks.num_tokens} tokens, fewer than one "
                               f"block of {block_size}; use a larger split or a shorter block")  # fmt: skip
@@ -58,5 +61,5 @@ class EvalData:
 
     def tokens(self, split: str) -> Tensor:
         """The whole split as one token stream [N] (documents separated by EOS)."""
-        path = self._token_file(split)
-        return torch.from_numpy(np.fromfile(path, dtype=token_dtype(len(self.tokenizer))).astype(np.int64))
+        path, dtype, count = self._token_file(split)
+        return torch.from_numpy(np.fromfile(path, dtype=dtype, count=count).astype(np.int64))

@@ -29,7 +29,9 @@ def task_manager(include_path: str | None, include_defaults: bool) -> Any:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ConfigError(f"tasks=[lm_eval] needs lm-evaluation-harness, which is not installed: {INSTALL}") from None
+        raise ConfigError(
+            f"tasks=[lm_eval] needs lm-evaluation-harness, which is not installed: {INSTALL}"
+        ) from None
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
@@ -38,19 +40,21 @@ class LMEvalHarness(EvalTask):
     name = "lm_eval"
 
     tasks: list[str] = field(default_factory=list)  # lm-eval task, group or tag names (lm-eval ls tasks)
-    include_path: str | None = None     # a folder of task YAMLs of your own (added to lm-eval's)
-    include_defaults: bool = True       # false: only include_path's tasks (skips indexing lm-eval's ~15k, ~7 s)
-    num_fewshot: int | None = None      # null: each task's own
-    limit: int | None = None            # at most this many examples per task (for quick checks)
-    batch_size: int | None = None       # null: dfw.eval's batch_size
-    bootstrap_iters: int = 100_000      # lm-eval's standard errors; 0: none (faster)
+    include_path: str | None = None  # a folder of task YAMLs of your own (added to lm-eval's)
+    include_defaults: bool = True  # false: only include_path's tasks (skips indexing lm-eval's ~15k, ~7 s)
+    num_fewshot: int | None = None  # null: each task's own
+    limit: int | None = None  # at most this many examples per task (for quick checks)
+    batch_size: int | None = None  # null: dfw.eval's batch_size
+    bootstrap_iters: int = 100_000  # lm-eval's standard errors; 0: none (faster)
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
         self.tasks = list(self.tasks or [])
         if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
-            raise ConfigError("lm_eval.tasks is empty: name the lm-eval tasks to run, e.g. lm_eval.tasks=[lambada_openai]")
+            raise ConfigError(
+                "lm_eval.tasks is empty: name the lm-eval tasks to run, e.g. lm_eval.tasks=[lambada_openai]"
+            )
         for option in ("num_fewshot", "limit", "batch_size"):
             value = getattr(self, option)
             if value is not None and not (option == "num_fewshot" and value == 0):
@@ -83,9 +87,18 @@ class LMEvalHarness(EvalTask):
             first = True
             for key, value in metrics.items():
                 metric, _, filtering = key.partition(",")
-                if not filtering or metric.endswith("_stderr") or not isinstance(value, int | float) or isinstance(value, bool):
+                if (
+                    not filtering
+                    or metric.endswith("_stderr")
+                    or not isinstance(value, int | float)
+                    or isinstance(value, bool)
+                ):
                     continue
                 name = metric if filtering == "none" else f"{metric} ({filtering})"
-                results.append(Measurement("lm_eval", name, float(value), variant=task, headline=first and math.isfinite(value)))
+                results.append(
+                    Measurement(
+                        "lm_eval", name, float(value), variant=task, headline=first and math.isfinite(value)
+                    )
+                )
                 first = False
         return results

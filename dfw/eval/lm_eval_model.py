@@ -31,14 +31,18 @@ class DFWLM(HFLM):
             from .load import load_eval_model
 
             # lm-eval's command line asks for cuda:0 by default; as its HFLM, take the CPU where there is no GPU.
-            usable = device is not None and (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available()))
+            usable = device is not None and (
+                device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())
+            )
             loaded = load_eval_model(pretrained, device if usable else "auto", dtype)
             pretrained, tokenizer = loaded.net, tokenizer or loaded.tokenizer
         if tokenizer is None:
             raise ValueError("DFWLM: pass the model's tokenizer with a model object")
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ):
         if is_converted(self.model) and generation_kwargs.get("cache") is None:
             generation_kwargs["cache"] = RecurrentCache(self.model)
         return super()._model_generate(context, max_length, stop, **generation_kwargs)

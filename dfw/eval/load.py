@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpointing import load_checkpoint
 from ..config import auto_precision
 from ..errors import ConfigError
-from ..generate import is_converted, load_for_generation
-from ..model import saved_attention
+from ..generate import is_converted
+from ..loading import load_model
 from .base import EvalModel, ModelInfo
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,24 +50,12 @@ def describe(net: nn.Module, source: str, kind: str, attention: dict[str, Any] |
     )  # fmt: skip
 
 
-def _stored_attention(source: str, net: nn.Module) -> tuple[str, dict[str, Any] | None]:
-    """(kind, the stored attention config) of what `source` names."""
-    path = Path(source).expanduser()
-    if path.suffix == ".ckpt":
-        # Read a second time for its config (data only); dfw.loading.load_model returns it with the model.
-        config = (load_checkpoint(path, "model").get("hyper_parameters") or {}).get("config") or {}
-        return "checkpoint", config.get("attention")
-    if path.is_dir():
-        attention = getattr(net.config, "attention", None) or saved_attention(path)
-        return ("export" if attention else "hf_dir"), attention
-    return "hub", None
-
-
 def load_eval_model(source: str, device: str = "auto", dtype: str = "float32", batch_size: int = 16,
                     progress: bool = True) -> EvalModel:  # fmt: skip
     """An export, a dfw.train checkpoint, a Hugging Face directory or hub id, ready to evaluate."""
     torch_device, torch_dtype = device_and_dtype(device, dtype)
-    net, tokenizer = load_for_generation(source)
-    kind, attention = _stored_attention(source, net)
-    net = net.to(device=torch_device, dtype=torch_dtype).eval()  # dropout off
-    return EvalModel(net, tokenizer, describe(net, source, kind, attention), batch_size, progress)
+    loaded = load_model(source, option="model")
+    net = loaded.net.to(device=torch_device, dtype=torch_dtype).eval()  # dropout off
+    return EvalModel(
+        net, loaded.tokenizer, describe(net, source, loaded.kind, loaded.attention), batch_size, progress
+    )

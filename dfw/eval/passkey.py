@@ -34,9 +34,11 @@ QUESTION = " What is the pass key? The pass key is"
 class Passkey(EvalTask):
     name = "passkey"
 
-    lengths: list[int] | None = None    # prompt lengths in tokens; null: the longest that fits and half of it
-    depths: list[float] | None = None   # where the key sits in the filler, 0 (start) to 1 (end); null: 0, .25, .5, .75, 1
-    samples: int = 10                   # prompts (keys) per length and depth
+    lengths: list[int] | None = None  # prompt lengths in tokens; null: the longest that fits and half of it
+    depths: list[float] | None = (
+        None  # where the key sits in the filler, 0 (start) to 1 (end); null: 0, .25, .5, .75, 1
+    )
+    samples: int = 10  # prompts (keys) per length and depth
 
     def __post_init__(self) -> None:
         self.lengths = positive_ints("passkey", "lengths", self.lengths)
@@ -44,8 +46,12 @@ class Passkey(EvalTask):
         depths = [0.0, 0.25, 0.5, 0.75, 1.0] if self.depths is None else self.depths
         if isinstance(depths, int | float):
             depths = [depths]
-        if not depths or any(isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d <= 1 for d in depths):
-            raise ConfigError(f"passkey.depths must be a non-empty list of fractions from 0 to 1, got {self.depths!r}")
+        if not depths or any(
+            isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d <= 1 for d in depths
+        ):
+            raise ConfigError(
+                f"passkey.depths must be a non-empty list of fractions from 0 to 1, got {self.depths!r}"
+            )
         self.depths = sorted({float(d) for d in depths})
 
     def _pieces(self, model: EvalModel) -> tuple[int, int, int]:
@@ -86,18 +92,32 @@ class Passkey(EvalTask):
             repeats = (length - fixed) // filler
             for depth in self.depths:
                 rng = generator(self.seed, "passkey", length, depth)
-                keys = [str(k) for k in torch.randint(10_000, 100_000, (self.samples,), generator=rng).tolist()]
+                keys = [
+                    str(k) for k in torch.randint(10_000, 100_000, (self.samples,), generator=rng).tolist()
+                ]
                 before = round(depth * repeats)
                 prompts = []
                 for key in keys:
-                    text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (repeats - before) + QUESTION
+                    text = (
+                        INTRO
+                        + FILLER * before
+                        + NEEDLE.format(key=key)
+                        + FILLER * (repeats - before)
+                        + QUESTION
+                    )
                     prompts.append(model.tokenizer(text, add_special_tokens=False).input_ids[-length:])
                 outputs = model.generate(prompts, new, f"passkey length={length} depth={depth:g}")
                 answers = [model.tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
                 found = [re.match(r"\s*(\d+)", answer) for answer in answers]
-                score = sum(m is not None and m.group(1) == key for m, key in zip(found, keys, strict=True)) / len(keys)
+                score = sum(
+                    m is not None and m.group(1) == key for m, key in zip(found, keys, strict=True)
+                ) / len(keys)
                 scores.append(score)
-                results.append(Measurement("passkey", "exact_match", score, variant=f"length={length}", axis="depth", x=depth))
+                results.append(
+                    Measurement(
+                        "passkey", "exact_match", score, variant=f"length={length}", axis="depth", x=depth
+                    )
+                )
         results.append(Measurement("passkey", "exact_match", sum(scores) / len(scores), variant="mean over lengths and depths",
                                    headline=True))  # fmt: skip
         return results

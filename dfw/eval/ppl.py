@@ -36,9 +36,9 @@ def position_bins(context: int) -> list[tuple[int, int]]:
 class Perplexity(EvalTask):
     name = "ppl"
 
-    split: str = "validation"       # train | validation | test
-    block_size: int | None = None   # tokens per block; null: the model's context
-    max_blocks: int | None = 200    # evaluate the first this many blocks; null: the whole split
+    split: str = "validation"  # train | validation | test
+    block_size: int | None = None  # tokens per block; null: the model's context
+    max_blocks: int | None = 200  # evaluate the first this many blocks; null: the whole split
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -54,7 +54,9 @@ class Perplexity(EvalTask):
                 f"ppl.block_size={self.block_size} does not fit the model's context of {model.context} positions; "
                 f"use 2 to {model.context}, or null for the whole context"
             )
-        data.blocks(self.split, self.block_size or model.context)  # a split shorter than one block: ConfigError
+        data.blocks(
+            self.split, self.block_size or model.context
+        )  # a split shorter than one block: ConfigError
 
     def run(self, model: EvalModel, data: Any) -> list[Measurement]:
         T = self.block_size or model.context
@@ -75,5 +77,9 @@ class Perplexity(EvalTask):
         for first, last in position_bins(T):
             predicted = last - max(first, 1) + 1
             mean = float(loss_sum[max(first, 1) : last + 1].sum()) / (count * predicted)
-            results.append(Measurement("ppl", "ppl", math.exp(mean), variant=variant, axis="position", x=first, x_to=last))
+            results.append(
+                Measurement(
+                    "ppl", "ppl", math.exp(mean), variant=variant, axis="position", x=first, x_to=last
+                )
+            )
         return results

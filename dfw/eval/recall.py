@@ -32,8 +32,10 @@ def default_pairs(context: int) -> list[int]:
 class Recall(EvalTask):
     name = "recall"
 
-    pairs: list[int] | None = None  # numbers of key-value pairs N; null: 4, 8, 16, ... while 4N fits the context
-    samples: int = 64               # sequences per N
+    pairs: list[int] | None = (
+        None  # numbers of key-value pairs N; null: 4, 8, 16, ... while 4N fits the context
+    )
+    samples: int = 64  # sequences per N
 
     def __post_init__(self) -> None:
         self.pairs = positive_ints("recall", "pairs", self.pairs)
@@ -48,15 +50,21 @@ class Recall(EvalTask):
                     f"use N up to {model.context // 4}"
                 )
             if n > min(len(keys), len(values)):
-                raise ConfigError(f"recall.pairs: N={n} needs {n} distinct keys, the vocabulary has {len(keys)}")
+                raise ConfigError(
+                    f"recall.pairs: N={n} needs {n} distinct keys, the vocabulary has {len(keys)}"
+                )
         if not self.pairs and model.context < 16:
-            raise ConfigError(f"recall: the model's context ({model.context}) is too short for 4 pairs; set recall.pairs")
+            raise ConfigError(
+                f"recall: the model's context ({model.context}) is too short for 4 pairs; set recall.pairs"
+            )
 
     def run(self, model: EvalModel, data: Any) -> list[Measurement]:
         key_ids, value_ids = key_and_value_ids(model.ordinary_ids())
         results, accuracies = [], []
         for n in self.pairs or default_pairs(model.context):
-            tokens, positions, answers = recall_sequences(key_ids, value_ids, self.samples, n, generator(self.seed, "recall", n))
+            tokens, positions, answers = recall_sequences(
+                key_ids, value_ids, self.samples, n, generator(self.seed, "recall", n)
+            )
             loss_sum = correct = 0.0
             for rows, logits in model.logits_batches(tokens, f"recall N={n}"):
                 index = positions[rows].to(logits.device)  # (b, N)
@@ -70,5 +78,7 @@ class Recall(EvalTask):
                 Measurement("recall", "acc", correct / count, axis="pairs", x=n),
                 Measurement("recall", "loss", loss_sum / count, axis="pairs", x=n),
             ]
-        results.append(Measurement("recall", "acc", sum(accuracies) / len(accuracies), axis="pairs", headline=True))
+        results.append(
+            Measurement("recall", "acc", sum(accuracies) / len(accuracies), axis="pairs", headline=True)
+        )
         return results

@@ -40,7 +40,9 @@ def build_tasks(names: Any, options: Mapping[str, Any], seed: int) -> list[EvalT
     names = list(names or [])
     known = ", ".join(sorted(TASKS))
     if not names:
-        raise ConfigError(f"tasks is empty: name the tasks to run, e.g. tasks=[ppl,copy,recall] (tasks: {known})")
+        raise ConfigError(
+            f"tasks is empty: name the tasks to run, e.g. tasks=[ppl,copy,recall] (tasks: {known})"
+        )
     tasks = []
     for name in names:
         if name not in TASKS:
@@ -52,7 +54,9 @@ def build_tasks(names: Any, options: Mapping[str, Any], seed: int) -> list[EvalT
         accepted = sorted(f.name for f in fields(TASKS[name]) if f.name != "seed")
         unknown = sorted(set(node) - set(accepted))
         if unknown:
-            raise ConfigError(f"{name}.{unknown[0]} is not an option of the {name} task; its options are {', '.join(accepted)}")
+            raise ConfigError(
+                f"{name}.{unknown[0]} is not an option of the {name} task; its options are {', '.join(accepted)}"
+            )
         tasks.append(TASKS[name](**{**node, "seed": seed}))
     return tasks
 
@@ -66,7 +70,9 @@ def check_batch_size(value: Any) -> int:
 class Results:
     """The measurements of one evaluation: results.csv (rewritten after each task) and the loggers."""
 
-    def __init__(self, out_dir: Path, info: ModelInfo, seed: int, loggers: Iterable[Any] = (), step: int | None = None):
+    def __init__(
+        self, out_dir: Path, info: ModelInfo, seed: int, loggers: Iterable[Any] = (), step: int | None = None
+    ):
         self.out_dir, self.info, self.seed, self.loggers, self.step = out_dir, info, seed, list(loggers), step
         self.rows: list[Measurement] = []
         self.tasks_done: list[str] = []
@@ -88,7 +94,7 @@ class Results:
     def records(self, rows: Iterable[Measurement]) -> list[dict[str, Any]]:
         info = asdict(self.info)
         model = {"model": info.pop("source"), **info}
-        return [{**model, **{k: v for k, v in asdict(m).items()}, "seed": self.seed} for m in rows]
+        return [{**model, **asdict(m), "seed": self.seed} for m in rows]
 
 
 def run_tasks(tasks: list[EvalTask], model: EvalModel, data: EvalData, results: Results) -> None:
@@ -177,10 +183,14 @@ def evaluate(cfg: DictConfig) -> list[Measurement]:
 class Evaluation:
     """dfw.train's evaluation after training (`eval.tasks=[...]`), planned and checked before training."""
 
-    def __init__(self, tasks: list[EvalTask], model: EvalModel, data: EvalData, out_dir: Path, seed: int) -> None:
+    def __init__(
+        self, tasks: list[EvalTask], model: EvalModel, data: EvalData, out_dir: Path, seed: int
+    ) -> None:
         self.tasks, self.model, self.data, self.out_dir, self.seed = tasks, model, data, out_dir, seed
 
-    def run(self, net: torch.nn.Module, loggers: Iterable[Any] = (), step: int | None = None) -> dict[str, float]:
+    def run(
+        self, net: torch.nn.Module, loggers: Iterable[Any] = (), step: int | None = None
+    ) -> dict[str, float]:
         """Evaluate `net` (the trained model), write results.csv, log every number to `loggers` at `step`;
         returns the headline numbers (`eval/<task>/...`)."""
         training = net.training
@@ -215,4 +225,6 @@ def evaluation_after_training(cfg: DictConfig, net: torch.nn.Module, datamodule:
     data = EvalData(cfg.data, tokenizer, datamodule=datamodule)
     for task in tasks:
         task.check(model, data)
-    return Evaluation(tasks, model, data, Path(str(node.get("out_dir") or Path(cfg.paths.output_dir) / "eval")), cfg.seed)
+    return Evaluation(
+        tasks, model, data, Path(str(node.get("out_dir") or Path(cfg.paths.output_dir) / "eval")), cfg.seed
+    )

@@ -15,6 +15,7 @@ import pandas as pd
 
 EVAL_RESULTS = Path("eval") / "results.csv"
 PLOTS = ("ppl_by_position.png", "copy_acc_vs_length.png", "recall_acc_vs_pairs.png")
+TASK_ORDER = ("ppl", "copy", "recall", "passkey", "lm_eval")  # the order of the report's eval columns
 
 
 def read_evaluation(run_dir: Path) -> pd.DataFrame:
@@ -35,8 +36,19 @@ def headline_columns(evaluations: list[pd.DataFrame]) -> list[tuple[str, str, st
             continue
         for row in frame[frame["headline"]].itertuples():
             key = (row.task, row.metric, row.variant if row.task == "lm_eval" else "")
-            columns.setdefault(key, f"{row.task} {row.variant} {row.metric}" if row.task == "lm_eval" else f"{row.task} {row.metric}")
-    return [(header, *key) for key, header in columns.items()]
+            header = (
+                f"{row.variant} {row.metric}"
+                if row.task == "lm_eval"
+                else row.task
+                if row.metric == row.task
+                else f"{row.task} {row.metric}"
+            )
+            columns.setdefault(key, header)
+    order = {task: i for i, task in enumerate(TASK_ORDER)}
+    return [
+        (header, *key)
+        for key, header in sorted(columns.items(), key=lambda item: order.get(item[0][0], len(order)))
+    ]
 
 
 def headline_value(frame: pd.DataFrame, task: str, metric: str, variant: str) -> float:
@@ -64,16 +76,22 @@ def headline_note(evaluations: list[pd.DataFrame]) -> str:
             continue
         for row in frame[frame["headline"]].itertuples():
             if row.task != "lm_eval":
-                setting = row.variant if row.task == "ppl" else (f"{row.variant}, mean over {row.axis}" if row.axis else row.variant)
+                where = f"mean over {row.axis}" if row.axis else ""
+                setting = ", ".join(part for part in (row.variant, where) if part)
                 seen.setdefault(row.task, f"{row.task}: {row.metric} ({setting})")
-    return "; ".join(seen.values())
+    order = {task: i for i, task in enumerate(TASK_ORDER)}
+    return "; ".join(
+        note for _, note in sorted(seen.items(), key=lambda item: order.get(item[0], len(order)))
+    )
 
 
 def _curves(frame: pd.DataFrame, task: str, metric: str, axis: str) -> dict[str, pd.DataFrame]:
     """variant -> rows of one swept metric, sorted by x."""
     if frame.empty:
         return {}
-    rows = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["axis"] == axis) & frame["x"].notna()]
+    rows = frame[
+        (frame["task"] == task) & (frame["metric"] == metric) & (frame["axis"] == axis) & frame["x"].notna()
+    ]
     return {variant: group.sort_values("x") for variant, group in rows.groupby("variant", sort=False)}
 
 
@@ -86,9 +104,10 @@ def plot_evaluation(runs: list, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     specs = [
-        ("ppl", "ppl", "position", "first position of the bin (0-15, 16-31, 32-63, ...)", "perplexity",
+        ("ppl", "ppl", "position", "position in the context (bins)", "perplexity",
          "Perplexity by position in the context", "log"),
         ("copy", "acc", "L", "span length L (tokens, copied once)", "top-1 accuracy on the second copy",
          "In-context copying", "linear"),
@@ -111,8 +130,24 @@ def plot_evaluation(runs: list, out_dir: Path) -> list[Path]:
             continue
         if axis == "position":
             ax.set_xscale("symlog", base=2, linthresh=16)  # bins start at 0, 16, 32, 64, ...
+            bins = _curves(evaluated[0].evaluation, task, metric, axis)
+            first = next(iter(bins.values()), None)
+            if first is not None:
+                ax.set_xticks(
+                    first["x"], [f"{int(a)}-{int(b)}" for a, b in zip(first["x"], first["x_to"], strict=True)]
+                )
         else:
             ax.set_xscale("log", base=2)
+            values = sorted(
+                {
+                    x
+                    for run in evaluated
+                    for rows in _curves(run.evaluation, task, metric, axis).values()
+                    for x in rows["x"]
+                }
+            )
+            ax.set_xticks(values, [f"{int(x)}" for x in values])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale=yscale)
         if metric == "acc":
             ax.set_ylim(-0.02, 1.02)

@@ -231,17 +231,24 @@ def _run_dirs(root: Path) -> list[Path]:
 
 
 def load_local(root: Path) -> list[Run]:
-    """Every run under `root`, plus the jobs of its multirun that never started (status missing)."""
+    """Every run under `root`, plus the jobs of its multirun that never started (status missing). `root` may
+    also hold several multiruns, one per folder (sweeps/eval_grid.sh): each is checked for missing jobs."""
     runs = [read_run_dir(d) for d in _run_dirs(root)]
-    jobs = expected_jobs(root)
-    if jobs is not None:
-        started = {run.job for run in runs}
+    sweeps = [root] if (root / "multirun.yaml").is_file() else sorted(p.parent for p in root.glob("*/multirun.yaml"))
+    for sweep in sweeps or [root]:
+        jobs = expected_jobs(sweep)
+        if jobs is None:
+            continue
+        inside = lambda run, sweep=sweep: sweep == root or Path(run.source).is_relative_to(sweep)
+        started = {run.job for run in runs if inside(run)}
         runs += [
-            Run(name=f"job {number}", source=str(root), config={}, history=pd.DataFrame(), status="missing",
+            Run(name=f"job {number}", source=str(sweep), config={}, history=pd.DataFrame(), status="missing",
                 reason="never started (the sweep stopped before it)", overrides=overrides, job=number)
             for number, overrides in enumerate(jobs) if number not in started
         ]  # fmt: skip
-        runs.sort(key=lambda run: (run.job is None, run.job or 0))
+    if sweeps:
+        sweep_of = lambda run: next((i for i, sweep in enumerate(sweeps) if Path(run.source).is_relative_to(sweep)), -1)
+        runs.sort(key=lambda run: (sweep_of(run), run.job is None, run.job or 0))  # each sweep in job order
     return runs
 
 

@@ -43,7 +43,11 @@ def test_recall_sequences_are_pairs_then_every_key_queried_with_its_value():
     for row in range(6):
         context, queries = tokens[row, :10].tolist(), tokens[row, 10:].tolist()
         pairs = dict(zip(context[0::2], context[1::2], strict=True))
-        assert len(pairs) == 5 and set(pairs) <= set(keys.tolist()) and set(pairs.values()) <= set(values.tolist())
+        assert (
+            len(pairs) == 5
+            and set(pairs) <= set(keys.tolist())
+            and set(pairs.values()) <= set(values.tolist())
+        )
         assert len(set(pairs.values())) == 5  # values drawn without replacement too
         assert sorted(queries[0::2]) == sorted(pairs)  # every key queried exactly once
         for position, answer in zip(positions[row].tolist(), answers[row].tolist(), strict=True):
@@ -78,8 +82,12 @@ def test_synthetic_mix_writes_one_segment_into_the_stated_share_of_blocks():
     blocks = Blocks(400, 64)
     mix = SyntheticMix(blocks, SyntheticOptions(share=0.25, recall=0.5), ordinary_ids(100, [0]), seed=3)
     changed = [i for i in range(len(blocks)) if not torch.equal(mix[i]["input_ids"], blocks[i]["input_ids"])]
-    assert 0.17 < len(changed) / len(blocks) < 0.33  # a quarter, up to sampling noise (and rare no-op segments)
-    assert torch.equal(mix[changed[0]]["input_ids"], mix[changed[0]]["input_ids"])  # a pure function of (seed, index)
+    assert (
+        0.17 < len(changed) / len(blocks) < 0.33
+    )  # a quarter, up to sampling noise (and rare no-op segments)
+    assert torch.equal(
+        mix[changed[0]]["input_ids"], mix[changed[0]]["input_ids"]
+    )  # a pure function of (seed, index)
     copies = 0
     for i in changed:
         original, mixed = blocks[i]["input_ids"], mix[i]["input_ids"]
@@ -96,7 +104,9 @@ def test_synthetic_mix_with_share_zero_is_the_text_and_options_are_checked():
     blocks = Blocks(20, 32)
     mix = SyntheticMix(blocks, SyntheticOptions(share=0.0), ordinary_ids(100, [0]), seed=0)
     assert all(torch.equal(mix[i]["input_ids"], blocks[i]["input_ids"]) for i in range(20))
-    with pytest.raises(ConfigError, match=r"data.synthetic.share must be a fraction between 0 and 1, got 1.5"):
+    with pytest.raises(
+        ConfigError, match=r"data.synthetic.share must be a fraction between 0 and 1, got 1.5"
+    ):
         SyntheticOptions.from_config({"share": 1.5})
     with pytest.raises(ConfigError, match=r"data.synthetic.shares is not an option"):
         SyntheticOptions.from_config({"shares": 0.5})

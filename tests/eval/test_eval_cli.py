@@ -51,7 +51,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     export(plain, softmax, root / "softmax", tokenizer=tokenizer)
     torch.manual_seed(0)
     decay = OmegaConf.load(CONF / "attention" / "decay.yaml")
-    config = OmegaConf.create({"pretrained": None, "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}})
+    config = OmegaConf.create(
+        {"pretrained": None, "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
+    )
     export(build_model(config, decay, tokenizer).eval(), decay, root / "decay", tokenizer=tokenizer)
     return {"plain": root / "plain", "softmax": root / "softmax", "decay": root / "decay"}
 
@@ -64,10 +66,18 @@ def test_a_plain_gpt2_and_its_softmax_export_give_the_same_numbers(models, tmp_p
     ]
     rows = _rows(tmp_path / "softmax")
     assert {r["task"] for r in rows} == {"ppl", "copy", "recall"}
-    assert {(r["model"], r["kind"], r["attention"], r["state_size"]) for r in rows} == {(str(models["softmax"]), "export", "softmax", "")}
+    assert {(r["model"], r["kind"], r["attention"], r["state_size"]) for r in rows} == {
+        (str(models["softmax"]), "export", "softmax", "")
+    }
     assert {r["kind"] for r in _rows(tmp_path / "plain")} == {"hf_dir"}
-    assert list((tmp_path / "softmax" / "wandb").glob("offline-run-*")), "W&B writes its offline run under out_dir"
-    assert (tmp_path / "softmax" / "results.md").read_text().startswith(f"model: {models['softmax']} (export; attention=softmax")
+    assert list((tmp_path / "softmax" / "wandb").glob("offline-run-*")), (
+        "W&B writes its offline run under out_dir"
+    )
+    assert (
+        (tmp_path / "softmax" / "results.md")
+        .read_text()
+        .startswith(f"model: {models['softmax']} (export; attention=softmax")
+    )
 
 
 def test_a_converted_export_records_its_attention_and_state_size(models, tmp_path, capsys):
@@ -85,10 +95,15 @@ def test_a_converted_export_records_its_attention_and_state_size(models, tmp_pat
     ("overrides", "message"),
     [
         (["tasks=[ppl,nope]"], "tasks: 'nope' is not a dfw.eval task"),
-        (["copy.lengths=[8,40]"], "copy.lengths: L=40 needs 2L = 80 tokens, more than the model's context of 64"),
+        (
+            ["copy.lengths=[8,40]"],
+            "copy.lengths: L=40 needs 2L = 80 tokens, more than the model's context of 64",
+        ),
         (["recall.pairs=[0]"], "recall.pairs must be a non-empty list of positive integers, got [0]"),
-        (["tasks=[lm_eval]", "lm_eval.tasks=[no_such_lm_eval_task]", "lm_eval.include_defaults=false"],
-         "lm_eval.tasks: lm-eval does not know no_such_lm_eval_task"),
+        (
+            ["tasks=[lm_eval]", "lm_eval.tasks=[no_such_lm_eval_task]", "lm_eval.include_defaults=false"],
+            "lm_eval.tasks: lm-eval does not know no_such_lm_eval_task",
+        ),
         (["data=text"], "data.files.train is not set"),
         (["batch_size=0"], "batch_size must be a positive integer, got 0"),
     ],
@@ -114,7 +129,9 @@ def test_a_model_that_cannot_be_loaded_is_one_config_error(tmp_path):
 def test_without_lm_eval_installed_the_task_says_how_to_install_it(monkeypatch):
     from dfw.eval import build_tasks
 
-    monkeypatch.setitem(__import__("sys").modules, "lm_eval.tasks", None)  # import lm_eval.tasks -> ImportError
+    monkeypatch.setitem(
+        __import__("sys").modules, "lm_eval.tasks", None
+    )  # import lm_eval.tasks -> ImportError
     with pytest.raises(ConfigError, match=r"tasks=\[lm_eval\] needs lm-evaluation-harness, which is not installed: "
                                           r"pip install 'dfw\[lm_eval\]'"):  # fmt: skip
         build_tasks(["lm_eval"], {"lm_eval": {"tasks": ["wikitext"]}}, 0)
@@ -137,10 +154,19 @@ def test_the_command_line_prints_the_table_and_exits_2_on_bad_input(models, tmp_
     assert ok.stdout.startswith(f"model: {models['decay']} (export; attention=decay, m=16")
     assert "| recall | pairs=4 | acc " in ok.stdout and "tokens/s" in ok.stdout
     assert {r["task"] for r in _rows(tmp_path / "out")} == {"ppl", "copy", "recall"}
-    bad = run_module("dfw.eval", f"model={models['decay']}", f"out_dir={tmp_path / 'bad'}", "tasks=[copy]", "copy.lengths=[100]")
+    bad = run_module(
+        "dfw.eval",
+        f"model={models['decay']}",
+        f"out_dir={tmp_path / 'bad'}",
+        "tasks=[copy]",
+        "copy.lengths=[100]",
+    )
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.strip()]
-    assert errors[-1].startswith("error: copy.lengths: L=100 needs 2L = 200 tokens") and "Traceback" not in bad.stderr
+    assert (
+        errors[-1].startswith("error: copy.lengths: L=100 needs 2L = 200 tokens")
+        and "Traceback" not in bad.stderr
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -150,8 +176,12 @@ def test_train_evaluates_after_training_when_asked_and_checks_its_options_first(
 
     overrides = tiny_overrides(tmp_path, text_files, "attention=decay", "eval.tasks=[ppl,copy]", "eval.copy.lengths=[4,8]",
                                "eval.copy.samples=4", "eval.ppl.max_blocks=2")  # fmt: skip
-    bad = compose_train(*[o.replace("eval.copy.lengths=[4,8]", "eval.copy.lengths=[4,200]") for o in overrides])
-    with pytest.raises(ConfigError, match="copy.lengths: L=200 needs 2L = 400 tokens, more than the model's context of 256"):
+    bad = compose_train(
+        *[o.replace("eval.copy.lengths=[4,8]", "eval.copy.lengths=[4,200]") for o in overrides]
+    )
+    with pytest.raises(
+        ConfigError, match="copy.lengths: L=200 needs 2L = 400 tokens, more than the model's context of 256"
+    ):
         train(bad)
     assert not (tmp_path / "run").exists(), "a bad eval option fails before training writes anything"
     metrics = train(compose_train(*overrides))
@@ -159,7 +189,25 @@ def test_train_evaluates_after_training_when_asked_and_checks_its_options_first(
     assert {r["task"] for r in rows} == {"ppl", "copy"} and {r["kind"] for r in rows} == {"trained run"}
     assert {r["attention"] for r in rows} == {"decay"}
     assert metrics["eval/copy/acc/random/mean over L"] == pytest.approx(
-        next(float(r["value"]) for r in rows if r["headline"] == "True" and r["task"] == "copy"))
+        next(float(r["value"]) for r in rows if r["headline"] == "True" and r["task"] == "copy")
+    )
     with open(tmp_path / "run" / "csv" / "metrics.csv") as file:
         logged = list(csv.DictReader(file))
-    assert any(row.get("eval/ppl/ppl/text validation") for row in logged), "the run's loggers get the numbers too"
+    assert any(row.get("eval/ppl/ppl/text validation") for row in logged), (
+        "the run's loggers get the numbers too"
+    )
+
+
+@pytest.mark.slow
+def test_a_training_checkpoint_is_evaluated_with_its_stored_attention(trained_run, tmp_path):
+    evaluate(
+        eval_cfg(
+            trained_run.dir / "checkpoints" / "last.ckpt", tmp_path / "ckpt", "tasks=[copy]", "wandb=null"
+        )
+    )
+    evaluate(eval_cfg(trained_run.dir / "model", tmp_path / "export", "tasks=[copy]", "wandb=null"))
+    ckpt, exported = _rows(tmp_path / "ckpt"), _rows(tmp_path / "export")
+    assert {(r["kind"], r["attention"], r["state_size"]) for r in ckpt} == {("checkpoint", "decay", "32")}
+    assert [r["value"] for r in ckpt if r["metric"] != "tokens_per_sec"] == [
+        r["value"] for r in exported if r["metric"] != "tokens_per_sec"
+    ]  # the same final weights

@@ -33,7 +33,9 @@ class Oracle(nn.Module):
     the token L - 1 positions back (a perfect copier of a span of length L); `lookup` predicts the token that
     followed the latest earlier occurrence of the current token (associative recall), uniform elsewhere."""
 
-    def __init__(self, context: int, copy_offset: int | None = None, lookup: bool = False, wrong: bool = False):
+    def __init__(
+        self, context: int, copy_offset: int | None = None, lookup: bool = False, wrong: bool = False
+    ):
         super().__init__()
         self.config = SimpleNamespace(n_positions=context, vocab_size=V)
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
@@ -93,13 +95,17 @@ def test_copy_scores_a_perfect_copier_at_full_accuracy_and_the_first_copy_at_cha
 
 
 def test_copy_of_a_copier_off_by_one_token_is_zero():
-    results = _task("copy", lengths=[4], samples=3, variants=["random"]).run(_model(Oracle(16, copy_offset=4, wrong=True), 16), None)
+    results = _task("copy", lengths=[4], samples=3, variants=["random"]).run(
+        _model(Oracle(16, copy_offset=4, wrong=True), 16), None
+    )
     assert _by(results, "acc", x=4)[0].value == 0.0 and _by(results, "loss", x=4)[0].value > 20
 
 
 def test_recall_scores_an_associative_lookup_at_full_accuracy_and_a_wrong_one_at_zero():
     right = _task("recall", pairs=[2, 4], samples=3).run(_model(Oracle(16, lookup=True), 16), None)
-    wrong = _task("recall", pairs=[2, 4], samples=3).run(_model(Oracle(16, lookup=True, wrong=True), 16), None)
+    wrong = _task("recall", pairs=[2, 4], samples=3).run(
+        _model(Oracle(16, lookup=True, wrong=True), 16), None
+    )
     assert [m.value for m in _by(right, "acc", axis="pairs") if m.x] == [1.0, 1.0]
     assert [m.value for m in _by(wrong, "acc", axis="pairs") if m.x] == [0.0, 0.0]
     assert all(m.value < 1e-6 for m in _by(right, "loss"))
@@ -120,7 +126,9 @@ def test_ppl_is_torchmetrics_perplexity_and_its_bins_the_loss_at_their_positions
     reference.update(logits, tokens[:, 1:])
     (overall,) = [m for m in results if m.headline]
     assert overall.value == pytest.approx(float(reference.compute()), rel=1e-5)
-    loss = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").double()  # (5, 63): position t+1
+    loss = F.cross_entropy(
+        logits.transpose(1, 2), tokens[:, 1:], reduction="none"
+    ).double()  # (5, 63): position t+1
     bins = _by(results, "ppl", axis="position")
     assert [(m.x, m.x_to) for m in bins] == position_bins(64) == [(0, 15), (16, 31), (32, 63)]
     for m in bins:
@@ -151,9 +159,15 @@ def test_passkey_finds_the_key_a_reader_of_the_prompt_answers_and_places_it_at_t
     results = task.run(model, None)
     assert [m.value for m in results] == [1.0, 1.0, 1.0]
     assert prompts[0].startswith(INTRO + " The pass key is") and prompts[0].endswith(QUESTION)  # depth 0
-    assert prompts[-1].startswith(INTRO + FILLER) and re.search(r"is the pass key\." + re.escape(QUESTION) + "$", prompts[-1])
-    assert all(200 - 24 < len(tokenizer(p).input_ids) <= 200 for p in prompts)  # whole filler sentences (24 tokens)
-    model.generate = lambda prompts_, n, d: [tokenizer(" 12", add_special_tokens=False).input_ids for _ in prompts_]
+    assert prompts[-1].startswith(INTRO + FILLER) and re.search(
+        r"is the pass key\." + re.escape(QUESTION) + "$", prompts[-1]
+    )
+    assert all(
+        200 - 24 < len(tokenizer(p).input_ids) <= 200 for p in prompts
+    )  # whole filler sentences (24 tokens)
+    model.generate = lambda prompts_, n, d: [
+        tokenizer(" 12", add_special_tokens=False).input_ids for _ in prompts_
+    ]
     assert [m.value for m in task.run(model, None)] == [0.0, 0.0, 0.0]
 
 
@@ -161,7 +175,9 @@ def test_passkey_finds_the_key_a_reader_of_the_prompt_answers_and_places_it_at_t
 def converted_tiny():
     torch.manual_seed(0)
     attention = OmegaConf.load(CONF / "attention" / "decay.yaml")
-    model = OmegaConf.create({"pretrained": None, "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}})
+    model = OmegaConf.create(
+        {"pretrained": None, "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
+    )
     return build_model(model, attention, gpt2_tokenizer()).eval()
 
 
@@ -184,15 +200,39 @@ def test_generation_of_a_converted_model_is_its_greedy_recomputation_with_left_p
 @pytest.mark.parametrize(
     ("names", "options", "message"),
     [
-        (["nope"], {}, r"tasks: 'nope' is not a dfw.eval task; the tasks are copy, lm_eval, passkey, ppl, recall"),
+        (
+            ["nope"],
+            {},
+            r"tasks: 'nope' is not a dfw.eval task; the tasks are copy, lm_eval, passkey, ppl, recall",
+        ),
         ([], {}, r"tasks is empty"),
         (["copy", "copy"], {}, r"tasks: copy is listed twice"),
-        (["copy"], {"copy": {"lenghts": [8]}}, r"copy.lenghts is not an option of the copy task; its options are lengths, "),
-        (["recall"], {"recall": {"pairs": [0]}}, r"recall.pairs must be a non-empty list of positive integers, got \[0\]"),
-        (["recall"], {"recall": {"pairs": 0}}, r"recall.pairs must be a non-empty list of positive integers, got 0"),
-        (["copy"], {"copy": {"variants": ["shuffled"]}}, r"copy.variants must be a non-empty list of random and text"),
+        (
+            ["copy"],
+            {"copy": {"lenghts": [8]}},
+            r"copy.lenghts is not an option of the copy task; its options are lengths, ",
+        ),
+        (
+            ["recall"],
+            {"recall": {"pairs": [0]}},
+            r"recall.pairs must be a non-empty list of positive integers, got \[0\]",
+        ),
+        (
+            ["recall"],
+            {"recall": {"pairs": 0}},
+            r"recall.pairs must be a non-empty list of positive integers, got 0",
+        ),
+        (
+            ["copy"],
+            {"copy": {"variants": ["shuffled"]}},
+            r"copy.variants must be a non-empty list of random and text",
+        ),
         (["ppl"], {"ppl": {"split": "dev"}}, r"ppl.split must be one of train, validation, test, got 'dev'"),
-        (["passkey"], {"passkey": {"depths": [1.5]}}, r"passkey.depths must be a non-empty list of fractions from 0 to 1"),
+        (
+            ["passkey"],
+            {"passkey": {"depths": [1.5]}},
+            r"passkey.depths must be a non-empty list of fractions from 0 to 1",
+        ),
         (["lm_eval"], {"lm_eval": {"tasks": []}}, r"lm_eval.tasks is empty"),
     ],
 )
@@ -204,13 +244,27 @@ def test_bad_task_options_are_one_config_error(names, options, message):
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("copy", {"lengths": [8, 40]}, r"copy.lengths: L=40 needs 2L = 80 tokens, more than the model's context of 64; use L from 2 to 32"),
-        ("recall", {"pairs": [17]}, r"recall.pairs: N=17 needs 4N = 68 tokens, more than the model's context of 64; use N up to 16"),
+        (
+            "copy",
+            {"lengths": [8, 40]},
+            r"copy.lengths: L=40 needs 2L = 80 tokens, more than the model's context of 64; use L from 2 to 32",
+        ),
+        (
+            "recall",
+            {"pairs": [17]},
+            r"recall.pairs: N=17 needs 4N = 68 tokens, more than the model's context of 64; use N up to 16",
+        ),
         ("ppl", {"block_size": 65}, r"ppl.block_size=65 does not fit the model's context of 64 positions"),
-        ("passkey", {"lengths": [64]}, r"passkey.lengths: 64 tokens and \d+ to generate exceed the model's context of 64"),
+        (
+            "passkey",
+            {"lengths": [64]},
+            r"passkey.lengths: 64 tokens and \d+ to generate exceed the model's context of 64",
+        ),
         ("passkey", {"lengths": [20]}, r"passkey.lengths: 20 tokens cannot hold the prompt"),
     ],
 )
-def test_options_that_do_not_fit_the_model_are_refused_before_running(tiny_gpt2, data, name, options, message):
+def test_options_that_do_not_fit_the_model_are_refused_before_running(
+    tiny_gpt2, data, name, options, message
+):
     with pytest.raises(ConfigError, match=message):
         _task(name, **options).check(_model(tiny_gpt2, 64), data)

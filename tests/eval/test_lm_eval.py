@@ -19,10 +19,17 @@ from dfw.model import build_model, export
 from tests.conftest import CONF, REPO, run_module
 from tests.eval.test_eval_cli import eval_cfg
 
-pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'dfw[lm_eval]'; `make install` has it)")
+pytest.importorskip(
+    "lm_eval", reason="lm-eval is an optional extra (pip install 'dfw[lm_eval]'; `make install` has it)"
+)
 
 TASKS = REPO / "tests" / "eval" / "lm_eval_tasks"
-LOCAL = ["tasks=[lm_eval]", f"lm_eval.include_path={TASKS}", "lm_eval.include_defaults=false", "lm_eval.bootstrap_iters=0"]
+LOCAL = [
+    "tasks=[lm_eval]",
+    f"lm_eval.include_path={TASKS}",
+    "lm_eval.include_defaults=false",
+    "lm_eval.bootstrap_iters=0",
+]
 
 
 def _lines(name: str) -> list[dict]:
@@ -35,7 +42,9 @@ def converted(tmp_path_factory):
     torch.manual_seed(0)
     tokenizer = gpt2_tokenizer()
     decay = OmegaConf.load(CONF / "attention" / "decay.yaml")
-    config = OmegaConf.create({"pretrained": None, "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}})
+    config = OmegaConf.create(
+        {"pretrained": None, "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
+    )
     net = build_model(config, decay, tokenizer).eval()
     directory = export(net, decay, tmp_path_factory.mktemp("export") / "decay", tokenizer=tokenizer)
     return directory, net
@@ -64,17 +73,28 @@ def _greedy(net, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(ids[0, -new_tokens:]).split("\n")[0]
 
 
-def test_dfw_eval_runs_local_lm_eval_tasks_and_the_rolling_loglikelihood_is_the_models(converted, tmp_path, monkeypatch):
+def test_dfw_eval_runs_local_lm_eval_tasks_and_the_rolling_loglikelihood_is_the_models(
+    converted, tmp_path, monkeypatch
+):
     monkeypatch.chdir(REPO)  # the task YAMLs name their data files relative to the repository root
     directory, net = converted
-    results = evaluate(eval_cfg(directory, tmp_path / "out", *LOCAL, "lm_eval.tasks=[dfw_test_rolling,dfw_test_generate]"))
+    results = evaluate(
+        eval_cfg(directory, tmp_path / "out", *LOCAL, "lm_eval.tasks=[dfw_test_rolling,dfw_test_generate]")
+    )
     found = {(m.variant, m.metric): m for m in results}
-    assert found[("dfw_test_rolling", "word_perplexity")].value == pytest.approx(_word_perplexity(net), rel=1e-5)
-    assert found[("dfw_test_rolling", "word_perplexity")].headline and found[("dfw_test_generate", "exact_match")].headline
+    assert found[("dfw_test_rolling", "word_perplexity")].value == pytest.approx(
+        _word_perplexity(net), rel=1e-5
+    )
+    assert (
+        found[("dfw_test_rolling", "word_perplexity")].headline
+        and found[("dfw_test_generate", "exact_match")].headline
+    )
     assert 0.0 <= found[("dfw_test_generate", "exact_match")].value <= 1.0
 
 
-def test_generate_until_through_lm_evals_api_answers_with_the_models_greedy_continuations(converted, monkeypatch):
+def test_generate_until_through_lm_evals_api_answers_with_the_models_greedy_continuations(
+    converted, monkeypatch
+):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -82,7 +102,9 @@ def test_generate_until_through_lm_evals_api_answers_with_the_models_greedy_cont
 
     monkeypatch.chdir(REPO)
     _, net = converted
-    lm = DFWLM(net, tokenizer=gpt2_tokenizer(), batch_size=2)  # two prompts of different lengths: left padding
+    lm = DFWLM(
+        net, tokenizer=gpt2_tokenizer(), batch_size=2
+    )  # two prompts of different lengths: left padding
     output = lm_eval.simple_evaluate(model=lm, tasks=["dfw_test_generate"], bootstrap_iters=0, log_samples=True,
                                      task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))  # fmt: skip
     samples = sorted(output["samples"]["dfw_test_generate"], key=lambda s: s["doc_id"])

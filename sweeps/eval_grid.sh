@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# What a conversion keeps beyond perplexity (docs/evaluation.md), in one command: the softmax teacher that can
+# copy and recall (experiment=recall_teacher: pretrained once, then cached like the demo's teacher), every
+# attention preset converted from it with the small grid's recipe (experiment=eval_grid) and DFW at state size
+# m = 8, 16, 32, 64 (experiment=eval_state_size), each evaluated after training by dfw.eval (ppl overall and by
+# position, copy at each L, recall at each number of pairs), the teacher by `python -m dfw.eval`; then one
+# report (report/report.md and its plots) under the output folder.
+#   sweeps/eval_grid.sh [extra Hydra overrides for the training runs, e.g. trainer.max_steps=200]
+# OUT=<folder> to choose the output folder; PY=<python> the interpreter. About 45 minutes on 2 idle CPU cores
+# (the teacher 3, the 7 presets 10, DFW's 4 state sizes 17, the 12 evaluations 12 minutes, not measured end to
+# end yet).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
+OUT=${OUT:-outputs/multirun/eval_grid_$(date +%Y-%m-%d_%H-%M-%S)}
+TASKS="tasks=[ppl,copy,recall]"
+
+TEACHER=$($PY -m dfw.demo --teacher-only teacher.experiment=recall_teacher | tail -n 1)
+echo "teacher: $TEACHER"
+$PY -m dfw.eval model="$TEACHER" "$TASKS" out_dir="$OUT/teacher/eval" progress=false
+for EXPERIMENT in eval_grid eval_state_size; do
+    $PY -m dfw.train -m experiment=$EXPERIMENT model.pretrained="$TEACHER" model.tokenizer="$TEACHER" \
+        hydra.sweep.dir="$OUT/$EXPERIMENT" "$@" || echo "some runs of $EXPERIMENT failed: the report lists them"
+done
+$PY -m dfw.report "$OUT"
