@@ -9,7 +9,7 @@ OUT        ?= outputs/gpu-check/$(shell date +%Y-%m-%d_%H-%M-%S)
 WHEELHOUSE ?= wheelhouse
 PYTHON_VERSION ?= 3.12
 
-.PHONY: install demo test lint gpu-check wheelhouse clean
+.PHONY: install demo test lint gpu-check gpu-check-dry-run wheelhouse clean
 
 install: $(VENV)/.installed
 
@@ -30,13 +30,20 @@ demo: install
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadgroup
 
-# On a machine with an NVIDIA GPU (see the README, "GPU machine without internet"): builds the kernel,
-# runs the kernel tests, every benchmark and the demo, writes tables and summary.json to OUT. It uses
-# an interpreter that already has a CUDA build of torch and never installs torch: PY=... if given
-# (`make gpu-check PY=python3`), else .venv if its torch has CUDA, else .venv-gpu made with
-# --system-site-packages over python3. Missing dependencies come from WHEELHOUSE, offline.
+# On a machine with an NVIDIA GPU (docs/gpu-check.md): the GPU check as two commands of under 540 s each,
+# `make gpu-check PART=1 OUT=...` (build, AOT report, kernel tests, kernel benchmark) and `PART=2`
+# (decode and training benchmarks, the demo), or stages by name (`STAGES="build train"`). OUT receives
+# summary.json, results.md and details.tar.gz, rewritten after every stage. Interpreter: PY=... if
+# given, else python3 (or .venv) where its torch has CUDA; what it lacks comes from WHEELHOUSE, offline.
+PART ?= all
 gpu-check:
-	$(if $(filter command line,$(origin PY)),PY=$(PY)) WHEELHOUSE=$(WHEELHOUSE) kernels/gpu_check.sh $(OUT)
+	$(if $(filter command line,$(origin PY)),PY=$(PY)) PART=$(PART) $(if $(STAGES),STAGES="$(STAGES)") \
+		WHEELHOUSE=$(WHEELHOUSE) kernels/gpu_check.sh $(OUT)
+
+# The same on this machine, without a GPU: every stage's CPU stand-in (what CI runs, tests/kernels/test_gpu_check.py).
+gpu-check-dry-run: install
+	DRY_RUN=1 PY=$(PY) PART=$(PART) $(if $(STAGES),STAGES="$(STAGES)") WHEELHOUSE=$(WHEELHOUSE) \
+		kernels/gpu_check.sh $(OUT)
 
 # On a connected machine: the wheels gpu-check installs offline, for the GPU machine's Python
 # (PYTHON_VERSION, default 3.12), and the embedded corpus, into WHEELHOUSE (ignored by git).

@@ -1,256 +1,315 @@
-"""Generation at constant cost per token: a `transformers` Cache that holds each layer's recurrent state.
+"""Generation at constant cost per token: a `transformers` Cache that holds each converted layer's state,
+and the decode step of a converted model, eager or captured in a CUDA graph.
 
-    cache = RecurrentCache(model)
-    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=100)
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=100)  # a DFWForCausalLM (an export)
+    out = model.generate(input_ids, cache=RecurrentCache(model), max_new_tokens=100)  # any converted GPT-2
 
-A converted layer (`dfw.attention.ConvertedAttention`) hands its q, k, v to `run_attention_layer`,
-which runs the core's parallel form on a prompt (several tokens: the chunkwise op, with the state
-left by earlier calls) and its recurrent form on a single new token, and keeps the state it returns.
-A core that has a decode step, `core.step(q, k, v, x, state) -> o` updating `state` in place (the
-kernel's `dfw_kernels.decay_fast_weights_step`), is decoded with it instead of `core.recurrent`.
-For the fast-weight family that state is [B, H, m, D] per layer whatever the context; for softmax
-it is the KV cache, which grows (softmax works here too, for comparison, but not with padding).
+`DFWForCausalLM.generate` (what exports load as, `dfw.hf`) supplies a `RecurrentCache` itself; a
+GPT2LMHeadModel converted in place (`dfw.surgery`) needs one passed. The cache is a plain container:
+one entry per block, a `RecurrentLayer` (`dfw.attention.state`) for a converted layer, whose state its
+core allocates and lays out, and transformers' `DynamicLayer` (keys and values) for a layer that keeps
+softmax. Which form runs is the layer's decision (`dfw.attention.ConvertedAttention`): the core's
+parallel form for a prompt, continued from the cached state, and its decode step for one new token,
+which updates the state in place, so every state tensor keeps its address for the whole sequence.
 
-Padding: left padding (`tokenizer.padding_side = "left"`), as `generate` expects for decoder-only
-models. Pad tokens must leave the state as it was; a core's parallel form has no mask, so a padded
-prompt is prefilled in groups of rows with the same number of leading pads, each group on its
-unpadded tokens only (one core call per distinct prompt length; no padding, one call). The padding is
-read from the mask transformers builds from the 2D `attention_mask` (generate's, or one passed to
-the forward call), so nothing has to be stashed on the cache first. Positions come from
-`position_ids`, which generate derives from the same mask (each row's first real token is position 0);
-a manual forward call with padding must pass them too.
+Padding: any pattern (`generate` left-pads decoder-only batches). A converted layer reads which tokens
+are pads from the mask transformers builds from the 2D `attention_mask`, and its core makes a pad leave
+the state as it was, so a padded row generates what it generates alone; softmax layers mask pads as
+transformers does. Positions come from `position_ids`, which generate derives from the same mask (each
+row's first real token is position 0); a manual forward call with left padding must pass them too.
 
-Every state tensor has the batch as its first dimension (beam search reorders it). A state that keeps
-its shape is updated in place (`copy_`), so its address is fixed and a decode step can be captured in
-a CUDA graph (`dfw.bench.decode`).
+The decode step of a model whose every layer is converted (fixed-size states: static shapes) has a lean
+form, `decode_step` (embeddings, blocks and head, without transformers' per-call preamble), which
+`DFWForCausalLM.forward` runs for a plain one-token call (`decode_call_unsupported` says when not), and
+which `DecodeGraphs` captures in a CUDA graph once per batch size and replays, on a GPU. See
+docs/generation.md.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
-from transformers import Cache, PreTrainedModel
-from transformers.cache_utils import CacheLayerMixin
+from torch import Tensor, nn
+from transformers import Cache, GPT2LMHeadModel
+from transformers.cache_utils import DynamicLayer
 
-from .attention.base import AttentionCore, State
+from .attention.base import ConvertedAttention
+from .attention.state import RecurrentLayer, state_tensors
 
+__all__ = [
+    "CUDAGraphCapture",
+    "DecodeGraphs",
+    "GraphCapture",
+    "RecurrentCache",
+    "RecurrentLayer",
+    "cache_bytes",
+    "decode",
+    "decode_call_unsupported",
+    "decode_step",
+]
 
-class RecurrentLayer(CacheLayerMixin):
-    """One layer's entry: the core's state for every row and how many positions it has seen (pads included)."""
-
-    is_sliding = False
-    supports_early_init = False  # there is no key/value tensor to allocate ahead
-
-    def __init__(self):
-        super().__init__()
-        self.state: State = None
-        self.seen_tokens = 0
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        raise TypeError("a RecurrentLayer holds a recurrent state, not keys and values")
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        raise TypeError(
-            "RecurrentCache is for dfw's converted attention; an unconverted GPT-2 layer tried to store keys "
-            "and values in it (use transformers' DynamicCache for a Hugging Face model)"
-        )
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0  # (kv_length, kv_offset), as DynamicLayer
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1  # no limit from the cache (GPT-2's learned positions are the limit)
-
-    def reset(self) -> None:
-        self.state, self.seen_tokens = None, 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError(
-                "a recurrent state cannot forget its last tokens; RecurrentCache cannot be cropped"
-            )
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.state = _map_tensors(self.state, lambda s: s.index_select(0, beam_idx.to(s.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.state = _map_tensors(self.state, lambda s: s.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self.state = _map_tensors(self.state, lambda s: s[indices])
-
-    def offload(self) -> None:
-        self.state = _map_tensors(self.state, lambda s: s.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:  # offloading is not supported: states are small and stay where they are
-        pass
-
-    @property
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+log = logging.getLogger(__name__)
 
 
 class RecurrentCache(Cache):
-    """The recurrent states of a converted GPT-2, one `RecurrentLayer` per block.
+    """The generation cache of a converted GPT-2: per block, the converted layer's state (`RecurrentLayer`),
+    or transformers' KV cache entry (`DynamicLayer`) for a layer that keeps softmax.
 
     Args:
-        model: the converted model (its `config.n_layer` sets the number of layers), or that number.
+        model: the model (its blocks say which layers are converted), or a number of layers (all converted).
+        cuda_graph: capture the decode step in a CUDA graph and replay it (`DecodeGraphs`) when the model runs
+            on a GPU and every layer is converted; False: always the eager decode step.
     """
 
-    def __init__(self, model: PreTrainedModel | int):
-        num_layers = model if isinstance(model, int) else model.config.n_layer
-        super().__init__(layers=[RecurrentLayer() for _ in range(num_layers)])
-
-    def run_attention_layer(
-        self,
-        layer_idx: int,
-        core: AttentionCore,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        x: Tensor,
-        attention_mask: Any,
-    ) -> Tensor:
-        """Called by ConvertedAttention: q, k, v [B, T, H, D], x [B, T, C] -> o [B, T, H, D]; keeps the state."""
-        layer = cast(RecurrentLayer, self.layers[layer_idx])
-        T = q.shape[1]
-        padding = _left_padding(attention_mask, q.shape[0], T) if T > 1 else None
-        if padding is not None:
-            o, state = _prefill_left_padded(core, q, k, v, x, layer.state, padding)
-        elif T == 1 and isinstance(layer.state, Tensor) and hasattr(core, "step"):
-            # decode: one token with the core's step (the kernel's), the state updated in place
-            o, state = core.step(q, k, v, x, layer.state), layer.state  # type: ignore[operator]  # (no declared step yet)
-        elif T == 1:
-            o, state = core.recurrent(q, k, v, x, layer.state)  # decode: one token, PyTorch recurrent form
+    def __init__(self, model: GPT2LMHeadModel | int, cuda_graph: bool = True):
+        if isinstance(model, int):
+            layers: list[Any] = [RecurrentLayer() for _ in range(model)]
         else:
-            o, state = core(q, k, v, x, layer.state, output_state=True)  # prefill: parallel form
-        layer.state = _keep_address(layer.state, state)
-        layer.seen_tokens += T
-        return o
+            layers = [
+                RecurrentLayer() if isinstance(block.attn, ConvertedAttention) else DynamicLayer()
+                for block in model.transformer.h
+            ]
+        super().__init__(layers=layers)
+        self.graphs: DecodeGraphs | None = DecodeGraphs() if cuda_graph else None
+
+    @property
+    def fully_recurrent(self) -> bool:
+        """Every layer keeps a fixed-size state (no KV cache that grows): the decode step is static."""
+        return all(isinstance(layer, RecurrentLayer) for layer in self.layers)
+
+    def recurrent_layers(self) -> list[RecurrentLayer]:
+        """Every layer's entry, of a cache whose every layer is converted (`fully_recurrent`)."""
+        layers = [layer for layer in self.layers if isinstance(layer, RecurrentLayer)]
+        if len(layers) != len(self.layers):
+            raise TypeError("a layer of this cache keeps softmax's KV cache, not a fixed-size state")
+        return layers
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor of every converted layer's state (what a captured decode step reads and writes)."""
+        return [
+            t
+            for layer in self.layers
+            if isinstance(layer, RecurrentLayer)
+            for t in state_tensors(layer.state)
+        ]
 
     def state_bytes(self) -> int:
-        """Bytes held by the states of all layers and rows (what generation keeps between tokens)."""
-        return sum(cast(RecurrentLayer, layer).state_bytes for layer in self.layers)
+        """Bytes held by the states (and KV caches) of all layers and rows: what generation keeps."""
+        return sum(_layer_bytes(layer) for layer in self.layers)
+
+
+def _layer_bytes(layer: Any) -> int:
+    if isinstance(layer, RecurrentLayer):
+        return layer.state_bytes
+    tensors = [t for t in (layer.keys, layer.values) if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def cache_bytes(cache: Cache | None) -> int:
-    """Bytes a generation cache holds: a RecurrentCache's states, or a transformers KV cache's keys and values."""
+    """Bytes a generation cache holds: a RecurrentCache's states, or a KV cache's keys and values."""
     if cache is None:
         return 0
     if isinstance(cache, RecurrentCache):
         return cache.state_bytes()
-    tensors = [
-        t
-        for layer in getattr(cache, "layers", [])
-        for t in (layer.keys, layer.values)
-        if isinstance(t, Tensor)
-    ]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(_layer_bytes(layer) for layer in getattr(cache, "layers", []))
 
 
-def _left_padding(attention_mask: Any, batch_size: int, T: int) -> Tensor | None:
-    """Which of the T new tokens are pads, [B, T] bool, or None when there are none.
+# --- The decode step ---------------------------------------------------------------------------------------
 
-    transformers turns the 2D mask into a 4D one [B, 1, T, kv] (bool for SDPA, additive float for eager)
-    or drops it when nothing is padded; the last query sees every real key before it, so its row,
-    restricted to the T new keys, is the padding of this call.
+# Inputs of GPT2LMHeadModel.forward the lean decode step ignores, and the values for which that is exact.
+_IGNORABLE = {
+    "use_cache": (True, None),
+    "return_dict": (True, None),
+    "output_attentions": (False, None),
+    "output_hidden_states": (False, None),
+    "logits_to_keep": (0, 1),
+}
+
+
+def decode_call_unsupported(
+    model: nn.Module, cache: Any, input_ids: Tensor | None, attention_mask: Tensor | None, **inputs: Any
+) -> str | None:
+    """Why a forward call is not a plain decode step of a fully converted model (None: it is one).
+
+    A plain decode step: one new token per row, after a prompt, with a RecurrentCache whose every layer is
+    converted, in inference (eval mode, no gradients), the new token real in every row, and no other input
+    than those `generate` passes. Anything else takes the model's full forward, which handles every case.
     """
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, Tensor) or attention_mask.ndim not in (2, 4):
-        raise NotImplementedError(
-            f"RecurrentCache reads padding from a 2D or 4D tensor mask, got {type(attention_mask).__name__}; "
-            "use attn_implementation='sdpa' or 'eager'"
-        )
-    last_row = (
-        attention_mask[:, -T:] if attention_mask.ndim == 2 else attention_mask[:, 0, -1, -T:]
-    )  # (B|1, T)
-    real = last_row.bool() if attention_mask.ndim == 2 or last_row.dtype == torch.bool else last_row == 0
-    padding = ~real.expand(batch_size, T)  # (B, T)
-    if not padding.any():
-        return None
-    leading = padding.sum(dim=1)  # (B,) pads per row
-    if not torch.equal(padding, torch.arange(T, device=padding.device) < leading[:, None]):
-        raise ValueError(
-            "RecurrentCache supports left padding only (pads before each row's tokens); "
-            "set tokenizer.padding_side = 'left'"
-        )
-    return padding
+    if not isinstance(cache, RecurrentCache):
+        return "no RecurrentCache"
+    if not cache.fully_recurrent:
+        return "a layer keeps softmax attention (its KV cache grows)"
+    if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] != 1:
+        return "not one new token per row"
+    if cache.get_seq_length() == 0:
+        return "no prompt seen yet (the first call allocates the states)"
+    if model.training or torch.is_grad_enabled():
+        return "training mode or gradients enabled"
+    for name, value in inputs.items():
+        if value is None or (
+            name in _IGNORABLE and not isinstance(value, Tensor) and value in _IGNORABLE[name]
+        ):
+            continue
+        return f"input {name} is given"
+    if attention_mask is not None:
+        if attention_mask.ndim != 2:
+            return "a 4D attention mask"
+        if not bool(attention_mask[:, -1].all()):  # one host sync, as generate's own stopping check
+            return "the new token is padding in some row"
+    return None
 
 
-def _prefill_left_padded(
-    core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: State, padding: Tensor
-) -> tuple[Tensor, State]:
-    """The parallel form on each row's real tokens only, rows grouped by their number of leading pads.
+def decode_step(
+    model: GPT2LMHeadModel, input_ids: Tensor, position_ids: Tensor, cache: RecurrentCache
+) -> Tensor:
+    """One new token per row through a fully converted GPT2LMHeadModel: logits [B, 1, V].
 
-    Pad positions get output 0 (their logits are never used) and leave the state as it was.
+    What `GPT2LMHeadModel.forward(input_ids, position_ids=..., cache=cache)` computes (tested equal), without
+    its per-call preamble: no causal mask is built (a converted layer reads only the new token's own padding,
+    which `decode_call_unsupported` checked is none), no output dataclass, no logits slicing. No host sync, so
+    `DecodeGraphs` can capture it.
     """
-    if state is not None and not isinstance(state, Tensor):
-        raise NotImplementedError(
-            f"{type(core).__name__} keeps a {type(state).__name__} state, not one tensor; it cannot skip pad "
-            "tokens (softmax attention has no padded generation here: generate with the Hugging Face model)"
-        )
-    B, T = padding.shape
-    leading = padding.sum(dim=1)  # (B,)
-    o = q.new_zeros(q.shape[:3] + (v.shape[-1],))  # (B, T, H, D)
-    new_state = state
-    for pads in leading.unique().tolist():
-        if pads == T:
-            continue  # rows that are all padding in this call: nothing to add
-        rows = (leading == pads).nonzero().squeeze(1)  # (B_g,)
-        row_state = None if state is None else state[rows]
-        o_g, state_g = core(
-            q[rows, pads:], k[rows, pads:], v[rows, pads:], x[rows, pads:], row_state, output_state=True
-        )
-        if not isinstance(state_g, Tensor):
-            raise NotImplementedError(
-                f"{type(core).__name__} keeps a {type(state_g).__name__} state, not one tensor; it cannot skip pad "
-                "tokens (softmax attention has no padded generation here: generate with the Hugging Face model)"
+    transformer = model.transformer
+    hidden = transformer.drop(transformer.wte(input_ids) + transformer.wpe(position_ids))  # (B, 1, C)
+    for block in transformer.h:
+        hidden = block(hidden, cache, None, use_cache=True, position_ids=position_ids)  # (B, 1, C)
+    return model.lm_head(transformer.ln_f(hidden))  # (B, 1, V)
+
+
+def decode(
+    model: GPT2LMHeadModel, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor | None
+) -> Tensor:
+    """The decode step for a call `decode_call_unsupported` accepted: replayed from a CUDA graph when the
+    cache has graphs and the device allows (`DecodeGraphs`), else eager. Returns logits [B, 1, V]."""
+    B = input_ids.shape[0]
+    if position_ids is None:  # as GPT2Model: positions continue from what the cache has seen
+        position_ids = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=input_ids.device)
+    position_ids = position_ids.expand(B, 1)  # (B, 1)
+    if cache.graphs is not None and cache.graphs.available(input_ids.device):
+        return cache.graphs.run(model, cache, input_ids, position_ids)
+    return decode_step(model, input_ids, position_ids, cache)
+
+
+class GraphCapture(Protocol):
+    """How a decode step is captured and replayed: CUDA graphs (`CUDAGraphCapture`); the tests substitute an
+    eager stand-in, so that the bookkeeping around it runs on a CPU."""
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why steps on `device` cannot be captured, or None."""
+        ...
+
+    def capture(self, step: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
+        """Record `step` (it reads and writes fixed tensors); returns (replay, the tensor a replay writes)."""
+        ...
+
+
+class CUDAGraphCapture:
+    """`torch.cuda.CUDAGraph`: warm-up runs on a side stream (lazy initialisation, the allocator), then one
+    captured run. All graphs share one memory pool."""
+
+    def __init__(self, warmups: int = 2):
+        self.warmups = warmups
+        self.pool: Any = None
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None if device.type == "cuda" else f"the model runs on {device.type}, not CUDA"
+
+    def capture(self, step: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmups):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = step()
+        return graph.replay, output
+
+
+@dataclass
+class CapturedStep:
+    """One batch size's captured decode step: the static inputs it reads and the logits it writes."""
+
+    replay: Callable[[], None]
+    input_ids: Tensor  # (B, 1), copied in before each replay
+    position_ids: Tensor  # (B, 1)
+    logits: Tensor  # (B, 1, V), written by each replay
+    addresses: tuple[int, ...]  # every state tensor's address at capture: the graph reads and writes those
+
+
+class DecodeGraphs:
+    """The decode step of a fully converted model, captured once per batch size and replayed (mamba's
+    `capture_graph` / `update_graph_cache`, here behind `model.generate`).
+
+    A replay runs only the recorded kernels: the inputs are copied into the step's static buffers, the states
+    are read and written where they were at capture (the decode step keeps their addresses; beam search
+    reorders them in place), and the Python bookkeeping that the replay skips, each layer's count of seen
+    tokens, is done here. A step is captured again when its batch size is new or a state was reallocated
+    (`batch_select_indices`); the warm-up and capture runs change the states, which are restored after.
+    If capture fails, decoding goes on eagerly, and `fallback_reason` says why.
+    """
+
+    def __init__(self, capture: GraphCapture | None = None):
+        self.capture: GraphCapture = capture if capture is not None else CUDAGraphCapture()
+        self.steps: dict[int, CapturedStep] = {}  # by batch size
+        self.captures = 0  # how many steps were captured (a new batch size, or reallocated states)
+        self.replays = 0
+        self.fallback_reason: str | None = None
+
+    def available(self, device: torch.device) -> bool:
+        if self.fallback_reason is None:
+            self.fallback_reason = self.capture.unavailable_reason(device)
+        return self.fallback_reason is None
+
+    def run(
+        self, model: GPT2LMHeadModel, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor
+    ) -> Tensor:
+        B = input_ids.shape[0]
+        step = self.steps.get(B)
+        if step is None or step.addresses != _addresses(cache):
+            try:
+                step = self.steps[B] = self._capture(model, cache, input_ids, position_ids)
+            except Exception as error:  # e.g. an op that cannot be captured: decode eagerly from now on
+                self.fallback_reason = (
+                    f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+                )
+                log.warning("dfw.cache: CUDA graph %s; decoding eagerly", self.fallback_reason)
+                return decode_step(model, input_ids, position_ids, cache)
+        step.input_ids.copy_(input_ids)
+        step.position_ids.copy_(position_ids)
+        layers = cache.recurrent_layers()
+        seen = [layer.seen_tokens for layer in layers]
+        step.replay()
+        for layer, count in zip(layers, seen, strict=True):
+            layer.seen_tokens = count + 1  # what each layer's Python would have counted
+        self.replays += 1
+        return step.logits.clone()  # the next replay overwrites the buffer
+
+    def _capture(
+        self, model: GPT2LMHeadModel, cache: RecurrentCache, input_ids: Tensor, position_ids: Tensor
+    ) -> CapturedStep:
+        static_ids, static_positions = input_ids.clone(), position_ids.clone()  # (B, 1) each
+        states, layers = cache.state_tensors(), cache.recurrent_layers()
+        saved, seen = [t.clone() for t in states], [layer.seen_tokens for layer in layers]
+        try:
+            replay, logits = self.capture.capture(
+                lambda: decode_step(model, static_ids, static_positions, cache)
             )
-        o[rows, pads:] = o_g
-        if new_state is None:
-            new_state = state_g.new_zeros((B,) + state_g.shape[1:])  # rows not reached yet: the zero state
-        elif new_state is state:
-            new_state = state.clone()
-        new_state[rows] = state_g
-    return o, new_state
+        finally:  # the warm-up and captured runs advanced the states: put them back
+            for tensor, before in zip(states, saved, strict=True):
+                tensor.copy_(before)
+            for layer, count in zip(layers, seen, strict=True):
+                layer.seen_tokens = count
+        self.captures += 1
+        return CapturedStep(replay, static_ids, static_positions, logits, _addresses(cache))
 
 
-def _keep_address(old: State, new: State) -> State:
-    """Write `new` into `old` when both are tensors of the same shape (fixed addresses for CUDA graphs)."""
-    if (
-        isinstance(old, Tensor)
-        and isinstance(new, Tensor)
-        and old.shape == new.shape
-        and old.dtype == new.dtype
-    ):
-        if new is not old:
-            old.copy_(new)
-        return old
-    return new
-
-
-def _tensors(state: Any) -> list[Tensor]:  # a State, or any nesting of tuples, lists and dicts of tensors
-    if isinstance(state, Tensor):
-        return [state]
-    if isinstance(state, (tuple, list)):
-        return [t for s in state for t in _tensors(s)]
-    if isinstance(state, dict):
-        return [t for s in state.values() for t in _tensors(s)]
-    return []
-
-
-def _map_tensors(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(state, Tensor):
-        return fn(state)
-    if isinstance(state, (tuple, list)):
-        return type(state)(_map_tensors(s, fn) for s in state)
-    if isinstance(state, dict):
-        return {key: _map_tensors(s, fn) for key, s in state.items()}
-    return state
+def _addresses(cache: RecurrentCache) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in cache.state_tensors())

@@ -256,7 +256,8 @@ class LatestCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.interrupted is None:
+        stops = isinstance(exception, SIGTERMException) and signal.SIGTERM in self.stop_signals
+        if stops and trainer.state.fn == "fit" and self.interrupted is None:
             # Lightning stops a validation that a SIGTERM interrupts (the training step before it is complete):
             # the state is written there, and a resume goes back to finish the validation (Lightning's restart).
             try:

@@ -35,6 +35,9 @@ from .train import train
 log = logging.getLogger("dfw.demo")
 # What decides the teacher's weights; everything else (logging, paths) may change without retraining.
 TEACHER_KEYS = ("model", "attention", "data", "module", "trainer", "seed")
+# How dfw trains a softmax teacher, beyond its config: raised when that changes, so no cached teacher trained
+# the old way is reused. 2: attention=softmax is GPT-2's own attention (attention dropout in training).
+TEACHER_VERSION = 2
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -48,6 +51,7 @@ def _teacher_key(cfg: DictConfig) -> str:
         fields["trainer"].pop(volatile, None)
     fields["data"].pop("cache_dir", None)
     fields["data"].pop("num_workers", None)
+    fields["teacher_version"] = TEACHER_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -70,18 +70,28 @@ def in_multirun() -> bool:
 
 
 def check_config_choices(config_dir: Path, arguments: Sequence[str]) -> None:
-    """Every `group=option` of a command line names a file `<config_dir>/<group>/<option>.yaml`; else one
-    `error:` line and exit code 2, before Hydra (whose message for it is many lines, with exit code 1).
-    Hydra's own groups (hydra/...) and anything that is not a plain choice are left to Hydra."""
+    """Every `group=option` of a command line names a file `<group>/<option>.yaml` in `config_dir` or in a
+    `--config-dir` (`-cd`) the command line adds; else one `error:` line and exit code 2, before Hydra (whose
+    message for it is many lines, with exit code 1). Hydra's own groups (hydra/...), anything that is not a
+    plain choice, and command lines that replace the config path or the search path are left to Hydra."""
+    arguments = list(arguments)
+    folders = [Path(config_dir)]
+    for i, argument in enumerate(arguments):
+        if argument.startswith(("--config-path", "-cp", "hydra.searchpath", "+hydra.searchpath")):
+            return
+        if argument in ("--config-dir", "-cd") and i + 1 < len(arguments):
+            folders.append(Path(arguments[i + 1]).expanduser())
+        elif argument.startswith("--config-dir="):
+            folders.append(Path(argument.partition("=")[2]).expanduser())
     for argument in arguments:
         if argument.startswith(("-", "~")) or "=" not in argument:
             continue
         key, _, value = argument.partition("=")
         key = key.lstrip("+")
-        group = config_dir / key
-        if key.startswith("hydra") or not key or not group.is_dir() or any(c in value for c in "()[]{}$*?'\""):
+        groups = [folder / key for folder in folders if (folder / key).is_dir()]
+        if key.startswith("hydra") or not key or not groups or any(c in value for c in "()[]{}$*?'\""):
             continue
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+        options = sorted({p.stem for group in groups for p in group.glob("*.yaml")})
         for option in value.split(","):  # a multirun sweeps a comma-separated list
             if option not in ("null", "") and option not in options:
                 print(f"error: {key}={option} is not an option of {key}; use one of {', '.join(options)} (conf/{key}/)", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Loads the model (see `load_for_generation`), streams the continuation to the terminal, and reports
 tokens per second and the memory the cache holds at the end: a converted model decodes with
-`dfw.cache.RecurrentCache` (a fixed-size state per layer), a softmax model with transformers' KV cache.
+`dfw.cache.RecurrentCache` (a fixed-size state per layer; on a GPU its decode step is replayed from a
+CUDA graph, `cuda_graph=true`), a softmax model with transformers' KV cache.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
     """The model and tokenizer that `source` names: an export, a `.ckpt`, a Hugging Face directory or hub id
-    (`dfw.loading.load_model`; a softmax model is a plain `GPT2LMHeadModel` with transformers' KV cache)."""
+    (`dfw.loading.load_model`; a softmax model is a plain `GPT2LMHeadModel` with transformers' KV cache, a
+    converted one a `DFWForCausalLM`, whose generate supplies a RecurrentCache and runs dfw's decode step)."""
     loaded = load_model(source, option="model")
     return loaded.net, loaded.tokenizer
 
@@ -110,6 +112,8 @@ def check_generation_options(cfg: DictConfig) -> None:
         raise ConfigError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {cfg.top_p!r}")
     if not _is_int(cfg.seed):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise ConfigError(f"cuda_graph must be true or false, got {cfg.cuda_graph!r}")
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
@@ -135,7 +139,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             f"{net.config.n_positions} learned positions; lower max_new_tokens"
         )
     converted = is_converted(net)
-    cache = RecurrentCache(net) if converted else DynamicCache(config=net.config)
+    cache = RecurrentCache(net, cuda_graph=cfg.cuda_graph) if converted else DynamicCache(config=net.config)
     sampling = cfg.temperature > 0
     options = (
         dict(do_sample=sampling, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
@@ -164,13 +168,26 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "cache_bytes": cache_bytes(cache),
         "cache": "recurrent state" if converted else "KV cache",
         "positions": output.shape[1],
+        "decode_step": _decode_step_used(cache),
     }
     print(
         f"\n[{new_tokens} new tokens, batch {output.shape[0]}, {device.type} {str(dtype).removeprefix('torch.')}: "
         f"{result['tokens_per_second']:.1f} tokens/s decoding; {result['cache']}: "
-        f"{result['cache_bytes'] / 2**20:.2f} MiB after {result['positions']} positions]"
+        f"{result['cache_bytes'] / 2**20:.2f} MiB after {result['positions']} positions; "
+        f"decode step: {result['decode_step']}]"
     )
     return result
+
+
+def _decode_step_used(cache: Any) -> str:
+    """How decode steps ran: transformers' forward (softmax), dfw's eager step, or a CUDA graph's replays."""
+    if not isinstance(cache, RecurrentCache):
+        return "transformers"
+    graphs = cache.graphs
+    if graphs is None or graphs.replays == 0:
+        reason = "cuda_graph=false" if graphs is None else graphs.fallback_reason
+        return f"eager ({reason})" if reason else "eager"
+    return f"CUDA graph ({graphs.captures} captured, {graphs.replays} replays)"
 
 
 # `model` is a config group in conf/ (for training, model=gpt2 picks conf/model/gpt2.yaml), so Hydra would

@@ -11,6 +11,10 @@ with (`attention`), which weights it holds (`exported_weights`: final or best, `
 Without dfw, transformers refuses the unknown model type `dfw-gpt2` (rather than loading a softmax
 GPT-2 that silently drops the converted attention). The stored attention config is checked against
 dfw's own attention classes before anything is built from it (`dfw.safe_config`).
+
+A DFWForCausalLM generates the way transformers' tools call it (`pipeline("text-generation")`,
+lm-eval, `model.generate(ids)`): `generate` without a cache gets a `dfw.cache.RecurrentCache`, and a
+decode step runs dfw's lean step (`dfw.cache.decode`), replayed from a CUDA graph on a GPU.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
+from .cache import RecurrentCache, decode, decode_call_unsupported
 from .surgery import convert_attention, core_factory
 
 MODEL_TYPE = "dfw-gpt2"
@@ -62,6 +69,62 @@ class DFWForCausalLM(GPT2LMHeadModel):
         # config.attention comes from a file (config.json), so it is checked as untrusted input.
         source = f"{config._name_or_path}/config.json" if config._name_or_path else "DFWConfig"
         convert_attention(self, core_factory(config.attention, source=source))
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> None:
+        """`generate` without a cache gets a RecurrentCache (transformers would make a DynamicCache, which
+        holds none of a converted layer's state), as fla's and mamba's models supply their own; a cache
+        passed in, or use_cache=False, is left to transformers."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+            return
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r}: a converted model decodes "
+                "with its own RecurrentCache (fixed-size states, not keys and values); leave it unset"
+            )
+        model_kwargs["cache"] = RecurrentCache(self)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """`GPT2LMHeadModel.forward`, except for a plain decode step (one new token with a RecurrentCache of a
+        model whose every layer is converted, in inference: `dfw.cache.decode_call_unsupported`), which runs
+        dfw's lean decode step, replayed from a CUDA graph on a GPU (`dfw.cache.decode`)."""
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        inputs = dict(
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        if decode_call_unsupported(self, cache, input_ids, attention_mask, **inputs) is None:
+            logits = decode(self, cache, input_ids, position_ids)  # (B, 1, V)
+            return CausalLMOutputWithCrossAttentions(logits=logits, cache=cache)
+        return super().forward(
+            input_ids=input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **inputs,
+        )
 
 
 def as_dfw_model(net: GPT2LMHeadModel, attention: dict[str, Any], **metadata: Any) -> DFWForCausalLM:

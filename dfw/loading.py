@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from .errors import ConfigError, error_summary
-from .hf import ATTENTION_FILE, MODEL_TYPE, DFWForCausalLM
+from .hf import ATTENTION_FILE, MODEL_TYPE, DFWForCausalLM, as_dfw_model
 from .hub import check_hub_or_cache
 from .safe_config import build_checked, plain
 from .surgery import convert_attention, core_factory
@@ -190,9 +190,11 @@ def _rebuild(
 ) -> GPT2LMHeadModel:
     """The rest of rebuilding a stored model (an old-format export, a checkpoint) once its GPT-2 is built:
     every layer converted to the stored `attention` (checked first; None: softmax), then its weights."""
-    if attention is not None:
-        convert_attention(net, core_factory(attention, source=attention_source))
-    return load_weights(net, read_weights(), weights_source)
+    if attention is None:
+        return load_weights(net, read_weights(), weights_source)
+    convert_attention(net, core_factory(attention, source=attention_source))
+    # as a DFWForCausalLM, as a new export loads: its generate supplies a RecurrentCache (dfw.hf)
+    return as_dfw_model(load_weights(net, read_weights(), weights_source), attention)
 
 
 def load_weights(net: GPT2LMHeadModel, state: dict[str, torch.Tensor], source: str) -> GPT2LMHeadModel:

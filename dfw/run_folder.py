@@ -59,6 +59,15 @@ def _read_info(fd: int) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def secondary_process() -> bool:
+    """Whether this is a process of a multi-process run other than its first (rank 0 of node 0), by the
+    environment variables Lightning reads its rank from (RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK)
+    and NODE_RANK / GROUP_RANK. The first process holds the locks and writes Hydra's files for all of them."""
+    rank = next((os.environ[k] for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK") if k in os.environ), "0")
+    node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+    return int(rank or 0) > 0 or int(node or 0) > 0
+
+
 def acquire(folder: str | Path) -> bool:
     """Take the lock of `folder` (created if missing); False when this process holds it already."""
     folder = Path(folder).expanduser().absolute()
@@ -96,10 +105,11 @@ def release(folder: str | Path) -> None:
 
 @contextmanager
 def locked(folders: Iterable[str | Path]) -> Iterator[None]:
-    """Hold the lock of every folder for the duration; releases the ones it took, however it ends."""
+    """Hold the lock of every folder for the duration; releases the ones it took, however it ends. The
+    other processes of a multi-process run (`secondary_process`) take none: the first holds them."""
     taken: list[Path] = []
     try:
-        for folder in sorted({Path(f).expanduser().absolute() for f in folders}):
+        for folder in [] if secondary_process() else sorted({Path(f).expanduser().absolute() for f in folders}):
             if acquire(folder):
                 taken.append(folder)
         yield
@@ -171,6 +181,8 @@ class RunFolderCallback(Callback):
     each get a folder of their own, locked by `dfw.train`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if secondary_process():  # another rank of a run that the first process has checked and locked
+            return
         run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
         problem = unwritable(run_dir)
         if problem:

@@ -5,6 +5,8 @@ projections `c_attn` and `c_proj` move into `ConvertedAttention` unchanged
 (`transformer.h.<i>.attn.c_attn.weight` stays the key it was). What is new: the parameters of each
 layer's core, under `transformer.h.<i>.attn.core.*`, initialised by the core itself (see
 `dfw.attention`: feature maps at the identity, decay gates with zero weights and uniform biases).
+A layer whose core is softmax (`dfw.attention.SoftmaxAttention`) is not converted: it keeps
+transformers' `GPT2Attention`, so `attention=softmax` is GPT-2 exactly.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .attention import AttentionCore, ConvertedAttention
+from .attention import AttentionCore, ConvertedAttention, SoftmaxAttention
+from .attention.softmax import kv_cache_bytes
 from .errors import instantiate
 from .safe_config import build_checked, check_options
 
@@ -60,7 +64,8 @@ class ParameterCounts:
 
 
 def convert_attention(model: nn.Module, core_factory: CoreFactory) -> ParameterCounts:
-    """Replace `model.transformer.h[i].attn` (GPT2Attention) by ConvertedAttention(core) in place."""
+    """Replace `model.transformer.h[i].attn` (GPT2Attention) by ConvertedAttention(core) in place; a layer
+    whose core is softmax keeps its GPT2Attention (transformers' own attention, dropout and KV cache)."""
     blocks = model.transformer.h
     before = {id(p): p.numel() for p in model.parameters()}
     for i, block in enumerate(blocks):
@@ -75,6 +80,8 @@ def convert_attention(model: nn.Module, core_factory: CoreFactory) -> ParameterC
             layer_idx=i,
             scaling=original.scaling,
         )
+        if isinstance(core, SoftmaxAttention):
+            continue  # softmax is the pretrained attention: nothing to convert
         block.attn = ConvertedAttention(original, core)
         assert tuple(block.attn.c_attn.weight.shape) == c_attn_shape == (original.embed_dim, 3 * original.embed_dim)
     counts = ParameterCounts(
@@ -82,7 +89,9 @@ def convert_attention(model: nn.Module, core_factory: CoreFactory) -> ParameterC
         new=sum(p.numel() for p in model.parameters() if id(p) not in before),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
-    log.info("converted %d layers to %s: %s", len(blocks), type(blocks[0].attn.core).__name__, counts)
+    converted = [block.attn.core for block in blocks if isinstance(block.attn, ConvertedAttention)]
+    kinds = ", ".join(sorted({type(core).__name__ for core in converted})) or "none (softmax kept)"
+    log.info("converted %d of %d layers to %s: %s", len(converted), len(blocks), kinds, counts)
     return counts
 
 
@@ -93,11 +102,18 @@ def model_size_metrics(net: nn.Module, block_size: int) -> dict[str, float]:
     (float32; softmax: its KV cache, which grows with the context; the others: a fixed-size state).
     `model/params_new`: parameters the attention cores add. `model/state_size`: m of a fast-weight core.
     """
-    cores = [block.attn.core for block in net.transformer.h]
+    attns = [block.attn for block in net.transformer.h]
+    cores = [attn.core for attn in attns if isinstance(attn, ConvertedAttention)]
+    state_bytes = sum(
+        attn.core.state_bytes(1, block_size)
+        if isinstance(attn, ConvertedAttention)
+        else kv_cache_bytes(1, attn.num_heads, attn.head_dim, block_size, torch.float32)  # GPT-2's softmax
+        for attn in attns
+    )
     metrics = {
-        "model/state_bytes_per_sequence": float(sum(core.state_bytes(1, block_size) for core in cores)),
+        "model/state_bytes_per_sequence": float(state_bytes),
         "model/params_new": float(sum(p.numel() for core in cores for p in core.parameters())),
     }
-    if hasattr(cores[0], "state_size"):  # fast-weight cores; softmax has no fixed-size state
+    if cores and hasattr(cores[0], "state_size"):  # fast-weight cores; softmax has no fixed-size state
         metrics["model/state_size"] = float(cores[0].state_size)
     return metrics

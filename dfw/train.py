@@ -381,7 +381,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig) -> float | None:
     try:
         metrics = run_or_exit(train, cfg, logger=log)
     except TrainingInterrupted as stop:
@@ -390,10 +390,18 @@ def main(cfg: DictConfig) -> float | None:
         else:
             log.error("%s; resume with ckpt_path=%s", stop, stop.path)
         sys.exit(stop.exit_code)  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (a scheduler sees a stopped job)
+    except Exception:
+        run_folder.write_held_back()  # not bad input but a failure: the run folder keeps its config and log
+        raise
     # Returned for Hydra sweepers that optimise a value.
     return metrics.get("val/ppl")
 
 
-if __name__ == "__main__":
+def main() -> float | None:
+    """`python -m dfw.train` and `dfw-train`: a config group option that does not exist is one line, exit 2."""
     check_config_choices(config_dir(), sys.argv[1:])
+    return _run()
+
+
+if __name__ == "__main__":
     main()

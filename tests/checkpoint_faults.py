@@ -71,3 +71,15 @@ class NaNValidationAtStep(Callback):
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
+
+
+class SignalAtValidation(Callback):
+    """A signal during the validation after `step` (after its first batch, so Lightning stops it there)."""
+
+    def __init__(self, step: int, name: str = "SIGTERM"):
+        self.step, self.signum = step, getattr(signal, name)
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.state.fn == "fit" and trainer.global_step == self.step and not getattr(self, "fired", False):
+            self.fired = True
+            signal.raise_signal(self.signum)

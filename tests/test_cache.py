@@ -1,7 +1,9 @@
-"""RecurrentCache: generation with the recurrent state gives what recomputing the whole sequence gives.
+"""RecurrentCache: generation with the recurrent state gives what recomputing the whole sequence gives, and
+padding (anywhere, with or without a cache) gives what each row gives alone.
 
 Every preset in conf/attention/ is tested (new ones are picked up by name), on a tiny GPT-2 in float64
-whose parameters are all perturbed, so decay gates and feature maps depend on the data.
+whose parameters are all perturbed, so decay gates and feature maps depend on the data. Softmax is GPT-2's
+own attention (not converted), with transformers' KV cache entries inside a RecurrentCache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dfw_kernels.testing import relative_rms_error
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from dfw.attention.state import RecurrentLayer
 from dfw.cache import RecurrentCache, cache_bytes
 from dfw.model import core_factory
 from dfw.surgery import convert_attention
@@ -70,7 +73,7 @@ def test_logits_of_prefill_chunks_and_single_tokens_match_the_full_forward(prese
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("preset", RECURRENT)
+@pytest.mark.parametrize("preset", PRESETS)
 def test_left_padded_batch_matches_each_prompt_alone(preset, attn_implementation):
     if attn_implementation == "eager" and preset != "decay":
         pytest.skip(
@@ -93,20 +96,51 @@ def test_left_padded_batch_matches_each_prompt_alone(preset, attn_implementation
         )
 
 
-def test_right_padding_is_refused():
+def padded(prompts: list[torch.Tensor], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), [B, T] each, the prompts padded on `side` ("middle": pads inside too)."""
+    T = max(len(p) for p in prompts) + (3 if side == "middle" else 0)
+    input_ids = torch.full((len(prompts), T), PAD)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        if side == "left":
+            places = torch.arange(T - n, T)
+        elif side == "right":
+            places = torch.arange(n)
+        else:  # a pad before, two inside, the rest after
+            places = torch.cat([torch.arange(1, 1 + n // 2), torch.arange(3 + n // 2, 3 + n)])
+        input_ids[row, places], mask[row, places] = prompt, 1
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right", "middle"])
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_padded_rows_give_the_logits_of_each_row_alone(preset, use_cache, side):
+    """Pads contribute nothing, wherever they are, with a RecurrentCache or without any cache
+    (use_cache=False, the training and evaluation path): the real tokens' logits equal the row's alone."""
+    net = tiny_model(preset)
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (5, 9, 2)]
+    input_ids, mask = padded(prompts, side)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each row's real tokens at 0, 1, ...: as generate does
+    kwargs = dict(cache=RecurrentCache(net)) if use_cache else dict(use_cache=False)
+    logits = net(input_ids, attention_mask=mask, position_ids=positions, **kwargs).logits  # (B, T, V)
+    for row, prompt in enumerate(prompts):
+        alone = net(prompt[None], use_cache=False).logits[0]  # (n, V)
+        assert relative_rms_error(logits[row, mask[row].bool()], alone) < 1e-9, f"row {row}"
+
+
+def test_a_padded_prompt_leaves_each_rows_state_as_alone():
     net = tiny_model("decay")
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[0, 4:] = 0
-    with pytest.raises(ValueError, match="left padding"):
-        net(torch.randint(1, VOCAB, (2, 6)), attention_mask=mask, cache=RecurrentCache(net))
-
-
-def test_softmax_refuses_padding_instead_of_attending_to_pads():
-    net = tiny_model("softmax")
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[0, :2] = 0
-    with pytest.raises(NotImplementedError, match="cannot skip pad"):
-        net(torch.randint(1, VOCAB, (2, 6)), attention_mask=mask, cache=RecurrentCache(net))
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (3, 7)]
+    input_ids, mask = padded(prompts)
+    cache = RecurrentCache(net)
+    net(input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), cache=cache)
+    for row, prompt in enumerate(prompts):
+        alone = RecurrentCache(net)
+        net(prompt[None], cache=alone)
+        for layer, layer_alone in zip(cache.layers, alone.layers, strict=True):
+            assert relative_rms_error(layer.state[row], layer_alone.state[0]) < 1e-12
 
 
 @pytest.mark.parametrize("preset", RECURRENT)
@@ -130,44 +164,55 @@ def test_state_memory_does_not_grow_with_the_context(preset):
 def test_softmax_state_is_the_kv_cache_and_grows():
     net = tiny_model("softmax", dtype=torch.float32)
     cache = RecurrentCache(net)
+    assert not any(isinstance(layer, RecurrentLayer) for layer in cache.layers)  # transformers' KV entries
     net(torch.randint(1, VOCAB, (1, 8)), cache=cache)
     before = cache.state_bytes()
     net(torch.randint(1, VOCAB, (1, 4)), cache=cache)
     per_token = 2 * 2 * 32 * 4  # keys and values, 2 layers, n_embd 32, float32
-    assert before == 8 * per_token and cache.state_bytes() == 12 * per_token
+    assert before == 8 * per_token and cache.state_bytes() == 12 * per_token == cache_bytes(cache)
 
 
-def test_beam_search_reorders_the_state():
+def test_beam_search_reorders_the_state_in_place():
     net = tiny_model("decay")
     prompt = torch.randint(1, VOCAB, (2, 5))
-    cached = greedy(net, prompt, num_beams=2, cache=RecurrentCache(net))
+    cache = RecurrentCache(net)
+    cached = greedy(net, prompt, num_beams=2, cache=cache)
     recomputed = greedy(net, prompt, num_beams=2, use_cache=False)
     assert torch.equal(cached, recomputed)
+    # The reorder writes the states in place: 4 rows (2 prompts x 2 beams), at the addresses of the prefill.
+    state = cache.layers[0].state
+    addresses = [layer.state.data_ptr() for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([1, 0, 3, 2]))
+    assert [layer.state.data_ptr() for layer in cache.layers] == addresses and state.shape[0] == 4
 
 
-def test_generate_without_a_recurrent_cache_fails_loudly():
-    # transformers would make a DynamicCache, which converted layers never fill: every new token would
-    # see no past. That must be an error, not silently wrong text.
+def test_generate_without_a_recurrent_cache_fails_loudly_on_a_model_converted_in_place():
+    # A GPT2LMHeadModel converted by dfw.surgery: transformers makes a DynamicCache, which converted layers
+    # never fill, so every new token would see no past. That must be an error, not silently wrong text (a
+    # DFWForCausalLM supplies its RecurrentCache: tests/test_generation_tools.py).
     net = tiny_model("decay")
     with pytest.raises(RuntimeError, match="RecurrentCache"):
         greedy(net, torch.randint(1, VOCAB, (1, 5)))
 
 
-def test_a_core_with_a_decode_step_is_decoded_with_it():
-    # `core.step(q, k, v, x, state) -> o`, updating the state in place, is how a core offers a kernel's
-    # decode step (dfw_kernels.decay_fast_weights_step); the cache must prefer it to `recurrent`.
+def test_each_new_token_is_decoded_by_the_cores_step_in_the_cached_state():
+    # `core.step(q, k, v, x, state) -> o`, updating the state in place, is the core's decode step (the
+    # kernel's, dfw_kernels.decay_fast_weights_step); the layer runs it for every generated token, in the
+    # state the core allocated at the prefill. A step of the recurrent form stands in: a wrong state shows.
     net = tiny_model("decay")
     calls = []
     for block in net.transformer.h:
 
-        def step(q, k, v, x, state, core=block.attn.core):
+        def step(q, k, v, x, state, token_mask=None, core=block.attn.core):
             calls.append(state.data_ptr())
-            o, new_state = core.recurrent(q, k, v, x, state)
+            o, new_state = core.recurrent(q, k, v, x, state, token_mask)
             state.copy_(new_state)
             return o
 
         block.attn.core.step = step
     prompt = torch.randint(1, VOCAB, (2, 6))
-    cached = greedy(net, prompt, cache=RecurrentCache(net))
+    cache = RecurrentCache(net)
+    cached = greedy(net, prompt, cache=cache)
     assert len(calls) == 2 * 7  # 2 layers, every generated token after the first (which ends the prefill)
+    assert set(calls) == {layer.state.data_ptr() for layer in cache.layers}
     assert torch.equal(cached, greedy(net, prompt, use_cache=False))

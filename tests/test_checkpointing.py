@@ -149,6 +149,18 @@ def test_sigterm_stops_at_the_step_boundary_exits_143_and_resumes_exactly(tmp_pa
 
 
 @pytest.mark.slow
+def test_sigterm_during_a_validation_writes_the_state_there_and_resumes_exactly(tmp_path, text_files, straight):
+    cfg = _cfg(tmp_path, text_files, "+callbacks.term._target_=tests.checkpoint_faults.SignalAtValidation", "+callbacks.term.step=2")
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(cfg)
+    assert (stop.value.signum, stop.value.step, stop.value.exit_code) == (signal.SIGTERM, 2, 143)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _load(last)["global_step"] == 2 and not list(last.parent.glob("on-exception*"))
+    train(_cfg(tmp_path / "resumed", text_files, f"ckpt_path={last}"))
+    _assert_same_weights(last, straight / "last.ckpt")
+
+
+@pytest.mark.slow
 def test_under_slurm_the_requeue_signal_requeues_the_job_which_resumes_exactly(tmp_path, text_files, straight):
     slurm = _fake_slurm(tmp_path)
     fault = ["+callbacks.usr1._target_=tests.checkpoint_faults.SignalAtStep", "+callbacks.usr1.step=3", "+callbacks.usr1.name=SIGUSR1"]

@@ -54,3 +54,13 @@ def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, text_f
     teacher_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert teacher_dir.parent == tmp_path / "cache" / "teachers"
     assert (teacher_dir / "dfw_attention.yaml").is_file() and (teacher_dir / "tokenizer.json").is_file()
+
+
+def test_a_teacher_trained_the_old_way_is_not_reused(monkeypatch, tmp_path):
+    """The teacher cache key holds TEACHER_VERSION, raised when dfw changes how it trains a softmax teacher
+    beyond its config (2: GPT-2's own attention, with its attention dropout): a new version, a new key."""
+    cfg = demo._compose(["experiment=demo_teacher", f"paths.output_dir={tmp_path / 'teacher'}"])
+    key = demo._teacher_key(cfg)
+    assert demo._teacher_key(cfg) == key  # a function of the config
+    monkeypatch.setattr(demo, "TEACHER_VERSION", demo.TEACHER_VERSION + 1)
+    assert demo._teacher_key(cfg) != key

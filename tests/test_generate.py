@@ -41,7 +41,7 @@ def test_checkpoint_and_export_of_one_run_generate_the_same_text(trained_run, ca
     assert from_checkpoint["texts"][0].startswith(PROMPT) and from_checkpoint["new_tokens"] == 8
     assert from_checkpoint["cache"] == "recurrent state" and from_checkpoint["cache_bytes"] > 0
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "MiB after" in out
+    assert "tokens/s" in out and "MiB after" in out and "decode step: eager" in out
     # Weights as trained: the checkpoint's net equals the exported model.
     net_ckpt, _ = load_for_generation(str(checkpoint))
     net_export, _ = load_for_generation(str(exported))
@@ -116,6 +116,7 @@ def test_a_model_that_is_not_there_is_a_one_line_error(tmp_path):
         ("top_p=-0.5", r"top_p must be in \(0, 1\]"),
         ("+temprature=0.5", "temprature is not an option of dfw.generate; its options are .*temperature"),
         ("seed=x", "seed must be an integer, got 'x'"),
+        ("cuda_graph=maybe", "cuda_graph must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_generation_options_are_one_error_before_loading(tmp_path, override, message):

@@ -32,8 +32,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from dfw_kernels import KERNELS
-from dfw_kernels import cuda as cuda_kernel
+from dfw_kernels import KERNELS, unavailable_reason
+from dfw_kernels.reference import accumulation_dtype
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -86,8 +86,10 @@ class FastWeightAttention(AttentionCore):
         check_choice("attention.update_rule", update_rule, UPDATE_RULES)
         check_choice("attention.normalization", normalization, NORMALIZATIONS)
         check_choice("attention.kernel", kernel, KERNELS)
-        if kernel == "cuda" and (reason := cuda_kernel.unavailable_reason()) is not None:
-            raise ConfigError(f"attention.kernel=cuda cannot run here: {reason}; use attention.kernel=auto or torch")
+        if (reason := unavailable_reason(kernel)) is not None:  # cuda or triton that cannot run here
+            raise ConfigError(
+                f"attention.kernel={kernel} cannot run here: {reason}; use attention.kernel=auto or torch"
+            )
         _check_rule_options(rule_options)
         if state_size is not None and (not isinstance(state_size, int) or state_size <= 0):
             raise ConfigError(f"attention.state_size must be a positive integer or null, got {state_size!r}")
@@ -131,12 +133,18 @@ class FastWeightAttention(AttentionCore):
         phi_q, phi_k = self.normalizer.features(phi_q, phi_k)
         return phi_q * self.read_scale, phi_k
 
-    def _prepare(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> TokenInputs:
-        """Token-wise inputs of the recurrence: features, values and the rule's gates, all [B, T, H, *]."""
+    def _prepare(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, token_mask: Tensor | None = None
+    ) -> TokenInputs:
+        """Token-wise inputs of the recurrence: features, values and the rule's gates, all [B, T, H, *];
+        pads (token_mask False) made into tokens that leave the state as it was (`UpdateRule.skip_pads`)."""
         phi_q, phi_k = self._features(q, k)
         gates = {name: getattr(self, name) for name in self.gate_names}
         inputs = self.rule.token_inputs(gates, x, TokenInputs(phi_q, phi_k, v))
-        return self.normalizer.token_inputs(inputs)
+        inputs = self.normalizer.token_inputs(inputs)
+        if token_mask is not None:
+            inputs = self.rule.skip_pads(inputs, token_mask)
+        return inputs
 
     def _finish(self, o: Tensor) -> Tensor:
         o = self.normalizer.output(o)  # (B, T, H, D)
@@ -144,20 +152,48 @@ class FastWeightAttention(AttentionCore):
             o = self.output_norm(o)
         return o
 
-    def forward(self, q, k, v, x, state: State = None, output_state: bool = False) -> tuple[Tensor, State]:
-        assert state is None or isinstance(state, Tensor), "a fast-weight state is one tensor [B, H, m, D]"
-        o, state = self.rule.parallel(self._prepare(q, k, v, x), state, output_state, self.chunk_size, self.kernel)
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: State | None = None,
+        output_state: bool = False,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, State | None]:
+        inputs = self._prepare(q, k, v, x, token_mask)
+        fast_weights = _fast_weights(state)
+        o, final = self.rule.parallel(inputs, fast_weights, output_state, self.chunk_size, self.kernel)
+        return self._finish(o), final
+
+    def recurrent(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: State | None = None,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, State]:
+        o, state = self.rule.recurrent(self._prepare(q, k, v, x, token_mask), _fast_weights(state))
         return self._finish(o), state
 
-    def recurrent(self, q, k, v, x, state: State = None) -> tuple[Tensor, State]:
-        assert state is None or isinstance(state, Tensor), "a fast-weight state is one tensor [B, H, m, D]"
-        o, state = self.rule.recurrent(self._prepare(q, k, v, x), state)
-        return self._finish(o), state
+    def allocate_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Zeros [B, H, m, D] (D + 1 with a denominator column), float32 (float64 for float64 activations)."""
+        columns = self.head_dim + self.normalizer.extra_columns
+        shape = (batch_size, self.num_heads, self.state_size, columns)
+        return torch.zeros(shape, device=device, dtype=accumulation_dtype(dtype))
 
-    def step(self, q, k, v, x, state: Tensor) -> Tensor:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: State, token_mask: Tensor | None = None
+    ) -> Tensor:
         """One decode token [B, 1, H, D]: updates `state` in place (the CUDA decode kernel on GPU) and
         returns o. The state keeps its address, so a decode step can be captured in a CUDA graph."""
-        return self._finish(self.rule.step(self._prepare(q, k, v, x), state, self.kernel))
+        fast_weights = _fast_weights(state)
+        if fast_weights is None:
+            raise TypeError("FastWeightAttention.step updates a state in place: pass allocate_state(...)")
+        return self._finish(self.rule.step(self._prepare(q, k, v, x, token_mask), fast_weights, self.kernel))
 
     # -- Attention transfer (AttentionCore's interface) ---------------------------------------------------
     @property
@@ -196,6 +232,13 @@ class FastWeightAttention(AttentionCore):
             f"normalization={self.normalization}, state_size={self.state_size}, chunk_size={self.chunk_size}, "
             f"kernel={self.kernel}"
         )
+
+
+def _fast_weights(state: State | None) -> Tensor | None:
+    """The fast-weight core's state is one tensor [B, H, m, D (+1)]."""
+    if state is not None and not isinstance(state, Tensor):
+        raise TypeError(f"FastWeightAttention's state is one tensor [B, H, m, D], not {type(state).__name__}")
+    return state
 
 
 def _check_rule_options(rule_options: dict[str, Any]) -> None:

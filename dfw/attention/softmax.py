@@ -1,4 +1,12 @@
-"""Softmax attention, the baseline: GPT-2's own attention, as an `AttentionCore`."""
+"""Softmax attention, the baseline: GPT-2's own attention, kept as transformers implements it.
+
+`attention=softmax` converts nothing: `dfw.surgery.convert_attention` leaves every `GPT2Attention` in
+place when the core it is given is a `SoftmaxAttention`, so a softmax model *is* `GPT2LMHeadModel`, and
+trains and evaluates with transformers' own semantics (attention dropout `attn_pdrop` in training mode,
+the padding mask, every `attn_implementation`, its KV cache for generation). This class is the config
+target that says so, and describes that attention to code that compares cores: its KV cache size
+(`state_bytes`) and its math as a parallel form (`forward`, for `dfw.bench attention`; no dropout).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +18,15 @@ from ..errors import ConfigError
 from .base import AttentionCore, State
 
 
-class SoftmaxAttention(AttentionCore):
-    """Causal softmax attention through PyTorch SDPA; its state is the KV cache (k, v), [B, H, T, D] each.
+def kv_cache_bytes(batch_size: int, num_heads: int, head_dim: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Keys and values of every past token, one softmax layer: grows with the context."""
+    return 2 * batch_size * num_heads * seq_len * head_dim * dtype.itemsize
 
-    The scale is GPT-2's (1/sqrt(D), divided by layer_idx + 1 when `scale_attn_by_inverse_layer_idx`),
-    so a converted model with this core gives the logits of the unmodified Hugging Face model.
-    """
+
+class SoftmaxAttention(AttentionCore):
+    """Causal softmax attention through PyTorch SDPA at GPT-2's scale (1/sqrt(D), divided by layer_idx + 1
+    when `scale_attn_by_inverse_layer_idx`). Surgery keeps the pretrained `GPT2Attention` instead of
+    building this into a model (see the module docstring)."""
 
     def __init__(
         self,
@@ -37,29 +48,36 @@ class SoftmaxAttention(AttentionCore):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scaling = head_dim**-0.5 if scaling is None else scaling
 
-    def forward(self, q, k, v, x, state: State = None, output_state: bool = False) -> tuple[Tensor, State]:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: State | None = None,
+        output_state: bool = False,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, State | None]:
+        """o [B, T, H, D]; `state` is the KV cache (k, v), [B, H, T_past, D] each, which this call extends."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        T = q.shape[2]
+        B, _, T, _ = q.shape
         if state is not None:
-            k = torch.cat([state[0], k], dim=2)  # (B, H, T_past + T, D)
-            v = torch.cat([state[1], v], dim=2)
+            k_past, v_past = state
+            assert isinstance(k_past, Tensor) and isinstance(v_past, Tensor), "softmax's state is (k, v)"
+            k = torch.cat([k_past, k], dim=2)  # (B, H, T_past + T, D)
+            v = torch.cat([v_past, v], dim=2)
         past = k.shape[2] - T
-        if past == 0:
+        if past == 0 and token_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
         else:
-            # Query i (absolute position past + i) sees keys 0 .. past + i.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            # Query i (absolute position past + i) sees keys 0 .. past + i that are not pads of this call.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)  # (T, kv)
+            if token_mask is not None:
+                keys = F.pad(token_mask, (past, 0), value=True)  # (B, kv)
+                mask = mask & keys[:, None, None, :]  # (B, 1, T, kv)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         new_state = (k, v) if (output_state or state is not None) else None
         return o.transpose(1, 2), new_state  # (B, T, H, D)
 
-    def recurrent(self, q, k, v, x, state: State = None) -> tuple[Tensor, State]:
-        outputs = []
-        for t in range(q.shape[1]):
-            o, state = self.forward(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], x[:, t : t + 1], state, True)
-            outputs.append(o)
-        return torch.cat(outputs, dim=1), state
-
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        # Keys and values of every past token: grows with the context.
-        return 2 * batch_size * self.num_heads * seq_len * self.head_dim * dtype.itemsize
+        return kv_cache_bytes(batch_size, self.num_heads, self.head_dim, seq_len, dtype)

@@ -8,7 +8,9 @@ shape's depth keeps per sequence for generation after T tokens (softmax: its KV 
 with T; the recurrent presets: a fixed-size state).
 
 The q/k/v projections, MLPs and LM head are the same for every preset and are left out. On CUDA the
-step runs under bf16 autocast, as training does; on CPU in float32.
+step runs under bf16 autocast, as training does; on CPU in float32. Softmax is timed as training runs
+it: GPT-2's own attention (surgery keeps `GPT2Attention`) through transformers' SDPA attention function,
+with GPT-2's attention dropout (`attn_pdrop`, 0.1).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+from transformers import GPT2Config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from dfw.attention import SoftmaxAttention
 from dfw.model import core_factory
 from dfw.presets import attention_preset, names
 
@@ -47,10 +53,36 @@ SHAPES = {
 }
 
 
-def build_core(preset: str, shape: Shape, device: torch.device):
+class GPT2SoftmaxCore(nn.Module):
+    """Softmax as a softmax model trains (GPT2Attention, unconverted): transformers' SDPA attention function
+    at GPT-2's scale, with GPT-2's attention dropout in training mode, on q, k, v."""
+
+    is_causal = True  # read by transformers' attention function, as from GPT2Attention
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.dropout = GPT2Config().attn_pdrop  # GPT-2's, 0.1
+        # for its scale and its state_bytes (the KV cache)
+        self.kv_cache = SoftmaxAttention(shape.hidden_size, shape.num_heads, shape.head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> tuple[Tensor, None]:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        o, _ = sdpa_attention_forward(self, q, k, v, None, dropout=dropout, scaling=self.kv_cache.scaling)
+        return o, None  # (B, T, H, D)
+
+    def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        return self.kv_cache.state_bytes(batch_size, seq_len, dtype)
+
+
+def build_core(preset: str, shape: Shape, device: torch.device) -> nn.Module:
     node = attention_preset(preset)
     factory = core_factory(node)
-    return factory(hidden_size=shape.hidden_size, num_heads=shape.num_heads, head_dim=shape.head_dim, layer_idx=0).to(device)
+    H, D = shape.num_heads, shape.head_dim
+    core = factory(hidden_size=shape.hidden_size, num_heads=H, head_dim=D, layer_idx=0)
+    if isinstance(core, SoftmaxAttention):  # a softmax model keeps GPT-2's attention: time that
+        core = GPT2SoftmaxCore(shape)
+    return core.to(device)
 
 
 def _saved_bytes(step, parameters) -> int:

@@ -3,10 +3,12 @@
 In one process, for each batch size, two models of the same shape and random weights:
   softmax   Hugging Face GPT2LMHeadModel (SDPA) with its KV cache (DynamicCache), one eager forward per
             token, as `generate` runs it: the KV cache grows by 2 * layers * width values per token.
-  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size m = the head size)
-            with `dfw.cache.RecurrentCache`: a fixed-size state per layer. On a GPU its decode step is
-            also captured in a CUDA graph (static state and input buffers, updated in place), so that
-            kernel-launch overhead on the host does not hide the O(1) cost per token: row `dfw (graph)`.
+  dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size m =
+            the head size), a `DFWForCausalLM` with `dfw.cache.RecurrentCache`: a fixed-size state per layer,
+            decoded by the library's eager decode step (`dfw.cache.decode`, what `generate` runs). On a GPU,
+            also row `dfw (graph)`: the same step replayed from the CUDA graph the library captures
+            (`dfw.cache.DecodeGraphs`, once per batch size), so that kernel-launch overhead on the host does
+            not hide the O(1) cost per token.
 Each context is reached by prefilling random tokens in chunks (the parallel form), then --warmup
 decode steps, then the median over --steps timed steps (greedy: each step feeds back its argmax).
 
@@ -28,10 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from .. import presets
 from ..cache import RecurrentCache, cache_bytes
+from ..hf import as_dfw_model
 from ..model import core_factory
 from ..surgery import convert_attention
 from .timing import Table, Timing, device_name, time_ms, write_json
@@ -82,20 +86,21 @@ def build(size: Size, attention: str | None, n_positions: int, device: torch.dev
     config._attn_implementation = "sdpa"
     net = GPT2LMHeadModel(config)
     if attention is not None:
-        convert_attention(net, core_factory(presets.attention_preset(attention)))
+        node = presets.attention_preset(attention)
+        convert_attention(net, core_factory(node))
+        net = as_dfw_model(net, OmegaConf.to_container(node, resolve=True))  # decodes as an export does
     return net.to(device=device, dtype=size.dtype).eval()
 
 
 class Decoder:
-    """One model, one batch: prefill to a context, then time greedy decode steps (eager or a CUDA graph)."""
+    """One model, one batch: prefill to a context, then time greedy decode steps, each one forward call as
+    `generate` makes it (for dfw: the library's decode step, eager or replayed from its CUDA graph)."""
 
     def __init__(self, net: GPT2LMHeadModel, batch: int, device: torch.device, recurrent: bool, graph: bool):
-        self.net, self.device, self.graph = net, device, graph
-        self.cache = RecurrentCache(net) if recurrent else DynamicCache(config=net.config)
+        self.net, self.device = net, device
+        self.cache = RecurrentCache(net, cuda_graph=graph) if recurrent else DynamicCache(config=net.config)
         self.seen = 0
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1), the token being fed
-        self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # (1, 1)
-        self.captured: torch.cuda.CUDAGraph | None = None
 
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.net(input_ids=ids, position_ids=position_ids, cache=self.cache, use_cache=True).logits
@@ -109,46 +114,24 @@ class Decoder:
             self.forward(ids, positions)
             self.seen += n
 
-    def _step(self) -> None:
-        logits = self.forward(self.ids, self.position)  # (B, 1, V)
-        self.ids.copy_(logits[:, -1:].argmax(dim=-1))  # greedy: the next input
-        self.position.add_(1)
-
-    def _capture(self) -> None:
-        """Record one decode step; replays read and write the same state, ids and position buffers."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocations, lazy initialisation)
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        self.captured = graph
-
     def step(self) -> None:
-        if self.captured is not None:
-            self.captured.replay()
-        else:
-            self._step()
+        position = torch.full((1, 1), self.seen, dtype=torch.long, device=self.device)  # (1, 1)
+        logits = self.forward(self.ids, position)  # (B, 1, V)
+        self.ids.copy_(logits[:, -1:].argmax(dim=-1))  # greedy: the next input
         self.seen += 1
 
     def time_steps(self, warmup: int, steps: int) -> Timing:
-        """ms per decode step (median, spread); the position buffer is re-synchronised with the context first."""
-        self.position.fill_(self.seen)
-        if self.graph and self.captured is None:
-            before = self.position.clone()
-            self._capture()
-            self.seen += int(self.position - before)
-            if isinstance(self.cache, RecurrentCache):  # replays do not run Python: keep the count honest
-                for layer in self.cache.layers:
-                    layer.seen_tokens = self.seen
-        timing = time_ms(self.step, self.device, warmup, steps)
-        if isinstance(self.cache, RecurrentCache):
-            for layer in self.cache.layers:
-                layer.seen_tokens = self.seen
-        return timing
+        """ms per decode step (median, spread); a CUDA graph is captured during the warm-up steps."""
+        return time_ms(self.step, self.device, warmup, steps)
+
+    def graph_note(self) -> str | None:
+        """What the library did with the CUDA graph of this decoder's cache (None: not asked for one)."""
+        graphs = self.cache.graphs if isinstance(self.cache, RecurrentCache) else None
+        if graphs is None:
+            return None
+        if graphs.replays == 0:
+            return f"no CUDA graph: {graphs.fallback_reason or 'no decode step ran'}; eager"
+        return f"CUDA graph: {graphs.captures} captured, {graphs.replays} replays"
 
 
 def run(
@@ -185,21 +168,15 @@ def run(
                     row.notes.append("out of memory")
                     rows.append(row)
                     break
-                except RuntimeError as error:
-                    if graph and decoder.captured is None:  # capture failed: say so, and time eagerly
-                        notes.append(
-                            f"{name}: CUDA graph capture failed ({str(error).splitlines()[0][:100]}); eager"
-                        )
-                        decoder.graph = False
-                        with torch.no_grad():
-                            timing = decoder.time_steps(size.warmup, size.steps)
-                        row.ms_per_token, row.spread_ms = timing.median_ms, timing.iqr_ms
-                    else:
-                        raise
+                note = decoder.graph_note() if graph else None
+                if note is not None and not note.startswith("CUDA graph:"):
+                    row.notes.append(note)  # the library fell back to eager steps: say why
                 rows.append(row)
                 print(
                     f"  {name}, batch {batch}, context {context}: {row.ms_per_token:.3g} ms/token", flush=True
                 )
+            if graph and (note := decoder.graph_note()) is not None:
+                notes.append(f"{name}, batch {batch}: {note}")
             del decoder
             if device.type == "cuda":
                 torch.cuda.empty_cache()

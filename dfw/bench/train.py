@@ -67,6 +67,12 @@ class Variant:
     kernel: str | None  # attention.kernel override (decay presets)
     compile: bool
 
+    @property
+    def key(self) -> str:
+        """What --variants calls it: softmax, decay-cuda, decay-torch, softmax-compiled, ..."""
+        kernel = [self.kernel] if self.kernel else []
+        return "-".join([self.attention, *kernel, *(["compiled"] if self.compile else [])])
+
 
 VARIANTS = (
     Variant("softmax (sdpa)", "softmax", None, False),
@@ -209,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps first")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument(
+        "--variants", nargs="+", choices=[v.key for v in VARIANTS], help="only these variants (default: all)"
+    )
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines per variant
@@ -216,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[("gpu" if device.type == "cuda" else "cpu") if args.size == "auto" else args.size]
     overrides = {"steps": args.steps, "warmup": args.warmup}
     size = Size(**{**asdict(size), **{k: v for k, v in overrides.items() if v is not None}})
-    variants = [v for v in VARIANTS if not (args.no_compile and v.compile)]
+    chosen = set(args.variants or [v.key for v in VARIANTS])
+    variants = [v for v in VARIANTS if not (args.no_compile and v.compile) and v.key in chosen]
     table = run(size, device, variants)
     table.print()
     write_json(args.json, "train", device, [table], size=asdict(size))

@@ -4,44 +4,39 @@ Building. `load_extension()` compiles csrc/binding.cpp and csrc/dfw_scan.cu with
 torch.utils.cpp_extension (ninja, cached: later processes load the cached build in about a second).
 Ahead of time: `python -m dfw_kernels` builds it now; with DFW_KERNELS_BUILD_DIR set, the build
 goes to (and is later loaded from) that folder, e.g. one baked into a container image. Importing this
-module never builds or touches the GPU; `unavailable_reason()` says why the kernel cannot run here.
+module never builds or touches the GPU; `unavailable_reason()` says why the kernel cannot run here
+(backend.py asks it, once per device, dtype and sizes, before a call takes this path).
 
 Ops. `torch.ops.dfw_kernels.scan` (functional) and `torch.ops.dfw_kernels.step` (updates a state in
 place), with fake implementations for torch.compile. The autograd is `ScanDecayFastWeights` from
 closed_form.py, run with `cuda_scan`: one scan forward, three scans backward.
 """
 
-import logging
 import os
 from pathlib import Path
 from typing import overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import DTYPES, MAX_STATE_DIM, KernelUnavailable, full_width, input_dtype, new_output, pad_last
 from .closed_form import ScanDecayFastWeights, ScanResult
 
-logger = logging.getLogger("dfw_kernels")
+__all__ = ["DTYPES", "MAX_STATE_DIM", "KernelUnavailable", "decay_fast_weights_cuda",
+           "decay_fast_weights_step_cuda", "load_extension", "unavailable_reason"]  # fmt: skip
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "binding.cpp", CSRC / "dfw_scan.cu")
 BUILD_DIR_ENV = "DFW_KERNELS_BUILD_DIR"
-MAX_HEAD_DIM = 128  # dfw::kMaxHeadDim
-HEAD_DIM_MULTIPLE = 8  # dfw::kHeadDimMultiple: other sizes are zero-padded here
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Tests set this: every output is NaN-filled before the kernel runs, so an unwritten one cannot pass.
-POISON_OUTPUTS = False
+# dfw::kStateDimMultiple: other state sizes are zero-padded here (MAX_STATE_DIM is dfw::kMaxStateDim).
+STATE_DIM_MULTIPLE = 8
+MIN_CAPABILITY = (8, 0)  # cp.async
 
 _extension = None
 _build_error: str | None = None
 _build_attempts = 0
 MAX_BUILD_ATTEMPTS = 2  # a failed build is tried once more (a lock left by a killed build, a full /tmp)
-
-
-class KernelUnavailable(RuntimeError):
-    """The CUDA kernel cannot run here; the message says why and what to do."""
+build_generation = 0  # counts clear_build_error() calls: backend.py resolves again after one
 
 
 def unavailable_reason(device: torch.device | None = None) -> str | None:
@@ -58,7 +53,7 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
     if CUDA_HOME is None:
         return "no CUDA toolkit (nvcc) was found to build the kernel; install it or set CUDA_HOME"
     major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
+    if (major, minor) < MIN_CAPABILITY:
         return f"the kernel needs compute capability 8.0 or newer (cp.async), this GPU has {major}.{minor}"
     if _build_error is not None and _build_attempts >= MAX_BUILD_ATTEMPTS:
         return _build_error
@@ -66,9 +61,11 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
 
 
 def clear_build_error() -> None:
-    """Forget a failed build, so that the next call of load_extension() tries again."""
-    global _build_error, _build_attempts
+    """Forget a failed build, so that the next call of load_extension() (and of decay_fast_weights, which
+    had fallen back to PyTorch) tries again."""
+    global _build_error, _build_attempts, build_generation
     _build_error, _build_attempts = None, 0
+    build_generation += 1
 
 
 def load_extension(verbose: bool = False):
@@ -108,12 +105,6 @@ def load_extension(verbose: bool = False):
     return _extension
 
 
-def _output(shape, dtype, like: Tensor) -> Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
 @torch.library.custom_op("dfw_kernels::scan", mutates_args=(), device_types="cuda")
 def scan_op(
     q: Tensor,
@@ -135,7 +126,8 @@ def scan_op(
 
     The scan of closed_form.scan_reference. q, k [B, T, H, K], v [B, T, H, V] in one of DTYPES (any
     strides: copied here unless contiguous and 16-byte aligned); log-gates float32 or None; states
-    [B, H, K, V] float32 (any strides). K and V multiples of 8 up to 128. The gate-gradient epilogue runs when gate_grad_x1 and gate_grad_x2 are given.
+    [B, H, K, V] float32 (any strides). K and V multiples of 8 up to 128. The gate-gradient epilogue runs
+    when gate_grad_x1 and gate_grad_x2 are given.
     """
     q, k, v = (_aligned(x) for x in (q, k, v))
     log_key_gate, log_value_gate, gate_grad_x1, gate_grad_x2, gate_grad_start = (
@@ -144,12 +136,12 @@ def scan_op(
     B, T, H, K = q.shape
     V = v.shape[-1]
     f32 = torch.float32
-    out = _output((B, T, H, V), q.dtype, q) if output else None
-    out_pre = _output((B, T, H, V), f32, q) if output_pre else None
-    final = _output((B, H, K, V), f32, q) if output_final_state else None
-    final_pre = _output((B, H, K, V), f32, q) if output_final_pre_state else None
+    out = new_output((B, T, H, V), q.dtype, q) if output else None
+    out_pre = new_output((B, T, H, V), f32, q) if output_pre else None
+    final = new_output((B, H, K, V), f32, q) if output_final_state else None
+    final_pre = new_output((B, H, K, V), f32, q) if output_final_pre_state else None
     with_gate_grad = gate_grad_x1 is not None and gate_grad_x2 is not None
-    gate_grad = _output((B, T, H, V), f32, q) if with_gate_grad else None
+    gate_grad = new_output((B, T, H, V), f32, q) if with_gate_grad else None
     with torch.cuda.device(q.device):
         load_extension().scan(
             q, k, v, log_key_gate, log_value_gate, initial_state, final, final_pre, out, out_pre,
@@ -196,7 +188,7 @@ def step_op(
     """
     q, k, v = (_aligned(x) for x in (q, k, v))
     log_key_gate, log_value_gate = (_aligned(x) for x in (log_key_gate, log_value_gate))
-    out = _output(v.shape, q.dtype, q)
+    out = new_output(v.shape, q.dtype, q)
     with torch.cuda.device(q.device):
         load_extension().scan(
             q, k, v, log_key_gate, log_value_gate, state, state, None, out, None, None, None, None, None,
@@ -250,95 +242,63 @@ def cuda_scan(
     )
 
 
-def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why these inputs cannot take the CUDA path (device, dtype, head size), or None."""
-    if q.device.type != "cuda":
-        return f"the inputs are on {q.device.type}, not CUDA"
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if dtype not in DTYPES:
-        return f"the kernel takes float32, bfloat16 or float16, got {dtype}"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return (
-            f"the kernel takes key and value sizes up to {MAX_HEAD_DIM}, got {q.shape[-1]} and {v.shape[-1]}"
-        )
-    return unavailable_reason(q.device)
-
-
-def _full_width(log_gate: Tensor | None, width: int) -> Tensor | None:
-    """[B, T, H, 1] (one gate per head) or [B, T, H, width] -> [B, T, H, width] float32 (autograd sums back)."""
-    if log_gate is None:
-        return None
-    return log_gate.float().expand(*log_gate.shape[:-1], width)
-
-
-@overload
-def _pad_last(x: Tensor, size: int, dim: int = -1) -> Tensor: ...
-@overload
-def _pad_last(x: None, size: int, dim: int = -1) -> None: ...
-def _pad_last(x: Tensor | None, size: int, dim: int = -1) -> Tensor | None:
-    if x is None or x.shape[dim] == size:
-        return x
-    pad = [0, 0] * (-dim - 1) + [0, size - x.shape[dim]]
-    return F.pad(x, pad)
-
-
 def _padded(q, k, v, log_key_gate, log_value_gate):
-    """Inputs zero-padded to head sizes that are multiples of 8, in one dtype; gates [B, T, H, K|V] float32.
+    """Inputs zero-padded to state sizes that are multiples of 8, in one dtype; gates full width, float32.
 
     Zero padding is exact: padded keys and queries are 0, padded gates are 1, padded values are 0.
+    Returns q, k [B, T, H, state_size'], v [B, T, H, head_size'], gates of those widths.
     """
-    K, V = q.shape[-1], v.shape[-1]
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    Kp, Vp = (-(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE for D in (K, V))  # zero-padded sizes
-    q, k = _pad_last(q.to(dtype), Kp), _pad_last(k.to(dtype), Kp)  # (B, T, H, Kp)
-    v = _pad_last(v.to(dtype), Vp)  # (B, T, H, Vp)
-    log_key_gate = _pad_last(_full_width(log_key_gate, K), Kp)  # (B, T, H, Kp) float32
-    log_value_gate = _pad_last(_full_width(log_value_gate, V), Vp)  # (B, T, H, Vp) float32
+    state_size, head_size = q.shape[-1], v.shape[-1]
+    dtype = input_dtype(q, k, v)
+    padded_state_size, padded_head_size = (
+        -(-size // STATE_DIM_MULTIPLE) * STATE_DIM_MULTIPLE for size in (state_size, head_size)
+    )
+    q, k = pad_last(q.to(dtype), padded_state_size), pad_last(k.to(dtype), padded_state_size)  # (B, T, H, K')
+    v = pad_last(v.to(dtype), padded_head_size)  # (B, T, H, V')
+    log_key_gate = pad_last(full_width(log_key_gate, state_size), padded_state_size)  # (B, T, H, K') float32
+    log_value_gate = pad_last(full_width(log_value_gate, head_size), padded_head_size)  # (B, T, H, V') f32
     return q, k, v, log_key_gate, log_value_gate
 
 
-def _pad_state(state: Tensor, K: int, V: int) -> Tensor:
-    """[B, H, K0, V0] -> [B, H, K, V] float32, zero-padded (the same tensor when nothing changes)."""
-    return _pad_last(_pad_last(state.float(), V), K, dim=-2)
+def _pad_state(state: Tensor, state_size: int, head_size: int) -> Tensor:
+    """[B, H, K0, V0] -> [B, H, state_size, head_size] float32, zero-padded (the same tensor when nothing
+    changes)."""
+    return pad_last(pad_last(state.float(), head_size), state_size, dim=-2)
 
 
 def decay_fast_weights_cuda(q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state):
-    """The CUDA path of `decay_fast_weights` (same arguments and returns); raises KernelUnavailable."""
+    """The CUDA path of `decay_fast_weights` (same arguments and returns; inputs as backend.py resolved
+    them for it); raises KernelUnavailable if the extension cannot be built."""
     load_extension()
-    K, V = q.shape[-1], v.shape[-1]
+    state_size, head_size = q.shape[-1], v.shape[-1]
     q, k, v, log_key_gate, log_value_gate = _padded(q, k, v, log_key_gate, log_value_gate)
     if initial_state is not None:
-        initial_state = _pad_state(initial_state, q.shape[-1], v.shape[-1])  # (B, H, Kp, Vp)
+        initial_state = _pad_state(initial_state, q.shape[-1], v.shape[-1])  # (B, H, K', V')
     o, final_state = ScanDecayFastWeights.apply(
         cuda_scan, q, k, v, log_key_gate, log_value_gate, initial_state, output_final_state
     )
-    o = o[..., :V]  # (B, T, H, V)
+    o = o[..., :head_size]  # (B, T, H, V)
     if final_state is not None:
-        final_state = final_state[..., :K, :V]  # (B, H, K, V)
+        final_state = final_state[..., :state_size, :head_size]  # (B, H, K, V)
     return o, final_state
 
 
 def decay_fast_weights_step_cuda(q, k, v, log_key_gate, log_value_gate, state):
-    """One decode step on the GPU; q, k [B, 1, H, K], v [B, 1, H, V]; updates `state` in place.
+    """One decode step on the GPU; q, k [B, 1, H, state_size], v [B, 1, H, head_size]; updates the
+    float32 `state` in place (backend.py sends other states to PyTorch).
 
-    Head sizes that are not multiples of 8 (V = D + 1 of the denominator presets) run on a
-    zero-padded copy of the state, copied back after the step: two small copies, still one launch
-    of the kernel and no host synchronisation (CUDA-graph safe).
+    Sizes that are not multiples of 8 (V = D + 1 of the denominator presets) run on a zero-padded copy
+    of the state, copied back after the step: two small copies, still one launch of the kernel and no
+    host synchronisation (CUDA-graph safe).
     """
     load_extension()
-    K, V = q.shape[-1], v.shape[-1]
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise KernelUnavailable(
-            f"the decode step takes key and value sizes up to {MAX_HEAD_DIM}, got {K} and {V}"
-        )
-    if state.dtype != torch.float32:
-        raise KernelUnavailable(f"the decode step updates a float32 state in place, got {state.dtype}")
+    state_size, head_size = q.shape[-1], v.shape[-1]
     out_dtype = v.dtype
     q, k, v, log_key_gate, log_value_gate = _padded(q, k, v, log_key_gate, log_value_gate)
-    Kp, Vp = q.shape[-1], v.shape[-1]
-    if (Kp, Vp) == (K, V):
+    padded = (q.shape[-1], v.shape[-1])
+    if padded == (state_size, head_size):
         return step_op(q, k, v, log_key_gate, log_value_gate, state).to(out_dtype)
-    padded_state = _pad_state(state, Kp, Vp)  # (B, H, Kp, Vp), a copy
-    o = step_op(q, k, v, log_key_gate, log_value_gate, padded_state)  # (B, 1, H, Vp)
-    state.copy_(padded_state[..., :K, :V])
-    return o[..., :V].to(out_dtype)
+    padded_state = _pad_state(state, *padded)  # (B, H, K', V'), a copy
+    o = step_op(q, k, v, log_key_gate, log_value_gate, padded_state)  # (B, 1, H, V')
+    state.copy_(padded_state[..., :state_size, :head_size])
+    return o[..., :head_size].to(out_dtype)

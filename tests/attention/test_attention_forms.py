@@ -136,6 +136,65 @@ def test_decode_step_updates_the_state_in_place_as_the_recurrent_form(node):
 
 
 @each_core
+def test_pads_change_nothing_in_any_form(node):
+    """token_mask False marks a pad: a token that leaves the state as it was. The parallel, recurrent and step
+    forms of a batch with pads (leading, scattered, trailing) give, at its real tokens, the outputs and final
+    state of each row without its pads; parallel and recurrent also agree on every gradient."""
+    torch.manual_seed(5)
+    core = build(_with(node, chunk_size=CHUNK)).double().eval()
+    _perturb_parameters(core)
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+    token_mask = torch.ones(B, T, dtype=torch.bool)
+    token_mask[0, :9] = False  # left padding
+    token_mask[1, [0, 4, 5, 17, T - 1]] = False  # pads anywhere
+    S0 = random_state(core, B)
+    o_par, S_par = core(q, k, v, x, S0, output_state=True, token_mask=token_mask)
+    o_rec, S_rec = core.recurrent(q, k, v, x, S0, token_mask=token_mask)
+    with torch.no_grad():
+        state, steps = S0.clone(), []
+        for t in range(T):
+            one = slice(t, t + 1)
+            steps.append(core.step(q[:, one], k[:, one], v[:, one], x[:, one], state, token_mask[:, one]))
+        o_step = torch.cat(steps, dim=1)  # (B, T, H, D)
+        for row in range(B):
+            real = token_mask[row]
+            row_inputs = (t[row, real][None] for t in (q, k, v, x))  # the row without its pads
+            o_alone, S_alone = core.recurrent(*row_inputs, S0[row : row + 1])
+            forms = {"parallel": (o_par, S_par), "recurrent": (o_rec, S_rec), "step": (o_step, state)}
+            for name, (o, S) in forms.items():
+                assert rel(o[row, real], o_alone[0]) < 1e-6, (name, row)
+                assert rel(S[row], S_alone[0]) < 1e-6, (name, row)
+    grad_o = torch.randn_like(o_rec) * token_mask[:, :, None, None]  # a loss on the real tokens only
+    inputs = [q, k, v, x, *core.parameters()]
+    grad = lambda o, S: torch.autograd.grad(
+        (o * grad_o).sum() + S.sum(), inputs, allow_unused=True, materialize_grads=True
+    )
+    g_par, g_rec = grad(o_par, S_par), grad(o_rec, S_rec)
+    for g_p, g_r in zip(g_par, g_rec, strict=True):
+        assert (g_r.abs().max() == 0 and g_p.abs().max() == 0) or rel(g_p, g_r) < 1e-6
+
+
+@each_core
+def test_the_allocated_state_is_the_state_before_any_token(node):
+    """`allocate_state` (what a RecurrentCache holds from a layer's first call): zeros of the state's shape,
+    in the state's own dtype (float32 for float32 and bfloat16 activations, float64 for float64), equivalent
+    to no state."""
+    torch.manual_seed(6)
+    core = build(_with(node, chunk_size=CHUNK)).double().eval()
+    q, k, v = (torch.randn(B, 20, H, D, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(B, 20, C, dtype=torch.float64)
+    state = core.allocate_state(B, q.device, torch.float64)
+    o_none, S_none = core(q, k, v, x, output_state=True)
+    o_alloc, S_alloc = core(q, k, v, x, state, output_state=True)
+    assert state.dtype == torch.float64 and state.shape == S_none.shape and not state.any()
+    assert rel(o_alloc, o_none) < 1e-12 and rel(S_alloc, S_none) < 1e-12
+    for dtype in (torch.float32, torch.bfloat16):
+        state32 = core.allocate_state(3, q.device, dtype)
+        assert state32.dtype == torch.float32 and core.state_bytes(3, 1) == state32.numel() * 4
+
+
+@each_core
 def test_float32_parallel_form_is_close_to_float64(node):
     torch.manual_seed(3)
     core = build(_with(node, chunk_size=64)).eval()

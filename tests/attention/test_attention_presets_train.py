@@ -35,7 +35,9 @@ def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
     # The export rebuilds the trained model: its new parameters moved away from their conversion
     # values; its random features are the ones drawn at conversion (4 steps < redraw interval).
     trained = load_exported(cfg.export_dir).eval()
-    assert type(trained.transformer.h[0].attn.core).__name__ == ("SoftmaxAttention" if name == "softmax" else "FastWeightAttention")
+    attn = trained.transformer.h[0].attn  # softmax: GPT-2's own attention, not converted
+    expected = ("GPT2Attention", None) if name == "softmax" else ("ConvertedAttention", "FastWeightAttention")
+    assert (type(attn).__name__, type(attn.core).__name__ if hasattr(attn, "core") else None) == expected
     converted = build_model(cfg.model, cfg.attention, VocabTokenizer(GPT2_VOCAB)).eval()
     before, after = converted.state_dict(), trained.state_dict()
     core_keys = [key for key in before if ".attn.core." in key]

@@ -1,4 +1,4 @@
-"""Each feature map is the one its paper describes, initialised as the README says."""
+"""Each feature map is the one its paper describes, initialised as docs/attention.md says."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_a_rule_refuses_a_normalisation_in_one_line_when_the_core_is_built(rule,
 
 @pytest.fixture
 def forgetful_rule():
-    """A rule written as the README's walkthrough says: S_t = a_t S_{t-1} + phi(k_t)^T v_t with one learned
+    """A rule written as CONTRIBUTING.md's walkthrough says: S_t = a_t S_{t-1} + phi(k_t)^T v_t with one learned
     scalar forget gate a_t = sigmoid(w_h . x_t + b_h) per head (gated without the 1 - g_t on the write).
     Defining the class registers it; the fixture takes it out again."""
 

@@ -25,7 +25,7 @@ def test_import_registers_the_ops_without_building():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_auto_falls_back_with_one_log_line(caplog):
     inputs = {n: x.detach() for n, x in random_inputs(1, 5, 1, 4, 4).items()}
-    dfw_kernels._logged_fallbacks.clear()
+    dfw_kernels.backend.forget()
     with caplog.at_level(logging.INFO, logger="dfw_kernels"):
         o_auto, _ = decay_fast_weights(**inputs, kernel="auto")
         decay_fast_weights(**inputs, kernel="auto")
@@ -38,17 +38,66 @@ def test_auto_falls_back_with_one_log_line(caplog):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_cuda_kernel_fails_clearly_on_cpu():
     inputs = {n: x.detach() for n, x in random_inputs(1, 5, 1, 4, 4).items()}
-    with pytest.raises(RuntimeError, match="kernel='cuda' cannot run: .*cpu"):
+    with pytest.raises(dfw_kernels.KernelUnavailable, match="kernel='cuda' cannot run: .*cpu"):
         decay_fast_weights(**inputs, kernel="cuda")
+    with pytest.raises(dfw_kernels.KernelUnavailable, match="kernel='cuda' cannot run: .*cpu"):
+        decay_fast_weights_step(*(inputs[n][:, 0] for n in ("q", "k", "v")), None, None,
+                                torch.zeros(1, 1, 4, 4), kernel="cuda")  # fmt: skip
     with pytest.raises(ValueError, match="kernel must be one of"):
         decay_fast_weights(**inputs, kernel="nope")
 
 
 def test_unavailable_reason_is_none_or_a_sentence():
-    reason = dfw_kernels.cuda.unavailable_reason()
-    if not torch.cuda.is_available():
-        assert reason is not None  # the kernel cannot run without a GPU
-    assert reason is None or (isinstance(reason, str) and len(reason) > 10)
+    for kernel in ("cuda", "triton"):
+        reason = dfw_kernels.unavailable_reason(kernel)
+        if not torch.cuda.is_available() and kernel == "cuda":
+            assert reason is not None  # the kernel cannot run without a GPU
+        assert reason is None or (isinstance(reason, str) and len(reason) > 10)
+    assert dfw_kernels.unavailable_reason("torch") is None
+    assert dfw_kernels.unavailable_reason("auto", "cpu") is None
+    reason = dfw_kernels.unavailable_reason("cuda", "cpu")
+    assert reason.startswith("the CUDA kernel runs CUDA tensors, not cpu")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dfw_kernels.unavailable_reason("cuda-graph")
+
+
+def test_the_backend_is_resolved_once_per_device_dtype_and_sizes(monkeypatch):
+    """Every layer and token used to re-decide (and re-validate) which implementation runs."""
+    decisions = []
+    decide = dfw_kernels.backend._decide
+    monkeypatch.setattr(dfw_kernels.backend, "_decide", lambda *args: decisions.append(args) or decide(*args))
+    dfw_kernels.backend.forget()
+    inputs = {n: x.detach() for n, x in random_inputs(1, 5, 2, 4, 6).items()}
+    for _ in range(3):  # three layers, say
+        decay_fast_weights(**inputs, kernel="auto")
+        for t in range(4):
+            decay_fast_weights_step(*(inputs[n][:, t] for n in ("q", "k", "v")), None, None,
+                                    inputs["initial_state"].clone(), kernel="auto")  # fmt: skip
+    decay_fast_weights(**{n: x.float() for n, x in inputs.items()}, kernel="auto")  # another dtype
+    assert [(d[0], d[2], d[5]) for d in decisions] == [
+        ("auto", torch.float64, False),
+        ("auto", torch.float64, True),
+        ("auto", torch.float32, False),
+    ]
+    dfw_kernels.backend.forget()
+
+
+def test_the_backend_resolves_inside_torch_compile_without_a_graph_break(caplog):
+    """The decision (its log line, the CUDA build) stays out of the traced graph: a constant for Dynamo."""
+    dfw_kernels.backend.forget()
+
+    def scaled(x):
+        implementation = dfw_kernels.backend.resolve("auto", x.device, x.dtype, 4, 4)
+        return x * (2 if implementation == "cuda" else 3)
+
+    compiled = torch.compile(scaled, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    with caplog.at_level(logging.INFO, logger="dfw_kernels"):
+        expected = scaled(x)
+        dfw_kernels.backend.forget()  # decide again, this time while Dynamo traces
+        torch.testing.assert_close(compiled(x), expected)
+    torch._dynamo.reset()
+    dfw_kernels.backend.forget()
 
 
 @pytest.mark.parametrize("shape", ["[B, H, D]", "[B, 1, H, D]"])

@@ -3,7 +3,7 @@
 Outputs, final state and every gradient, the initial state's included; relative RMS error < 1e-5 in
 float32 and < 5e-3 in bfloat16 (float16: 2e-3); T not a multiple of any tile (the kernel's chunks are
 16 or 32 steps), D in {32, 64, 128}, gates near 0, near 1 and mixed. Every output buffer is NaN-filled
-before the kernel runs (cuda.POISON_OUTPUTS), so an element the kernel forgets cannot pass.
+before the kernel runs (dfw_kernels.testing.poisoned_outputs), so an element the kernel forgets cannot pass.
 Run with `kernels/gpu_check.sh` (or `pytest -m gpu tests/kernels`).
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from dfw_kernels import chunk_decay_fast_weights, cuda, decay_fast_weights, decay_fast_weights_step
 from dfw_kernels.closed_form import scan_reference
-from dfw_kernels.testing import random_inputs, relative_rms_error
+from dfw_kernels.testing import poisoned_outputs, random_inputs, relative_rms_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,8 +34,9 @@ SHAPES = [  # (B, T, H, K, V)
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(cuda, "POISON_OUTPUTS", True)
+def poison_outputs():
+    with poisoned_outputs():
+        yield
 
 
 def _reference_and_kernel(inputs, output_final_state=True, **kwargs):

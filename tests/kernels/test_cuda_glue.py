@@ -12,19 +12,20 @@ from dfw_kernels.testing import random_inputs
 
 
 def test_step_fallback_is_logged_once(monkeypatch, caplog):
-    def unavailable(*args):
-        raise cuda.KernelUnavailable("the decode step updates a float32 state in place, got torch.float64")
-
-    monkeypatch.setattr(cuda, "unsupported_reason", lambda q, k, v: None)
+    """A CUDA machine (faked) decoding with a float64 state: PyTorch runs the step, said once."""
+    monkeypatch.setattr(dfw_kernels.backend, "_cuda_reason", lambda device: None)
     monkeypatch.setattr(cuda, "load_extension", lambda: None)
-    monkeypatch.setattr(cuda, "decay_fast_weights_step_cuda", unavailable)
-    monkeypatch.setattr(dfw_kernels, "_logged_fallbacks", set())
-    x = {n: t.detach() for n, t in random_inputs(1, 4, 2, 8, 8).items()}
+    dfw_kernels.backend.forget()
+    x = {n: t.detach() for n, t in random_inputs(1, 4, 2, 8, 8, dtype=torch.float32).items()}
+    state = x["initial_state"].double()
     with caplog.at_level(logging.INFO, logger="dfw_kernels"):
         for t in range(4):  # every token of every layer used to log a warning
             token = [x[n][:, t] for n in ("q", "k", "v", "log_key_gate", "log_value_gate")]
-            decay_fast_weights_step(*token, x["initial_state"], kernel="auto")
+            decay_fast_weights_step(*token, state, kernel="auto")
+        with pytest.raises(dfw_kernels.KernelUnavailable, match="float32 state in place, got torch.float64"):
+            decay_fast_weights_step(*token, state, kernel="cuda")
     assert len([r for r in caplog.records if "float32 state" in r.getMessage()]) == 1
+    dfw_kernels.backend.forget()
 
 
 def test_no_tokens_gives_an_empty_output_and_the_initial_state():

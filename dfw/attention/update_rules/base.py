@@ -70,6 +70,24 @@ class UpdateRule(Registered):
         """`inputs` (features and values) with this rule's gates for every token of x [B, T, C]."""
         return inputs
 
+    def skip_pads(self, inputs: TokenInputs, token_mask: Tensor) -> TokenInputs:
+        """`inputs` with every pad (token_mask [B, T] False) made a token that leaves the state as it was.
+
+        No write (key features and values 0) and no decay (log-gates 0, gates 1): exact for the decaying
+        recurrence, which then adds phi(k)^T v = 0 and multiplies by exp(0) = 1, and for the delta rule,
+        whose write beta phi(k)^T (v - phi(k) S) is 0 with phi(k) = 0; a rule with another recurrence
+        overrides it. `torch.where`, not a product, so a non-finite value at a pad cannot leak in.
+        """
+        real = token_mask[:, :, None, None]  # (B, T, 1, 1)
+        at_pads_zero = lambda t: torch.where(real, t, 0.0)
+        gate = lambda t: None if t is None else at_pads_zero(t)
+        return inputs._replace(
+            phi_k=at_pads_zero(inputs.phi_k),
+            v=at_pads_zero(inputs.v),
+            log_key_gate=gate(inputs.log_key_gate),
+            log_value_gate=gate(inputs.log_value_gate),
+        )
+
     def parallel(
         self, inputs: TokenInputs, state: Tensor | None, output_state: bool, chunk_size: int, kernel: str
     ) -> tuple[Tensor, Tensor | None]:
@@ -111,7 +129,10 @@ def zero_weight_gate(hidden_size: int, bias: Tensor) -> nn.Linear:
 def gate_logits(gate: nn.Module, x: Tensor, num_heads: int) -> Tensor:
     """gate(x) as [B, T, H, width], in float32 under bf16 autocast (gates need the range)."""
     B, T, _ = x.shape
-    return gate(x).to(torch.promote_types(x.dtype, torch.float32)).view(B, T, num_heads, -1)  # (B, T, H, width)
+    logits = gate(x)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return logits.view(B, T, num_heads, -1)  # (B, T, H, width)
 
 
 def check_choice(option: str, value: Any, choices) -> None:

@@ -63,9 +63,9 @@ void scan(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tens
   const auto dtype = q.scalar_type();
   const auto f32 = at::kFloat;
   for (const auto [dim, name] : {std::pair{K, "K (q's last dimension)"}, std::pair{V, "V (v's last dimension)"}}) {
-    TORCH_CHECK(dim > 0 && dim <= dfw::kMaxHeadDim && dim % dfw::kHeadDimMultiple == 0, "dfw_kernels: ", name,
-                " must be a multiple of ", dfw::kHeadDimMultiple, " in [", dfw::kHeadDimMultiple, ", ",
-                dfw::kMaxHeadDim, "], got ", dim, "; zero-pad it (decay_fast_weights does)");
+    TORCH_CHECK(dim > 0 && dim <= dfw::kMaxStateDim && dim % dfw::kStateDimMultiple == 0, "dfw_kernels: ", name,
+                " must be a multiple of ", dfw::kStateDimMultiple, " in [", dfw::kStateDimMultiple, ", ",
+                dfw::kMaxStateDim, "], got ", dim, "; zero-pad it (decay_fast_weights does)");
   }
   TORCH_CHECK(B <= 65535 && H <= 65535 && T <= INT32_MAX, "dfw_kernels: B and H must be <= 65535, got ", B, ", ", H);
   scalar_type(q);

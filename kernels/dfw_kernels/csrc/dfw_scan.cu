@@ -337,8 +337,8 @@ cudaError_t launch_dtype(const ScanParams& p, cudaStream_t stream) {
 }  // namespace
 
 int scan(const ScanParams& p, ScalarType dtype, void* stream) {
-  if (p.K <= 0 || p.K > kMaxHeadDim || p.V <= 0 || p.V > kMaxHeadDim || p.K % kHeadDimMultiple ||
-      p.V % kHeadDimMultiple || p.B < 0 || p.H < 0 || p.T < 0 || p.B > 65535 || p.H > 65535)
+  if (p.K <= 0 || p.K > kMaxStateDim || p.V <= 0 || p.V > kMaxStateDim || p.K % kStateDimMultiple ||
+      p.V % kStateDimMultiple || p.B < 0 || p.H < 0 || p.T < 0 || p.B > 65535 || p.H > 65535)
     return static_cast<int>(cudaErrorInvalidValue);
   if (p.B == 0 || p.H == 0) return 0;  // nothing to do
   // T = 0: no token is read (an empty tensor's data pointer is null); the final state is the initial one.

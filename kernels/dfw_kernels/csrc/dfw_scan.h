@@ -18,9 +18,10 @@ namespace dfw {
 
 enum class ScalarType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
-// Head sizes the kernel takes: multiples of kHeadDimMultiple up to kMaxHeadDim (the Python side pads).
-constexpr int kMaxHeadDim = 128;
-constexpr int kHeadDimMultiple = 8;
+// Sizes of the state [K, V] the kernel takes (K = attention.state_size, V = the head size): multiples
+// of kStateDimMultiple up to kMaxStateDim (the Python side pads).
+constexpr int kMaxStateDim = 128;
+constexpr int kStateDimMultiple = 8;
 
 struct ScanParams {
   // [B, T, H, K] (q, k) and [B, T, H, V] (v), contiguous, 16-byte aligned, of the ScalarType.
