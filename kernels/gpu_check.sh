@@ -177,7 +177,9 @@ fi
 # --- The stages -----------------------------------------------------------------------------------
 # The kernel tests: the CUDA kernel's complete, plus the Triton kernel at the GPT-2 training shape, one
 # test per dtype (each runs the forward scan and the backward's three, so both directions).
-TESTS=(tests/kernels/test_cuda.py tests/kernels/test_cuda_glue.py tests/kernels/test_api.py)
+# Then the library's CUDA-graph decoding against eager decoding (tests/test_decode_step.py, its GPU tests).
+TESTS=(tests/kernels/test_cuda.py tests/kernels/test_cuda_glue.py tests/kernels/test_api.py
+       "tests/test_decode_step.py::test_cuda_graph_decoding_equals_eager")
 for dtype in float32 bfloat16 float16; do
     TESTS+=("tests/kernels/test_triton.py::test_gpu_production_shapes[B8-T1024-H12-K64-V64-mixed-torch.$dtype]")
 done
