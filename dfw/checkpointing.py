@@ -106,7 +106,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint gets what `open` would give
+        os.fchmod(
+            fd, 0o666 & ~_umask()
+        )  # mkstemp makes it owner-only; a checkpoint gets what `open` would give
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -140,7 +142,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint(path, "ckpt_path")
 
 
@@ -157,10 +161,18 @@ def slurm_requeue(trainer: L.Trainer, signum: int) -> str | None:
     """`scontrol requeue <job>` when this run is a SLURM job whose Lightning SLURMEnvironment has
     `auto_requeue` and `signum` is its requeue signal (Lightning's own convention); returns the job id."""
     environment = getattr(trainer._accelerator_connector, "cluster_environment", None)  # private: guarded
-    if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal == signum):
+    if not (
+        isinstance(environment, SLURMEnvironment)
+        and environment.auto_requeue
+        and environment.requeue_signal == signum
+    ):
         return None
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    job = (
+        f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if array_job
+        else os.environ.get("SLURM_JOB_ID", "")
+    )
     if not re.fullmatch(r"[0-9_]+", job):
         return None
     if trainer.is_global_zero:
@@ -170,7 +182,9 @@ def slurm_requeue(trainer: L.Trainer, signum: int) -> str | None:
             log.error("could not requeue SLURM job %s (%s): resubmit it to resume", job, err)
             return None
         if result.returncode != 0:
-            log.error("scontrol requeue %s failed (%s): resubmit the job to resume", job, result.stderr.strip())
+            log.error(
+                "scontrol requeue %s failed (%s): resubmit the job to resume", job, result.stderr.strip()
+            )
             return None
     return job
 
@@ -209,10 +223,14 @@ class LatestCheckpoint(Checkpoint):
         self._seen_step = -1
         self._after_validation: int | None = None  # a step whose save waits for its validation
         self._interrupt_requested = False
-        self._signal_received: int | None = None  # a stop signal other than SIGTERM (SIGTERM: Lightning's flag)
+        self._signal_received: int | None = (
+            None  # a stop signal other than SIGTERM (SIGTERM: Lightning's flag)
+        )
         self._previous_handlers: dict[int, Any] = {}
         self._existing_step: int | None = None  # the step of a file at `path` that this run did not write
-        self.interrupted: TrainingInterrupted | None = None  # set when a Ctrl-C or a stop signal stopped training
+        self.interrupted: TrainingInterrupted | None = (
+            None  # set when a Ctrl-C or a stop signal stopped training
+        )
 
     @property
     def path(self) -> Path:
@@ -224,11 +242,16 @@ class LatestCheckpoint(Checkpoint):
             self._restore_handlers()
             raise KeyboardInterrupt
         self._interrupt_requested = True
-        log.warning("Ctrl-C: stopping at the end of this step and writing %s (Ctrl-C again to stop at once)", self.path)
+        log.warning(
+            "Ctrl-C: stopping at the end of this step and writing %s (Ctrl-C again to stop at once)",
+            self.path,
+        )
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         self._signal_received = signum
-        log.warning("%s: stopping at the end of this step and writing %s", signal.Signals(signum).name, self.path)
+        log.warning(
+            "%s: stopping at the end of this step and writing %s", signal.Signals(signum).name, self.path
+        )
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -254,7 +277,9 @@ class LatestCheckpoint(Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handlers()
         stops = isinstance(exception, SIGTERMException) and signal.SIGTERM in self.stop_signals
         if stops and trainer.state.fn == "fit" and self.interrupted is None:
@@ -284,12 +309,18 @@ class LatestCheckpoint(Checkpoint):
         if self.saved_step != trainer.global_step:
             self._save(trainer)
         requeued = slurm_requeue(trainer, signum) if signum != signal.SIGINT else None
-        self.interrupted = TrainingInterrupted(trainer.global_step, str(self.path), signum=signum, requeued=requeued)
+        self.interrupted = TrainingInterrupted(
+            trainer.global_step, str(self.path), signum=signum, requeued=requeued
+        )
         raise self.interrupted
 
     # -- saving --------------------------------------------------------------------------------------
     def _save(self, trainer: L.Trainer) -> None:
-        if self.saved_step is None and self._existing_step is not None and self._existing_step > trainer.global_step:
+        if (
+            self.saved_step is None
+            and self._existing_step is not None
+            and self._existing_step > trainer.global_step
+        ):
             raise CheckpointWriteError(
                 f"{self.path} holds step {self._existing_step}, later than this run's step {trainer.global_step}, and "
                 "this run did not write it: not overwritten; resume from it, or run in another folder"
@@ -303,7 +334,9 @@ class LatestCheckpoint(Checkpoint):
         """Whether Lightning validates right after this batch (its own rule; private API, so guarded)."""
         loop = trainer.fit_loop.epoch_loop
         try:
-            return bool(trainer.enable_validation and loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+            return bool(
+                trainer.enable_validation and loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+            )
         except Exception:
             return False
 
@@ -350,7 +383,14 @@ class CrashCheckpoint(Callback):
     """`<dirpath>/<filename>.ckpt` after an unexpected exception in training (see the module docstring)."""
 
     # Exceptions after which no crash checkpoint is written: their state is already saved or is not worth saving.
-    SKIP = (TrainingInterrupted, SIGTERMException, NonFiniteLossError, CheckpointWriteError, KeyboardInterrupt, ConfigError)
+    SKIP = (
+        TrainingInterrupted,
+        SIGTERMException,
+        NonFiniteLossError,
+        CheckpointWriteError,
+        KeyboardInterrupt,
+        ConfigError,
+    )
 
     def __init__(self, dirpath: str, filename: str = "on-exception"):
         super().__init__()
@@ -366,14 +406,22 @@ class CrashCheckpoint(Callback):
 
     def _free_path(self) -> Path:
         base = Path(self.dirpath) / self.filename
-        candidates = [base.with_name(f"{base.name}.ckpt")] + [base.with_name(f"{base.name}-v{i}.ckpt") for i in range(1, 1000)]
+        candidates = [base.with_name(f"{base.name}.ckpt")] + [
+            base.with_name(f"{base.name}-v{i}.ckpt") for i in range(1, 1000)
+        ]
         for path in candidates:
             if path in self.written or not path.exists():
                 return path
         raise CheckpointWriteError(f"no free name for a crash checkpoint in {self.dirpath}")
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._start_step is None or isinstance(exception, self.SKIP) or trainer.global_step <= self._start_step:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if (
+            self._start_step is None
+            or isinstance(exception, self.SKIP)
+            or trainer.global_step <= self._start_step
+        ):
             return
         path = self._free_path()
         try:
@@ -384,8 +432,9 @@ class CrashCheckpoint(Callback):
         self.written.append(path)
         log.warning(
             "training failed at step %d: wrote %s (taken mid-step; resume from last.ckpt for an exact resume)",
-            trainer.global_step, path,
-        )  # fmt: skip
+            trainer.global_step,
+            path,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -406,8 +455,11 @@ class StopOnNonFiniteLoss(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        bad = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1
-               and not bool(torch.isfinite(v))}  # fmt: skip
+        bad = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and v.numel() == 1 and not bool(torch.isfinite(v))
+        }
         if bad:
             name, value = sorted(bad.items())[0]
             raise NonFiniteLossError(
@@ -415,7 +467,9 @@ class StopOnNonFiniteLoss(Callback):
                 f"{self._kept(trainer)}. Lower module.optimizer.lr or check the data"
             )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None or bool(torch.isfinite(loss.detach()).all()):
             return

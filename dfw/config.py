@@ -24,7 +24,9 @@ def budget_left(budget_steps: int | None, transfer_steps: int) -> int:
             "between their stages; set budget_steps=<steps>, e.g. budget_steps=400"
         )
     if not 0 <= transfer_steps < budget_steps:
-        raise ConfigError(f"transfer.steps={transfer_steps} leaves no fine-tuning within budget_steps={budget_steps}")
+        raise ConfigError(
+            f"transfer.steps={transfer_steps} leaves no fine-tuning within budget_steps={budget_steps}"
+        )
     return budget_steps - transfer_steps
 
 

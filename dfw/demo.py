@@ -45,8 +45,10 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _teacher_key(cfg: DictConfig) -> str:
-    fields = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
-              for key in TEACHER_KEYS}  # fmt: skip
+    fields = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+        for key in TEACHER_KEYS
+    }
     for volatile in ("default_root_dir", "enable_progress_bar"):
         fields["trainer"].pop(volatile, None)
     fields["data"].pop("cache_dir", None)
@@ -79,9 +81,16 @@ DFW = ["attention=decay"]
 SOFTMAX = ["attention=softmax"]
 
 
-def finetune(teacher_dir: Path, attention: list[str], overrides: list[str], run_dir: Path) -> dict[str, float]:
+def finetune(
+    teacher_dir: Path, attention: list[str], overrides: list[str], run_dir: Path
+) -> dict[str, float]:
     """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune, test."""
-    common = ["experiment=demo_finetune", *attention, f"model.pretrained={teacher_dir}", f"model.tokenizer={teacher_dir}"]
+    common = [
+        "experiment=demo_finetune",
+        *attention,
+        f"model.pretrained={teacher_dir}",
+        f"model.tokenizer={teacher_dir}",
+    ]
     cfg = _compose([*common, *overrides])
     if attention != SOFTMAX:
         # The same training steps (tokens) as softmax: a quarter for attention transfer, the rest fine-tuning.
@@ -89,9 +98,15 @@ def finetune(teacher_dir: Path, attention: list[str], overrides: list[str], run_
         transfer = max(1, budget // 4)
         interval = cfg.trainer.val_check_interval  # validate at the last fine-tuning step too
         interval = interval if (budget - transfer) % interval == 0 else budget - transfer
-        recipe = ["recipe=transfer_finetune", f"budget_steps={budget}", f"transfer.steps={transfer}",
-                  f"trainer.val_check_interval={interval}"]  # fmt: skip
-        kept = [o for o in overrides if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+        recipe = [
+            "recipe=transfer_finetune",
+            f"budget_steps={budget}",
+            f"transfer.steps={transfer}",
+            f"trainer.val_check_interval={interval}",
+        ]
+        kept = [
+            o for o in overrides if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))
+        ]
         cfg = _compose([*common, *kept, *recipe])
     cfg.paths.output_dir = str(run_dir / cfg.attention.name)
     log.info("fine-tuning the teacher with attention=%s", cfg.attention.name)
@@ -132,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.md").write_text(table + "\n")
     print(
-        "\n" + table + "\n\nsoftmax quality retained = validation ppl of softmax fine-tuned with the same budget / "
+        "\n"
+        + table
+        + "\n\nsoftmax quality retained = validation ppl of softmax fine-tuned with the same budget / "
         f"validation ppl of the row; written to {run_dir}/results.md"
     )
     return 0
@@ -140,4 +157,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -37,7 +37,6 @@ from .presets import config_dir
 log = logging.getLogger(__name__)
 
 
-
 def load_for_generation(source: str) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
     """The model and tokenizer that `source` names: an export, a `.ckpt`, a Hugging Face directory or hub id
     (`dfw.loading.load_model`; a softmax model is a plain `GPT2LMHeadModel` with transformers' KV cache, a
@@ -94,17 +93,25 @@ def check_generation_options(cfg: DictConfig) -> None:
     known = set(OmegaConf.load(GENERATE_CONFIG)) - {"defaults", "hydra"}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]} is not an option of dfw.generate; its options are {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{unknown[0]} is not an option of dfw.generate; its options are {', '.join(sorted(known))}"
+        )
     prompts = list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt]
     if not prompts:
         raise ConfigError("prompt is an empty list; give a string or a list of strings")
     for i, prompt in enumerate(prompts):
         where = f"prompt[{i}]" if isinstance(cfg.prompt, (list, ListConfig)) else "prompt"
         if not isinstance(prompt, str) or not prompt:
-            raise ConfigError(f"{where} is empty; give the text to continue, e.g. prompt=\"To be, or not to be\"")
+            raise ConfigError(
+                f'{where} is empty; give the text to continue, e.g. prompt="To be, or not to be"'
+            )
     if not _is_int(cfg.max_new_tokens) or cfg.max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
-    if isinstance(cfg.temperature, bool) or not isinstance(cfg.temperature, (int, float)) or not cfg.temperature >= 0:
+    if (
+        isinstance(cfg.temperature, bool)
+        or not isinstance(cfg.temperature, (int, float))
+        or not cfg.temperature >= 0
+    ):
         raise ConfigError(f"temperature must be 0 (greedy) or positive, got {cfg.temperature!r}")
     if not _is_int(cfg.top_k) or cfg.top_k < 0:
         raise ConfigError(f"top_k must be a non-negative integer (0: no top-k filtering), got {cfg.top_k!r}")
@@ -151,9 +158,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     with torch.inference_mode():
         output = net.generate(
-            **batch, cache=cache, max_new_tokens=cfg.max_new_tokens, streamer=clock,
-            pad_token_id=tokenizer.pad_token_id, **options,
-        )  # fmt: skip
+            **batch,
+            cache=cache,
+            max_new_tokens=cfg.max_new_tokens,
+            streamer=clock,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
+        )
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     if len(prompts) > 1:
         for text in texts:

@@ -129,7 +129,11 @@ class DFWForCausalLM(GPT2LMHeadModel):
 
 def as_dfw_model(net: GPT2LMHeadModel, attention: dict[str, Any], **metadata: Any) -> DFWForCausalLM:
     """`net` (converted by dfw.surgery) as a DFWForCausalLM sharing its tensors (no copy)."""
-    fields = {k: v for k, v in net.config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    fields = {
+        k: v
+        for k, v in net.config.to_dict().items()
+        if k not in ("model_type", "architectures", "transformers_version")
+    }
     # metadata replaces what a pretrained model's config may carry from an earlier export (exported_step, ...)
     config = DFWConfig(**{**fields, **metadata, "attention": attention})
     with torch.device("meta"):

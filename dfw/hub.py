@@ -26,7 +26,14 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "offline mode is on (HF_HUB_OFFLINE)"
     endpoint = urlparse(constants.ENDPOINT)
-    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
+    proxy = next(
+        (
+            os.environ[k]
+            for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+            if os.environ.get(k)
+        ),
+        None,
+    )
     target = urlparse(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else endpoint
     host = target.hostname or ""
     port = target.port or (443 if target.scheme == "https" else 80)
@@ -39,7 +46,9 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
         except OSError as err:
             outcome["error"] = err
 
-    probe = threading.Thread(target=connect, daemon=True)  # a thread: name resolution has no timeout of its own
+    probe = threading.Thread(
+        target=connect, daemon=True
+    )  # a thread: name resolution has no timeout of its own
     probe.start()
     probe.join(timeout)
     if outcome.get("ok"):

@@ -45,7 +45,9 @@ class LoadedModel:
 
     net: GPT2LMHeadModel  # a plain GPT2LMHeadModel for softmax, converted (dfw.surgery) otherwise
     tokenizer: PreTrainedTokenizerBase  # the source's own, else GPT-2's
-    attention: dict[str, Any] | None  # the stored attention config of a converted model; None: plain softmax GPT-2
+    attention: (
+        dict[str, Any] | None
+    )  # the stored attention config of a converted model; None: plain softmax GPT-2
     kind: Literal["hub", "hf_dir", "export", "checkpoint"]
     source: str  # as given
 
@@ -98,7 +100,9 @@ def from_pretrained(source: str, option: str = "model.pretrained") -> GPT2LMHead
         return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else source, dtype=torch.float32)
     except OSError as err:
         if looks_local:
-            raise ConfigError(f"{option}={source!r}: could not read the model ({error_summary(err)})") from None
+            raise ConfigError(
+                f"{option}={source!r}: could not read the model ({error_summary(err)})"
+            ) from None
         raise ConfigError(
             f"{option}={source!r}: could not load it from the Hugging Face hub or its local cache "
             f"({error_summary(err)[:160]}). Download it once with network access (it is then cached), "
@@ -152,7 +156,9 @@ def load_exported(directory: str | Path) -> GPT2LMHeadModel:
     directory = Path(directory).expanduser()
     attention = saved_attention(directory)
     if attention is None:
-        raise ConfigError(f"{directory} has no {ATTENTION_FILE} and no {MODEL_TYPE} config: not a model exported by dfw")
+        raise ConfigError(
+            f"{directory} has no {ATTENTION_FILE} and no {MODEL_TYPE} config: not a model exported by dfw"
+        )
     config = _config_json(directory) or {}
     if config.get("model_type") == MODEL_TYPE:
         try:
@@ -202,7 +208,9 @@ def load_weights(net: GPT2LMHeadModel, state: dict[str, torch.Tensor], source: s
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [key for key in missing if key != "lm_head.weight"]
     if missing or unexpected:
-        raise ConfigError(f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise ConfigError(
+            f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected})"
+        )
     net.tie_weights()
     return net
 
@@ -228,7 +236,9 @@ def read_checkpoint(path: str | Path, option: str, mmap: bool = False) -> dict[s
             "(a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or best-*.ckpt)"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by dfw.train")
+        raise ConfigError(
+            f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by dfw.train"
+        )
     return checkpoint
 
 
@@ -254,14 +264,22 @@ def _from_checkpoint(path: Path, option: str) -> LoadedModel:
     spec = (config.get("model") or {}).get("tokenizer") or "gpt2"
     source = f"{path} (stored run config)"
     # gpt2 and saved directories need no corpus; bpe-<N> is found through the run's data config.
-    tokenizer = gpt2_tokenizer() if spec == "gpt2" else build_checked(data, LightningDataModule, source, "data").tokenizer
+    tokenizer = (
+        gpt2_tokenizer()
+        if spec == "gpt2"
+        else build_checked(data, LightningDataModule, source, "data").tokenizer
+    )
     weights = {
-        key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")
+        key.removeprefix("net."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("net.")
     }
     try:
         net = GPT2LMHeadModel(GPT2Config.from_dict(checkpoint["model_config"]))
     except Exception as err:
-        raise ConfigError(f"{option}={str(path)!r}: the stored model config is not a GPT-2 config ({err})") from None
+        raise ConfigError(
+            f"{option}={str(path)!r}: the stored model config is not a GPT-2 config ({err})"
+        ) from None
     stored = attention if attention.get("name") != "softmax" else None
     net = _rebuild(net, stored, source, lambda: weights, f"{option}={str(path)!r}")
     return LoadedModel(net, tokenizer, stored, "checkpoint", str(path))

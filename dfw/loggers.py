@@ -40,7 +40,9 @@ def wandb_logger(
     import wandb
 
     if mode not in (None, "online", "offline", "disabled"):
-        raise ConfigError(f"logger.wandb.mode must be online, offline, disabled or null (by credentials), got {mode!r}")
+        raise ConfigError(
+            f"logger.wandb.mode must be online, offline, disabled or null (by credentials), got {mode!r}"
+        )
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(

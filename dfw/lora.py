@@ -26,7 +26,9 @@ def apply_lora(net: nn.Module, lora: Any) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     if not isinstance(lora.rank, int) or lora.rank < 0:
-        raise ConfigError(f"lora.rank must be a non-negative integer (0: full fine-tuning), got {lora.rank!r}")
+        raise ConfigError(
+            f"lora.rank must be a non-negative integer (0: full fine-tuning), got {lora.rank!r}"
+        )
     targets = list(lora.targets)
     names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
     unknown = [t for t in targets if t not in names]
@@ -36,10 +38,13 @@ def apply_lora(net: nn.Module, lora: Any) -> nn.Module:
             "name GPT-2's layers, e.g. [c_attn, c_proj, c_fc]"
         )
     config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
         fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out); peft resets it for nn.Linear
         bias="none",
-    )  # fmt: skip
+    )
     peft_net = get_peft_model(net, config)
     for name, p in peft_net.named_parameters():
         if ".attn.core." in name:
@@ -48,8 +53,15 @@ def apply_lora(net: nn.Module, lora: Any) -> nn.Module:
     new = sum(p.numel() for name, p in peft_net.named_parameters() if ".attn.core." in name)
     total = sum(p.numel() for p in peft_net.parameters())
     trainable = sum(p.numel() for p in peft_net.parameters() if p.requires_grad)
-    log.info("LoRA rank %d on %s: %s trainable of %s parameters (%s adapter, %s new attention)",
-             lora.rank, targets, f"{trainable:,}", f"{total:,}", f"{adapters:,}", f"{new:,}")  # fmt: skip
+    log.info(
+        "LoRA rank %d on %s: %s trainable of %s parameters (%s adapter, %s new attention)",
+        lora.rank,
+        targets,
+        f"{trainable:,}",
+        f"{total:,}",
+        f"{adapters:,}",
+        f"{new:,}",
+    )
     return peft_net
 
 

@@ -44,7 +44,9 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
     """
     vocab_size = len(tokenizer)
     if model.get("pretrained"):
-        saved = saved_attention(model.pretrained) if Path(str(model.pretrained)).expanduser().is_dir() else None
+        saved = (
+            saved_attention(model.pretrained) if Path(str(model.pretrained)).expanduser().is_dir() else None
+        )
         if saved is not None and saved.get("name") != "softmax":
             # A dfw export: rebuild its attention with the stored config, then load the new parameters too.
             if saved.get("name") != attention.get("name"):
@@ -83,7 +85,9 @@ def export(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    node = OmegaConf.to_container(attention, resolve=True) if OmegaConf.is_config(attention) else dict(attention)
+    node = (
+        OmegaConf.to_container(attention, resolve=True) if OmegaConf.is_config(attention) else dict(attention)
+    )
     metadata = {"exported_weights": weights, "exported_step": step}
     if node.get("name") == "softmax":
         # A softmax model is a plain GPT-2: any transformers loads it as what it is.

@@ -46,7 +46,9 @@ class RunFolderBusy(ConfigError):
 
 
 def _describe(info: dict[str, Any]) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
+    started = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
+    )
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {started}"
 
 
@@ -63,7 +65,14 @@ def secondary_process() -> bool:
     """Whether this is a process of a multi-process run other than its first (rank 0 of node 0), by the
     environment variables Lightning reads its rank from (RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK)
     and NODE_RANK / GROUP_RANK. The first process holds the locks and writes Hydra's files for all of them."""
-    rank = next((os.environ[k] for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK") if k in os.environ), "0")
+    rank = next(
+        (
+            os.environ[k]
+            for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+            if k in os.environ
+        ),
+        "0",
+    )
     node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
     return int(rank or 0) > 0 or int(node or 0) > 0
 
@@ -85,9 +94,14 @@ def acquire(folder: str | Path) -> bool:
                 f"{folder} is in use by another run ({_describe(info)}): wait for it to end, or write this run "
                 "elsewhere (hydra.run.dir=<new folder> or paths.output_dir=<new folder>)"
             ) from None
-        raise ConfigError(f"cannot lock {folder / LOCK_FILE} ({err.strerror}); run in a folder on a file system with locks") from None
+        raise ConfigError(
+            f"cannot lock {folder / LOCK_FILE} ({err.strerror}); run in a folder on a file system with locks"
+        ) from None
     previous = _read_info(fd)
-    if previous.get("pid") and (previous.get("pid"), previous.get("host")) != (os.getpid(), socket.gethostname()):
+    if previous.get("pid") and (previous.get("pid"), previous.get("host")) != (
+        os.getpid(),
+        socket.gethostname(),
+    ):
         log.info("took over the stale lock of %s: that run has ended (%s)", folder, _describe(previous))
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": sys.argv}
     os.ftruncate(fd, 0)
@@ -109,7 +123,9 @@ def locked(folders: Iterable[str | Path]) -> Iterator[None]:
     other processes of a multi-process run (`secondary_process`) take none: the first holds them."""
     taken: list[Path] = []
     try:
-        for folder in [] if secondary_process() else sorted({Path(f).expanduser().absolute() for f in folders}):
+        for folder in (
+            [] if secondary_process() else sorted({Path(f).expanduser().absolute() for f in folders})
+        ):
             if acquire(folder):
                 taken.append(folder)
         yield
@@ -156,9 +172,13 @@ def write_held_back() -> None:
     # The log so far went to a temporary file outside the run folder: it moves in, and logging follows it.
     root = logging.getLogger()
     for name, temporary in held["log_files"].items():
-        node = OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg, resolve=False), "file": held["log_names"][name]})
+        node = OmegaConf.create(
+            {"hydra": OmegaConf.to_container(hydra_cfg, resolve=False), "file": held["log_names"][name]}
+        )
         real = Path(str(node.file))
-        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename == temporary]:
+        for handler in [
+            h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename == temporary
+        ]:
             handler.flush()
             moved = logging.FileHandler(real, mode="a", encoding=handler.encoding)
             moved.setFormatter(handler.formatter)
@@ -202,14 +222,18 @@ class RunFolderCallback(Callback):
             # Log files (Hydra's `<job>.log`) start in a temporary file outside the run folder.
             handlers = (config.hydra.job_logging.get("handlers") if config.hydra.job_logging else None) or {}
             _held_back.setdefault("output_subdir", None)
-            _held_back.setdefault("task_config", OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+            _held_back.setdefault(
+                "task_config", OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            )
             _held_back.update(log_files={}, log_names={})
             for name, handler in handlers.items():
                 if handler is not None and "filename" in handler:
                     fd, temporary = tempfile.mkstemp(prefix=f"dfw-{os.getpid()}-", suffix=".log")
                     os.close(fd)
                     atexit.register(Path(temporary).unlink, missing_ok=True)
-                    _held_back["log_names"][name] = OmegaConf.to_container(handlers, resolve=False)[name]["filename"]
+                    _held_back["log_names"][name] = OmegaConf.to_container(handlers, resolve=False)[name][
+                        "filename"
+                    ]
                     _held_back["log_files"][name] = temporary
                     handler.filename = temporary
 

@@ -82,14 +82,18 @@ def resolve_own_class(target: Any, base: type, where: str) -> type:
     imported, so naming a module with side effects (an entry point's __main__) runs nothing.
     """
     if not isinstance(target, str) or not (target == "dfw" or target.startswith("dfw.")):
-        raise UnsafeConfigError(f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named in a stored config")
+        raise UnsafeConfigError(
+            f"{where}._target_={target!r} refused: only {_kind_names(base)} may be named in a stored config"
+        )
     cls = own_classes(base).get(target)
     if cls is None:
         raise UnsafeConfigError(f"{where}._target_={target!r} refused: not one of {_kind_names(base)}")
     return cls
 
 
-def check_options(cls: Callable, options: Mapping[str, Any], where: str, ignore: frozenset = DESCRIPTIVE_KEYS) -> None:
+def check_options(
+    cls: Callable, options: Mapping[str, Any], where: str, ignore: frozenset = DESCRIPTIVE_KEYS
+) -> None:
     """Every key of `options` is an argument of `cls` (a class or callable), else one ConfigError naming it."""
     parameters = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
@@ -109,13 +113,17 @@ def _check_plain(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if key == "_target_":
-                raise UnsafeConfigError(f"{where}._target_ refused: a stored config may not name nested objects")
+                raise UnsafeConfigError(
+                    f"{where}._target_ refused: a stored config may not name nested objects"
+                )
             _check_plain(item, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_plain(item, f"{where}[{i}]")
     elif not isinstance(value, PLAIN):
-        raise UnsafeConfigError(f"{where}: a stored config holds only plain values, got {type(value).__name__}")
+        raise UnsafeConfigError(
+            f"{where}: a stored config holds only plain values, got {type(value).__name__}"
+        )
 
 
 def checked_node(node: Any, base: type, source: str, option: str) -> tuple[type, dict[str, Any]]:
@@ -137,7 +145,9 @@ def checked_node(node: Any, base: type, source: str, option: str) -> tuple[type,
                 if not isinstance(value, bool):
                     raise UnsafeConfigError(f"{where}._partial_={value!r} refused: true or false")
             elif key.startswith("_") and key != "_target_":
-                raise UnsafeConfigError(f"{where}.{key} refused: a stored config may only use _target_ and _partial_")
+                raise UnsafeConfigError(
+                    f"{where}.{key} refused: a stored config may only use _target_ and _partial_"
+                )
             elif key != "_target_":
                 _check_plain(value, f"{where}.{key}")
         check_options(cls, node, where)

@@ -41,7 +41,9 @@ def core_factory(attention: DictConfig | dict, source: str | None = None) -> Cor
     """
     if source is not None:
         return build_checked(attention, AttentionCore, source, "attention")
-    node = OmegaConf.to_container(attention, resolve=True) if OmegaConf.is_config(attention) else dict(attention)
+    node = (
+        OmegaConf.to_container(attention, resolve=True) if OmegaConf.is_config(attention) else dict(attention)
+    )
     node.pop("name", None)
     if isinstance(node.get("_target_"), str):
         try:
@@ -83,7 +85,11 @@ def convert_attention(model: nn.Module, core_factory: CoreFactory) -> ParameterC
         if isinstance(core, SoftmaxAttention):
             continue  # softmax is the pretrained attention: nothing to convert
         block.attn = ConvertedAttention(original, core)
-        assert tuple(block.attn.c_attn.weight.shape) == c_attn_shape == (original.embed_dim, 3 * original.embed_dim)
+        assert (
+            tuple(block.attn.c_attn.weight.shape)
+            == c_attn_shape
+            == (original.embed_dim, 3 * original.embed_dim)
+        )
     counts = ParameterCounts(
         pretrained=sum(before.values()),
         new=sum(p.numel() for p in model.parameters() if id(p) not in before),

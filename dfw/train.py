@@ -42,7 +42,15 @@ log = logging.getLogger(__name__)
 # Attention options that change how a core is computed, not what it computes: a resume may change them.
 RUNTIME_ATTENTION_OPTIONS = frozenset({"kernel", "chunk_size"})
 # GPT2Config fields that fix the architecture: a checkpoint resumes only into the same ones.
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "n_inner", "n_positions", "vocab_size", "activation_function")
+ARCHITECTURE_FIELDS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_inner",
+    "n_positions",
+    "vocab_size",
+    "activation_function",
+)
 
 
 def _differences(stored: dict, requested: dict, prefix: str, keys: Any) -> list[str]:
@@ -64,7 +72,9 @@ def _progress(stage: str | None, step: int) -> tuple[bool, int]:
     return (stage != "transfer", step)
 
 
-def _later_state(folder: Path, stage: str | None, step: int, resumed: Path | None = None) -> tuple[Path, int] | None:
+def _later_state(
+    folder: Path, stage: str | None, step: int, resumed: Path | None = None
+) -> tuple[Path, int] | None:
     """A latest-state file in `folder` (other than `resumed`) that is further on than (stage, step), if any."""
     for name, file_stage in LATEST_FILES.items():
         path = folder / name
@@ -78,7 +88,11 @@ def _later_state(folder: Path, stage: str | None, step: int, resumed: Path | Non
 def _checkpoint_dirs(cfg: DictConfig) -> dict[str, str]:
     """callbacks.<name>.dirpath for every callback that writes checkpoints."""
     callbacks = cfg.get("callbacks") or {}
-    return {f"callbacks.{name}.dirpath": str(c.dirpath) for name, c in callbacks.items() if c is not None and "dirpath" in c}
+    return {
+        f"callbacks.{name}.dirpath": str(c.dirpath)
+        for name, c in callbacks.items()
+        if c is not None and "dirpath" in c
+    }
 
 
 def _latest_dir(cfg: DictConfig) -> Path | None:
@@ -92,13 +106,21 @@ def _resume_after_requeue(cfg: DictConfig) -> None:
     if "SLURM_JOB_ID" not in os.environ or not os.environ.get("SLURM_RESTART_COUNT", "0").strip("0"):
         return
     resumed = Path(cfg.ckpt_path).expanduser() if cfg.get("ckpt_path") else None
-    start = (None, -1) if resumed is None or not resumed.is_file() else (checkpoint_stage(str(resumed)), checkpoint_step(resumed) or 0)
+    start = (
+        (None, -1)
+        if resumed is None or not resumed.is_file()
+        else (checkpoint_stage(str(resumed)), checkpoint_step(resumed) or 0)
+    )
     folders = [f for f in (_latest_dir(cfg), resumed.parent if resumed else None) if f is not None]
     later = [found for folder in folders if (found := _later_state(folder, *start, resumed))]
     if later:
         path = max(later, key=lambda found: _progress(LATEST_FILES[found[0].name], found[1]))[0]
-        log.info("SLURM job %s was requeued (restart %s): resuming from %s", os.environ["SLURM_JOB_ID"],
-                 os.environ["SLURM_RESTART_COUNT"], path)  # fmt: skip
+        log.info(
+            "SLURM job %s was requeued (restart %s): resuming from %s",
+            os.environ["SLURM_JOB_ID"],
+            os.environ["SLURM_RESTART_COUNT"],
+            path,
+        )
         with open_dict(cfg):
             cfg.ckpt_path = str(path)
 
@@ -121,11 +143,15 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
     config (GPT2Config fields) and the identity of the data it was trained on (or None)."""
     ckpt = Path(cfg.ckpt_path).expanduser()
     if not ckpt.is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass the path of a .ckpt file to resume from")
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass the path of a .ckpt file to resume from"
+        )
     state = read_checkpoint(ckpt, "ckpt_path")
     stored = (state.get("hyper_parameters") or {}).get("config") or {}
     if not isinstance(stored.get("attention"), dict):
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} has no run config: not a checkpoint written by dfw.train")
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} has no run config: not a checkpoint written by dfw.train"
+        )
     requested = OmegaConf.to_container(cfg.attention, resolve=True)
     # The checkpoint's keys: an option added to dfw after it was written is not held against it.
     keys = ["name", *sorted(set(stored["attention"]) - RUNTIME_ATTENTION_OPTIONS - {"name"})]
@@ -147,14 +173,25 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
     later = _later_state(target, stage, step, ckpt)
     if later is not None:
         own = _latest_dir(cfg)
-        if own is None or own.absolute() == target.absolute() or _later_state(own, stage, step, ckpt) is not None:
+        if (
+            own is None
+            or own.absolute() == target.absolute()
+            or _later_state(own, stage, step, ckpt) is not None
+        ):
             raise ConfigError(
                 f"ckpt_path={cfg.ckpt_path!r} is at step {step}, but {later[0]} holds a later state (step {later[1]}) "
                 f"that resuming there would overwrite; resume from {later[0]}, or give this run a new folder "
                 "(paths.output_dir=<new folder>)"
             )
-        log.warning("ckpt_path=%s is at step %d, but %s holds a later state (step %d): this run writes its "
-                    "checkpoints to %s instead, and that state is kept", ckpt, step, later[0], later[1], own)  # fmt: skip
+        log.warning(
+            "ckpt_path=%s is at step %d, but %s holds a later state (step %d): this run writes its "
+            "checkpoints to %s instead, and that state is kept",
+            ckpt,
+            step,
+            later[0],
+            later[1],
+            own,
+        )
         target = own
     with open_dict(cfg):
         for callback in cfg.callbacks.values():
@@ -171,15 +208,21 @@ def _check_resumed_data(cfg: DictConfig, resumed: dict[str, Any], datamodule: An
     block and batch sizes, seed and gradient accumulation; else one error naming what changed."""
     stored = resumed.get("data")
     if not isinstance(stored, dict):
-        log.warning("ckpt_path=%s records no data identity (written by an earlier dfw): its data is not checked", cfg.ckpt_path)
+        log.warning(
+            "ckpt_path=%s records no data identity (written by an earlier dfw): its data is not checked",
+            cfg.ckpt_path,
+        )
         return
     current = datamodule.identity()
     differ = [
         f"data.{key}: checkpoint {stored.get(key)!r}, requested {current[key]!r}"
-        for key in ("block_size", "batch_size", "seed") if stored.get(key) != current[key]
-    ]  # fmt: skip
+        for key in ("block_size", "batch_size", "seed")
+        if stored.get(key) != current[key]
+    ]
     if stored.get("tokenizer") != current["tokenizer"]:
-        differ.append(f"the tokenizer (model.tokenizer={cfg.model.get('tokenizer')!r}) is not the checkpoint's")
+        differ.append(
+            f"the tokenizer (model.tokenizer={cfg.model.get('tokenizer')!r}) is not the checkpoint's"
+        )
     stored_tokens = stored.get("tokens_sha256") or {}
     for split, digest in current["tokens_sha256"].items():
         if stored_tokens.get(split) != digest:
@@ -189,11 +232,15 @@ def _check_resumed_data(cfg: DictConfig, resumed: dict[str, Any], datamodule: An
             )
     accumulate = ((resumed.get("config") or {}).get("trainer") or {}).get("accumulate_grad_batches")
     if accumulate is not None and accumulate != cfg.trainer.accumulate_grad_batches:
-        differ.append(f"trainer.accumulate_grad_batches: checkpoint {accumulate}, requested {cfg.trainer.accumulate_grad_batches}")
+        differ.append(
+            f"trainer.accumulate_grad_batches: checkpoint {accumulate}, requested {cfg.trainer.accumulate_grad_batches}"
+        )
     if not differ:
         return
     if (cfg.get("resume") or {}).get("allow_data_change"):
-        log.warning("resume.allow_data_change=true: resuming %s on other data (%s)", cfg.ckpt_path, "; ".join(differ))
+        log.warning(
+            "resume.allow_data_change=true: resuming %s on other data (%s)", cfg.ckpt_path, "; ".join(differ)
+        )
         return
     raise ConfigError(
         f"ckpt_path={cfg.ckpt_path!r} was trained on other data ({'; '.join(differ)}), so the resumed data order "
@@ -214,7 +261,9 @@ def _check_output_locations(cfg: DictConfig) -> None:
     export_dir = Path(str(cfg.export_dir)).expanduser() if cfg.get("export_dir") else None
     if export_dir is not None and export_dir.exists():
         if not export_dir.is_dir():
-            raise ConfigError(f"export_dir={str(export_dir)!r} is a file; choose a folder for the exported model")
+            raise ConfigError(
+                f"export_dir={str(export_dir)!r} is a file; choose a folder for the exported model"
+            )
         try:
             exported = saved_attention(export_dir) is not None
         except ConfigError:
@@ -238,7 +287,9 @@ def _check_resumed_model(cfg: DictConfig, stored: dict[str, Any], net: Any) -> N
 def _check_run_options(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps must be a positive integer (training is step-based), got {max_steps!r}")
+        raise ConfigError(
+            f"trainer.max_steps must be a positive integer (training is step-based), got {max_steps!r}"
+        )
     if cfg.get("export_weights", "final") not in ("final", "best"):
         raise ConfigError(f"export_weights must be final or best, got {cfg.export_weights!r}")
     allow = (cfg.get("resume") or {}).get("allow_data_change", False)
@@ -259,9 +310,13 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
+def _fit_and_test(
+    cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any
+) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    stage = checkpoint_stage(cfg.get("ckpt_path"))  # None, "transfer" (inside the transfer stage) or "finetune"
+    stage = checkpoint_stage(
+        cfg.get("ckpt_path")
+    )  # None, "transfer" (inside the transfer stage) or "finetune"
     if cfg.validate_before_fit and stage is None:
         # The converted model before any fine-tuning: how much conversion alone costs.
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -273,10 +328,14 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
     module.net = apply_lora(module.net, cfg.get("lora"))
     for logger in trainer.loggers:
         logger.log_metrics(trainable_parameter_metrics(module.net), step=0)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if stage == "finetune" else None)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if stage == "finetune" else None
+    )
     metrics.update(_metrics(trainer))
 
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    checkpoint = next(
+        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None
+    )
     best = checkpoint.best_model_path if checkpoint is not None else ""
     if best and checkpoint.best_model_score is not None:
         metrics["val/ppl_best"] = float(checkpoint.best_model_score)
@@ -296,24 +355,39 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update({k: v for k, v in _metrics(trainer).items() if k.startswith("test/")})
     if cfg.get("export_dir") and isinstance(trainer.strategy, FSDPStrategy):
-        log.warning("no export under FSDP (the parameters are sharded): use the .ckpt, e.g. with dfw.generate")
+        log.warning(
+            "no export under FSDP (the parameters are sharded): use the .ckpt, e.g. with dfw.generate"
+        )
     elif cfg.get("export_dir") and trainer.is_global_zero:
-        export(merged(module.net), cfg.attention, cfg.export_dir, tokenizer=datamodule.tokenizer, weights=weights, step=step)
+        export(
+            merged(module.net),
+            cfg.attention,
+            cfg.export_dir,
+            tokenizer=datamodule.tokenizer,
+            weights=weights,
+            step=step,
+        )
     return metrics
 
 
-def _transfer(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any, resume: bool) -> bool:
+def _transfer(
+    cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any, resume: bool
+) -> bool:
     """The attention transfer stage (`transfer.*`), with a trainer of its own and the run's loggers."""
     if not cfg.get("transfer"):
         return False
     checkpoint = cfg.callbacks.get("model_checkpoint") if cfg.get("callbacks") else None
     return run_transfer(
-        cfg.transfer, module.net, datamodule,
-        make_trainer=lambda **overrides: instantiate(cfg.trainer, logger=trainer.loggers or False, **overrides),
+        cfg.transfer,
+        module.net,
+        datamodule,
+        make_trainer=lambda **overrides: instantiate(
+            cfg.trainer, logger=trainer.loggers or False, **overrides
+        ),
         checkpoint_dir=checkpoint.dirpath if checkpoint else None,
         ckpt_path=cfg.ckpt_path if resume else None,
         run_config=module.hparams["config"],
-    )  # fmt: skip
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -326,14 +400,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _check_fresh_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
+    datamodule = instantiate(
+        cfg.data, _convert_="all"
+    )  # plain containers: checkpoints load with weights_only
     datamodule.prepare_data()
     datamodule.setup("fit")
     if resumed is not None and isinstance(datamodule, LanguageModelingDataModule):
         _check_resumed_data(cfg, resumed, datamodule)
     net = build_model(cfg.model, cfg.attention, datamodule.tokenizer)
     _check_sizes(cfg, net)
-    evaluation = evaluation_after_training(cfg, net, datamodule)  # eval.tasks=[...]: checked now, run after training
+    evaluation = evaluation_after_training(
+        cfg, net, datamodule
+    )  # eval.tasks=[...]: checked now, run after training
     if resumed is not None:
         _check_resumed_model(cfg, resumed["model"], net)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -358,7 +436,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.info("W&B run %s written to %s", logger.experiment.id, logger.experiment.dir)
         try:
             metrics = _fit_and_test(cfg, trainer, module, datamodule)
-            if evaluation is not None and trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
+            if (
+                evaluation is not None
+                and trainer.is_global_zero
+                and not isinstance(trainer.strategy, FSDPStrategy)
+            ):
                 metrics.update(evaluation.run(merged(module.net), trainer.loggers, step=trainer.global_step))
         except SIGTERMException:
             # Lightning's own stop for a SIGTERM that came outside a training step (in a validation or the test).
@@ -389,7 +471,9 @@ def _run(cfg: DictConfig) -> float | None:
             log.error("%s; it resumes from %s when SLURM starts it again", stop, stop.path)
         else:
             log.error("%s; resume with ckpt_path=%s", stop, stop.path)
-        sys.exit(stop.exit_code)  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (a scheduler sees a stopped job)
+        sys.exit(
+            stop.exit_code
+        )  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (a scheduler sees a stopped job)
     except Exception:
         run_folder.write_held_back()  # not bad input but a failure: the run folder keeps its config and log
         raise

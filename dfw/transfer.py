@@ -86,7 +86,9 @@ class LayerTeacher:
         ).transpose(1, 2)  # (B, T, H, D)
         if self.calibrating:
             o, _ = attn.core(q, k, v, x)  # (B, T, H, D)
-            rms = lambda t: t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()  # (H,)
+            rms = lambda t: (
+                t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()
+            )  # (H,)
             self.rms = (rms(target), rms(o))
             return target
         with torch.enable_grad():
@@ -150,8 +152,11 @@ def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
         softmax_rms, core_rms = by_layer[id(layer)].rms
         factor = softmax_rms / core_rms.clamp_min(1e-12)  # (H,)
         layer.core.scale_output(factor)
-        log.info("transfer.calibrate: layer %d output scale x %s", layer.layer_idx,
-                 ", ".join(f"{f:.3g}" for f in factor.tolist()))  # fmt: skip
+        log.info(
+            "transfer.calibrate: layer %d output scale x %s",
+            layer.layer_idx,
+            ", ".join(f"{f:.3g}" for f in factor.tolist()),
+        )
     return len(layers)
 
 
@@ -165,7 +170,9 @@ class AttentionTransfer(L.LightningModule):
         run_config: the resolved run config, stored in checkpoints as fine-tuning's are.
     """
 
-    def __init__(self, net: nn.Module, loss: str = "output_mse", lr: float = 1e-2, run_config: dict | None = None):
+    def __init__(
+        self, net: nn.Module, loss: str = "output_mse", lr: float = 1e-2, run_config: dict | None = None
+    ):
         super().__init__()
         self.net, self.loss_name, self.lr = net, loss, lr
         # As in LanguageModel: the run config in the checkpoint, so a resume can check it continues this run.
@@ -186,7 +193,9 @@ class AttentionTransfer(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+        return torch.optim.AdamW(
+            [p for p in self.net.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What a fine-tuning checkpoint carries (W&B run id, model config, RNG states), and the stage.
@@ -201,7 +210,9 @@ def check_transfer_config(transfer: Any) -> None:
     if transfer.loss not in LOSSES:
         raise ConfigError(f"transfer.loss must be one of {list(LOSSES)}, got {transfer.loss!r}")
     if not isinstance(transfer.steps, int) or transfer.steps < 0:
-        raise ConfigError(f"transfer.steps must be a non-negative integer (0: no transfer stage), got {transfer.steps!r}")
+        raise ConfigError(
+            f"transfer.steps must be a non-negative integer (0: no transfer stage), got {transfer.steps!r}"
+        )
 
 
 def run_transfer(
@@ -228,31 +239,45 @@ def run_transfer(
         batch = next(iter(datamodule.train_dataloader()))["input_ids"]
         changed = calibrate_output_scale(net, batch) > 0
         if not changed:
-            log.info("transfer.calibrate: no core with a linear feature map and no normaliser (DFW); nothing to calibrate")
+            log.info(
+                "transfer.calibrate: no core with a linear feature map and no normaliser (DFW); nothing to calibrate"
+            )
     if transfer.steps == 0:
         return changed
     if not new:
         log.info("attention transfer: %s adds no parameters to learn; skipping the stage", name)
         return changed
-    if transfer.loss == "attention_ce" and not all(layer.core.has_attention_weights for layer in converted_layers(net)):
+    if transfer.loss == "attention_ce" and not all(
+        layer.core.has_attention_weights for layer in converted_layers(net)
+    ):
         raise ConfigError(
             "transfer.loss=attention_ce needs kernel attention weights (update_rule=add with normalization=denominator, "
             "e.g. attention=hedgehog, linear or t2r); use transfer.loss=output_mse for this attention"
         )
-    log.info("attention transfer: %d steps, loss %s, %s new parameters trained, every other weight frozen",
-             transfer.steps, transfer.loss, f"{sum(p.numel() for p in new.values()):,}")  # fmt: skip
+    log.info(
+        "attention transfer: %d steps, loss %s, %s new parameters trained, every other weight frozen",
+        transfer.steps,
+        transfer.loss,
+        f"{sum(p.numel() for p in new.values()):,}",
+    )
     callbacks = []
     if checkpoint_dir:
         # The same guarantees as fine-tuning's checkpoints (dfw/checkpointing.py): atomic writes, the latest
         # state every N steps and at a Ctrl-C, a crash checkpoint that never replaces another file.
         callbacks += [
-            LatestCheckpoint(checkpoint_dir, every_n_steps=transfer.checkpoint_every, filename="transfer-last"),
+            LatestCheckpoint(
+                checkpoint_dir, every_n_steps=transfer.checkpoint_every, filename="transfer-last"
+            ),
             CrashCheckpoint(checkpoint_dir, filename="transfer-on-exception"),
         ]
     trainer = make_trainer(
-        max_steps=transfer.steps, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_checkpointing=bool(checkpoint_dir), enable_model_summary=False,
-    )  # fmt: skip
+        max_steps=transfer.steps,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=bool(checkpoint_dir),
+        enable_model_summary=False,
+    )
     module = AttentionTransfer(net, loss=transfer.loss, lr=transfer.lr, run_config=run_config)
     training = net.training
     with teacher_forcing(net, transfer.loss) as teachers:

@@ -49,8 +49,10 @@ def env(path: str) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    for tool, args in (("nvcc", ["--version"]), ("nvidia-smi", ["--query-gpu=driver_version,memory.total",
-                                                                 "--format=csv,noheader"])):  # fmt: skip
+    for tool, args in (
+        ("nvcc", ["--version"]),
+        ("nvidia-smi", ["--query-gpu=driver_version,memory.total", "--format=csv,noheader"]),
+    ):
         found = shutil.which(tool)
         output = subprocess.run([found, *args], capture_output=True, text=True).stdout if found else ""
         info[tool] = (output.strip().splitlines() or [None])[-1]

@@ -65,7 +65,9 @@ class NaNValidationAtStep(Callback):
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.state.fn == "fit" and trainer.global_step == self.step:
-            self.hook = pl_module.net.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+            self.hook = pl_module.net.lm_head.register_forward_hook(
+                lambda module, args, out: out * float("nan")
+            )
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.hook is not None:
@@ -80,6 +82,10 @@ class SignalAtValidation(Callback):
         self.step, self.signum = step, getattr(signal, name)
 
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
-        if trainer.state.fn == "fit" and trainer.global_step == self.step and not getattr(self, "fired", False):
+        if (
+            trainer.state.fn == "fit"
+            and trainer.global_step == self.step
+            and not getattr(self, "fired", False)
+        ):
             self.fired = True
             signal.raise_signal(self.signum)

@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 # Tests never touch the network: no hub retries, W&B writes to disk.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+}
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 # `make test` runs two pytest-xdist workers on this 2-core machine: one thread each (else two).
@@ -33,8 +38,12 @@ if not torch.cuda.is_available():
 
 # Fixtures worth building once: under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), every
 # test that uses one of them runs in the same worker.
-SHARED_FIXTURE_GROUPS = {"trained_run": "trained_run", "resumed_run": "trained_run", "multirun": "multirun",
-                         "compiled": "nvcc"}  # fmt: skip
+SHARED_FIXTURE_GROUPS = {
+    "trained_run": "trained_run",
+    "resumed_run": "trained_run",
+    "multirun": "multirun",
+    "compiled": "nvcc",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
@@ -62,9 +71,13 @@ def compose(*overrides: str):
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the repository root, offline, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env={**os.environ, **OFFLINE_ENV},
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --- Tiny models ----------------------------------------------------------------------------------------------

@@ -28,9 +28,15 @@ VOCAB, PAD = 97, 0
 def tiny_model(preset: str, attn_implementation: str = "sdpa", dtype=torch.float64) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=PAD,
+        eos_token_id=PAD,
+        pad_token_id=PAD,
+    )
     config._attn_implementation = attn_implementation
     net = GPT2LMHeadModel(config)
     attention = OmegaConf.load(CONF / "attention" / f"{preset}.yaml")

@@ -33,25 +33,47 @@ STEPS = 8
 # Validation (and last.ckpt) every 2 steps. lr 0.3 makes the tiny model's val/ppl rise after step 2, so the
 # best checkpoint stays at step 2 while training goes on: last.ckpt must not follow it back.
 COMMON = [
-    "trainer.val_check_interval=2", f"module.scheduler.num_training_steps={STEPS}",
-    "module.optimizer.lr=0.3", "validate_before_fit=false", "test=false", "export_dir=null",
-]  # fmt: skip
+    "trainer.val_check_interval=2",
+    f"module.scheduler.num_training_steps={STEPS}",
+    "module.optimizer.lr=0.3",
+    "validate_before_fit=false",
+    "test=false",
+    "export_dir=null",
+]
 
 
 def _cfg(root: Path, text_files, *extra: str, attention: str = "decay"):
-    return compose(*tiny_overrides(root, text_files, f"attention={attention}", *COMMON, f"trainer.max_steps={STEPS}", *extra))
+    return compose(
+        *tiny_overrides(
+            root, text_files, f"attention={attention}", *COMMON, f"trainer.max_steps={STEPS}", *extra
+        )
+    )
 
 
-def _cli(root: Path, text_files, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    overrides = tiny_overrides(root, text_files, "attention=decay", *COMMON, f"trainer.max_steps={STEPS}", *extra)
+def _cli(
+    root: Path, text_files, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    overrides = tiny_overrides(
+        root, text_files, "attention=decay", *COMMON, f"trainer.max_steps={STEPS}", *extra
+    )
     # The same intra-op thread count as the in-process runs it is compared with (one per pytest-xdist
     # worker): float reductions split differently over threads, and the comparison is bit for bit.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", "dfw.train", *overrides, f"hydra.run.dir={root}/hydra"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _load(path: Path) -> dict:
@@ -94,7 +116,12 @@ def test_the_export_says_which_weights_it_holds(straight):
 
 @pytest.mark.slow
 def test_kill_9_between_checkpoints_resumes_bit_identical_from_last_ckpt(tmp_path, text_files, straight):
-    killed = _cli(tmp_path, text_files, "+callbacks.kill._target_=tests.checkpoint_faults.KillAtStep", "+callbacks.kill.step=5")
+    killed = _cli(
+        tmp_path,
+        text_files,
+        "+callbacks.kill._target_=tests.checkpoint_faults.KillAtStep",
+        "+callbacks.kill.step=5",
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert _load(checkpoints / "last.ckpt")["global_step"] == 4  # written at step 4, killed during step 5
@@ -108,7 +135,12 @@ def test_kill_9_between_checkpoints_resumes_bit_identical_from_last_ckpt(tmp_pat
 @pytest.mark.slow
 def test_ctrl_c_stops_at_the_step_boundary_and_resumes_exactly(tmp_path, text_files, straight):
     # A Ctrl-C during step 3 (mid-step, not a checkpoint step): the run finishes step 3 and writes it.
-    stopped = _cli(tmp_path, text_files, "+callbacks.ctrl_c._target_=tests.checkpoint_faults.CtrlCAtStep", "+callbacks.ctrl_c.step=3")
+    stopped = _cli(
+        tmp_path,
+        text_files,
+        "+callbacks.ctrl_c._target_=tests.checkpoint_faults.CtrlCAtStep",
+        "+callbacks.ctrl_c.step=3",
+    )
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     output = stopped.stdout + stopped.stderr
     assert "interrupted (Ctrl-C) at step 3" in output and "Traceback" not in output
@@ -129,19 +161,35 @@ def _fake_slurm(tmp_path: Path, restarts: int = 0) -> dict[str, str]:
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
     scontrol.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
-            "SLURM_JOB_NAME": "dfw-test", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-            "SLURM_NODELIST": "localhost", "SLURM_RESTART_COUNT": str(restarts)}  # fmt: skip
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "dfw-test",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_RESTART_COUNT": str(restarts),
+    }
 
 
 @pytest.mark.slow
 def test_sigterm_stops_at_the_step_boundary_exits_143_and_resumes_exactly(tmp_path, text_files, straight):
     # What a scheduler sends before preempting a job, during step 3 (not a checkpoint step).
-    stopped = _cli(tmp_path, text_files, "+callbacks.term._target_=tests.checkpoint_faults.SignalAtStep", "+callbacks.term.step=3")
+    stopped = _cli(
+        tmp_path,
+        text_files,
+        "+callbacks.term._target_=tests.checkpoint_faults.SignalAtStep",
+        "+callbacks.term.step=3",
+    )
     assert stopped.returncode == 143, stopped.stderr[-2000:]  # 128 + SIGTERM: the scheduler sees a failed job
     output = stopped.stdout + stopped.stderr
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert f"interrupted (SIGTERM) at step 3; the state at that step is in {last}; resume with ckpt_path={last}" in output
+    assert (
+        f"interrupted (SIGTERM) at step 3; the state at that step is in {last}; resume with ckpt_path={last}"
+        in output
+    )
     assert "Traceback" not in output
     assert _load(last)["global_step"] == 3 and not list(last.parent.glob("on-exception*"))
     train(_cfg(tmp_path / "resumed", text_files, f"ckpt_path={last}"))
@@ -149,8 +197,15 @@ def test_sigterm_stops_at_the_step_boundary_exits_143_and_resumes_exactly(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_validation_writes_the_state_there_and_resumes_exactly(tmp_path, text_files, straight):
-    cfg = _cfg(tmp_path, text_files, "+callbacks.term._target_=tests.checkpoint_faults.SignalAtValidation", "+callbacks.term.step=2")
+def test_sigterm_during_a_validation_writes_the_state_there_and_resumes_exactly(
+    tmp_path, text_files, straight
+):
+    cfg = _cfg(
+        tmp_path,
+        text_files,
+        "+callbacks.term._target_=tests.checkpoint_faults.SignalAtValidation",
+        "+callbacks.term.step=2",
+    )
     with pytest.raises(TrainingInterrupted) as stop:
         train(cfg)
     assert (stop.value.signum, stop.value.step, stop.value.exit_code) == (signal.SIGTERM, 2, 143)
@@ -161,9 +216,15 @@ def test_sigterm_during_a_validation_writes_the_state_there_and_resumes_exactly(
 
 
 @pytest.mark.slow
-def test_under_slurm_the_requeue_signal_requeues_the_job_which_resumes_exactly(tmp_path, text_files, straight):
+def test_under_slurm_the_requeue_signal_requeues_the_job_which_resumes_exactly(
+    tmp_path, text_files, straight
+):
     slurm = _fake_slurm(tmp_path)
-    fault = ["+callbacks.usr1._target_=tests.checkpoint_faults.SignalAtStep", "+callbacks.usr1.step=3", "+callbacks.usr1.name=SIGUSR1"]
+    fault = [
+        "+callbacks.usr1._target_=tests.checkpoint_faults.SignalAtStep",
+        "+callbacks.usr1.step=3",
+        "+callbacks.usr1.name=SIGUSR1",
+    ]
     stopped = _cli(tmp_path, text_files, *fault, env=slurm)
     assert stopped.returncode == 138, stopped.stderr[-2000:]  # 128 + SIGUSR1
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -190,13 +251,20 @@ def test_the_slurm_launcher_sends_the_signal_that_runs_stop_and_requeue_on():
 
 
 def test_stop_signals_are_checked_when_the_callback_is_built(tmp_path):
-    with pytest.raises(ConfigError, match="callbacks.last_checkpoint.stop_signals: 'SIGNOPE' is not a signal"):
+    with pytest.raises(
+        ConfigError, match="callbacks.last_checkpoint.stop_signals: 'SIGNOPE' is not a signal"
+    ):
         LatestCheckpoint(str(tmp_path), every_n_steps=2, stop_signals=["SIGTERM", "SIGNOPE"])
 
 
 def test_ctrl_c_in_process_raises_training_interrupted(tmp_path, text_files):
-    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "+callbacks.ctrl_c._target_=tests.checkpoint_faults.CtrlCAtStep",
-               "+callbacks.ctrl_c.step=1")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        text_files,
+        "trainer.max_steps=4",
+        "+callbacks.ctrl_c._target_=tests.checkpoint_faults.CtrlCAtStep",
+        "+callbacks.ctrl_c.step=1",
+    )
     with pytest.raises(TrainingInterrupted) as stop:
         train(cfg)
     assert stop.value.step == 1 and _load(Path(stop.value.path))["global_step"] == 1
@@ -267,8 +335,13 @@ def test_a_crash_writes_its_checkpoint_without_replacing_one_it_did_not_write(tm
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "on-exception.ckpt").write_bytes(b"someone else's")
-    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "+callbacks.fail._target_=tests.checkpoint_faults.FailAtStep",
-               "+callbacks.fail.step=3")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        text_files,
+        "trainer.max_steps=4",
+        "+callbacks.fail._target_=tests.checkpoint_faults.FailAtStep",
+        "+callbacks.fail.step=3",
+    )
     with pytest.raises(RuntimeError, match="injected failure"):
         train(cfg)
     assert (checkpoints / "on-exception.ckpt").read_bytes() == b"someone else's"
@@ -286,7 +359,11 @@ def test_failed_or_finished_resumes_write_and_delete_nothing(tmp_path, text_file
         ("softmax", "", r"other attention options \(attention.name: checkpoint 'decay', requested 'softmax'"),
         ("decay", "attention.state_size=32", "attention.state_size: checkpoint None, requested 32"),
         ("decay", "model.config.n_layer=3", r"another model \(model.n_layer: checkpoint 2, requested 3\)"),
-        ("decay", f"trainer.max_steps={STEPS}", f"already at step {STEPS} and trainer.max_steps={STEPS}: nothing left to train"),
+        (
+            "decay",
+            f"trainer.max_steps={STEPS}",
+            f"already at step {STEPS} and trainer.max_steps={STEPS}: nothing left to train",
+        ),
     ]
     for attention, override, message in cases:
         extra = [f"ckpt_path={last}", "trainer.max_steps=12", *([override] if override else [])]
@@ -295,7 +372,9 @@ def test_failed_or_finished_resumes_write_and_delete_nothing(tmp_path, text_file
         assert _listing(checkpoints) == before, (attention, override)
 
 
-@pytest.mark.parametrize(("override", "message"), [("trainer.max_steps=-5", "trainer.max_steps must be a positive integer")])
+@pytest.mark.parametrize(
+    ("override", "message"), [("trainer.max_steps=-5", "trainer.max_steps must be a positive integer")]
+)
 def test_bad_trainer_options_are_one_error(tmp_path, text_files, override, message):
     with pytest.raises(ConfigError, match=message):
         train(compose(*tiny_overrides(tmp_path, text_files, override)))
@@ -303,7 +382,13 @@ def test_bad_trainer_options_are_one_error(tmp_path, text_files, override, messa
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_files, caplog):
-    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "module.optimizer.lr=1e6", f"export_dir={tmp_path / 'model'}")
+    cfg = _cfg(
+        tmp_path,
+        text_files,
+        "trainer.max_steps=4",
+        "module.optimizer.lr=1e6",
+        f"export_dir={tmp_path / 'model'}",
+    )
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
         run_or_exit(train, cfg, logger=logging.getLogger("dfw.train"))
     assert exit_.value.code == 2
@@ -318,14 +403,25 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def test_a_nan_validation_stops_the_run_and_is_never_the_best_checkpoint(tmp_path, text_files, caplog):
-    cfg = _cfg(tmp_path, text_files, "trainer.max_steps=4", "+callbacks.nan._target_=tests.checkpoint_faults.NaNValidationAtStep",
-               "+callbacks.nan.step=2")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        text_files,
+        "trainer.max_steps=4",
+        "+callbacks.nan._target_=tests.checkpoint_faults.NaNValidationAtStep",
+        "+callbacks.nan.step=2",
+    )
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
         run_or_exit(train, cfg, logger=logging.getLogger("dfw.train"))
     assert exit_.value.code == 2
     errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
-    assert len(errors) == 1 and "val/loss is nan at step 2" in errors[0] and "no checkpoint was written" in errors[0], errors
-    assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))  # neither best-step2.ckpt nor last.ckpt
+    assert (
+        len(errors) == 1
+        and "val/loss is nan at step 2" in errors[0]
+        and "no checkpoint was written" in errors[0]
+    ), errors
+    assert not list(
+        (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    )  # neither best-step2.ckpt nor last.ckpt
 
 
 def test_resuming_an_older_checkpoint_never_overwrites_a_later_one(tmp_path, text_files, straight, caplog):
@@ -368,14 +464,24 @@ def _changed_train_file(tmp_path: Path, text_files) -> Path:
         ("CHANGED", "the train split's text is not the checkpoint's"),
     ],
 )
-def test_a_resume_on_other_data_refuses_naming_what_changed(tmp_path, text_files, straight, override, message):
+def test_a_resume_on_other_data_refuses_naming_what_changed(
+    tmp_path, text_files, straight, override, message
+):
     checkpoints = tmp_path / "old"
     shutil.copytree(straight, checkpoints)
     before = _listing(checkpoints)
     if override == "CHANGED":
         override = f"data.files.train={_changed_train_file(tmp_path, text_files)}"
     with pytest.raises(ConfigError, match=message + ".*resume.allow_data_change=true"):
-        train(_cfg(tmp_path, text_files, f"ckpt_path={checkpoints / 'last.ckpt'}", "trainer.max_steps=10", override))
+        train(
+            _cfg(
+                tmp_path,
+                text_files,
+                f"ckpt_path={checkpoints / 'last.ckpt'}",
+                "trainer.max_steps=10",
+                override,
+            )
+        )
     assert _listing(checkpoints) == before
 
 
@@ -384,10 +490,21 @@ def test_resume_allow_data_change_continues_and_says_so(tmp_path, text_files, st
     shutil.copytree(straight, checkpoints)
     changed = f"data.files.train={_changed_train_file(tmp_path, text_files)}"
     with caplog.at_level(logging.WARNING):
-        train(_cfg(tmp_path, text_files, f"ckpt_path={checkpoints / 'last.ckpt'}", "trainer.max_steps=9", changed,
-                   "resume.allow_data_change=true"))  # fmt: skip
+        train(
+            _cfg(
+                tmp_path,
+                text_files,
+                f"ckpt_path={checkpoints / 'last.ckpt'}",
+                "trainer.max_steps=9",
+                changed,
+                "resume.allow_data_change=true",
+            )
+        )
     assert _load(checkpoints / "last.ckpt")["global_step"] == 9
-    assert any("resume.allow_data_change=true: resuming" in r.getMessage() and "train split" in r.getMessage() for r in caplog.records)
+    assert any(
+        "resume.allow_data_change=true: resuming" in r.getMessage() and "train split" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_random_bytes_checkpoint_is_not_called_pickled_objects(tmp_path):

@@ -28,19 +28,27 @@ ROW = re.compile(r"^\| ([\w ,-]+) \| ([\d.]+) \| ([\d.]+)% \|$", re.M)
 
 
 @pytest.mark.slow
-def test_demo_pretrains_converts_finetunes_and_prints_the_table(tmp_path, text_files, monkeypatch, capsys, caplog):
+def test_demo_pretrains_converts_finetunes_and_prints_the_table(
+    tmp_path, text_files, monkeypatch, capsys, caplog
+):
     monkeypatch.chdir(tmp_path)  # the demo writes outputs/demo/<time>/ under the working directory
     monkeypatch.setenv("DFW_CACHE", str(tmp_path / "cache"))
     corpus = ["data=text", *(f"data.files.{split}={path}" for split, path in text_files.items())]
     student = [*TINY, *corpus]
-    teacher = [f"teacher.{o}" for o in student] + ["teacher.model.config.n_layer=1", "teacher.model.config.n_embd=64"]
+    teacher = [f"teacher.{o}" for o in student] + [
+        "teacher.model.config.n_layer=1",
+        "teacher.model.config.n_embd=64",
+    ]
     assert demo.main([*teacher, *student]) == 0
     out = capsys.readouterr().out
     rows = ROW.findall(out)
     assert [name for name, _, _ in rows] == [
-        "softmax teacher, as pretrained", "softmax, fine-tuned", "DFW, right after conversion",
-        "DFW, after attention transfer", "DFW, fine-tuned",
-    ]  # fmt: skip
+        "softmax teacher, as pretrained",
+        "softmax, fine-tuned",
+        "DFW, right after conversion",
+        "DFW, after attention transfer",
+        "DFW, fine-tuned",
+    ]
     reference = float(rows[1][1])  # softmax with the same fine-tuning budget as DFW
     for _, ppl, share in rows:
         assert abs(float(share) - 100 * reference / float(ppl)) < 0.1

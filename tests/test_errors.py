@@ -38,7 +38,9 @@ def test_instantiate_raises_the_config_error_that_hydra_wraps():
 
 def test_instantiate_turns_lightnings_misconfiguration_into_one_line():
     trainer = {"_target_": "lightning.pytorch.Trainer", "max_steps": -5, "logger": False}
-    with pytest.raises(ConfigError, match=r"^lightning\.pytorch\.Trainer: `max_steps` must be a non-negative integer") as error:
+    with pytest.raises(
+        ConfigError, match=r"^lightning\.pytorch\.Trainer: `max_steps` must be a non-negative integer"
+    ) as error:
         instantiate(trainer)
     assert "\n" not in str(error.value)
 

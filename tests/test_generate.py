@@ -34,7 +34,10 @@ def generate_cfg(model: str | Path, *overrides: str):
 @pytest.mark.slow
 def test_checkpoint_and_export_of_one_run_generate_the_same_text(trained_run, capsys):
     checkpoint, exported = trained_run.dir / "checkpoints" / "last.ckpt", trained_run.dir / "model"
-    assert checkpoint.is_file() and json.loads((exported / "config.json").read_text())["model_type"] == "dfw-gpt2"
+    assert (
+        checkpoint.is_file()
+        and json.loads((exported / "config.json").read_text())["model_type"] == "dfw-gpt2"
+    )
     from_checkpoint = generate(generate_cfg(checkpoint, "temperature=0", "max_new_tokens=8", "device=cpu"))
     from_export = generate(generate_cfg(exported, "temperature=0", "max_new_tokens=8", "device=cpu"))
     assert from_checkpoint["texts"] == from_export["texts"]
@@ -75,8 +78,20 @@ def test_greedy_text_is_the_models_own_greedy_continuation(exported_tiny):
 def test_sampling_is_reproducible_from_the_seed_and_a_batch_is_left_padded(exported_tiny):
     directory, _ = exported_tiny
     prompts = "prompt=[Hi,'A much longer prompt than the first one']"
-    runs = [generate(generate_cfg(directory, prompts, "temperature=0.8", "top_k=20", "top_p=0.9", f"seed={s}", "max_new_tokens=6"))
-            for s in (1, 1, 2)]  # fmt: skip
+    runs = [
+        generate(
+            generate_cfg(
+                directory,
+                prompts,
+                "temperature=0.8",
+                "top_k=20",
+                "top_p=0.9",
+                f"seed={s}",
+                "max_new_tokens=6",
+            )
+        )
+        for s in (1, 1, 2)
+    ]
     assert runs[0]["texts"] == runs[1]["texts"] and runs[0]["texts"] != runs[2]["texts"]
     assert runs[0]["texts"][0].startswith("Hi") and runs[0]["texts"][1].startswith("A much longer")
 
@@ -126,5 +141,8 @@ def test_bad_generation_options_are_one_error_before_loading(tmp_path, override,
 
 def test_a_prompt_longer_than_the_context_says_to_shorten_it(exported_tiny):
     directory, _ = exported_tiny
-    with pytest.raises(ConfigError, match=r"the prompt is \d+ tokens, which leaves none of the model's 96 learned positions for new tokens; shorten it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the prompt is \d+ tokens, which leaves none of the model's 96 learned positions for new tokens; shorten it",
+    ):
         generate(generate_cfg(directory, "prompt='" + "word " * 200 + "'", "max_new_tokens=1", "device=cpu"))

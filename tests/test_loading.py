@@ -16,7 +16,9 @@ from tests.conftest import CONF, VocabTokenizer, save_tiny_gpt2
 
 def _converted(tmp_path, preset: str):
     save_tiny_gpt2(tmp_path / "hf")
-    model = OmegaConf.create({"name": "tiny", "pretrained": str(tmp_path / "hf"), "tokenizer": "gpt2", "config": None})
+    model = OmegaConf.create(
+        {"name": "tiny", "pretrained": str(tmp_path / "hf"), "tokenizer": "gpt2", "config": None}
+    )
     attention = OmegaConf.load(CONF / "attention" / f"{preset}.yaml")
     return build_model(model, attention, VocabTokenizer()).eval(), attention
 
@@ -24,7 +26,9 @@ def _converted(tmp_path, preset: str):
 def _same_logits(a, b) -> None:
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(a.eval()(ids, use_cache=False).logits, b.eval()(ids, use_cache=False).logits)
+        torch.testing.assert_close(
+            a.eval()(ids, use_cache=False).logits, b.eval()(ids, use_cache=False).logits
+        )
 
 
 def test_a_hugging_face_directory_is_a_plain_softmax_gpt2(tmp_path):

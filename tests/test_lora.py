@@ -58,8 +58,11 @@ def test_lora_export_merges_and_reloads_to_identical_logits(tmp_path):
 
 
 def test_lora_through_the_config_exports_a_plain_model(tmp_path, text_files):
-    cfg = compose(*tiny_overrides(tmp_path, text_files, "attention=decay", "lora.rank=2", "test=false",
-                                  "trainer.max_steps=2"))  # fmt: skip
+    cfg = compose(
+        *tiny_overrides(
+            tmp_path, text_files, "attention=decay", "lora.rank=2", "test=false", "trainer.max_steps=2"
+        )
+    )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/ppl"]))
     net = load_exported(tmp_path / "run" / "model")

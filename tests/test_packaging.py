@@ -136,8 +136,22 @@ def test_the_wheel_installs_and_trains_generates_and_reports_from_an_empty_folde
         archive.extractall(tmp_path / "unpacked", filter="data")
     (unpacked,) = (tmp_path / "unpacked").iterdir()
     wheel_dir = tmp_path / "wheel"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), "."],
-         unpacked, os.environ)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            ".",
+        ],
+        unpacked,
+        os.environ,
+    )
     (wheel,) = wheel_dir.glob("dfw-*.whl")
 
     bin_dir = _fresh_environment(tmp_path / "venv")
@@ -161,9 +175,19 @@ def test_the_wheel_installs_and_trains_generates_and_reports_from_an_empty_folde
     _run([str(bin_dir / "dfw-train"), "debug=fast", f"export_dir={export}", "hydra.run.dir=run"], empty, env)
     assert (export / "config.json").is_file() and (empty / "run" / "csv" / "metrics.csv").is_file()
     generated = _run(
-        [python, "-m", "dfw.generate", f"model={export}", "prompt=Once upon", "max_new_tokens=4", "temperature=0",
-         "device=cpu"], empty, env,
-    )  # fmt: skip
+        [
+            python,
+            "-m",
+            "dfw.generate",
+            f"model={export}",
+            "prompt=Once upon",
+            "max_new_tokens=4",
+            "temperature=0",
+            "device=cpu",
+        ],
+        empty,
+        env,
+    )
     assert generated.stdout.startswith("Once upon") and "tokens/s" in generated.stdout
     _run([str(bin_dir / "dfw-report"), "run", "--out", "report"], empty, env)
     assert (empty / "report" / "report.md").is_file()

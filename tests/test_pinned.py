@@ -87,8 +87,21 @@ def test_state_dict_keys_of_every_preset(tmp_path):
 
 # What dfw decides in an export (the rest of config.json and the tokenizer's files are transformers').
 DFW_FILES = ("config.json", "model.safetensors", "dfw_attention.yaml", "tokenizer.json")
-DFW_FIELDS = ("model_type", "architectures", "attention", "exported_weights", "exported_step",
-              "n_layer", "n_head", "n_embd", "n_inner", "n_positions", "vocab_size", "bos_token_id", "eos_token_id")  # fmt: skip
+DFW_FIELDS = (
+    "model_type",
+    "architectures",
+    "attention",
+    "exported_weights",
+    "exported_step",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_inner",
+    "n_positions",
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 def _export_description(directory: Path) -> dict[str, Any]:

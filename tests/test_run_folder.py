@@ -21,8 +21,11 @@ QUICK = ["attention=linear", "trainer.max_steps=2", "test=false", "validate_befo
 
 def _tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     """Every file under `folder`: size, modification time and contents."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
@@ -44,7 +47,9 @@ def test_the_lock_is_exclusive_released_on_exit_and_a_killed_holders_lock_is_tak
     holder = _hold_lock(tmp_path)
     try:
         assert run_folder.holder(tmp_path)["pid"] == holder.pid
-        with pytest.raises(run_folder.RunFolderBusy, match=rf"{tmp_path} is in use by another run \(pid {holder.pid} on "):
+        with pytest.raises(
+            run_folder.RunFolderBusy, match=rf"{tmp_path} is in use by another run \(pid {holder.pid} on "
+        ):
             run_folder.acquire(tmp_path)
     finally:
         holder.send_signal(signal.SIGKILL)  # no cleanup runs: the lock file stays, the lock itself does not
@@ -52,7 +57,10 @@ def test_the_lock_is_exclusive_released_on_exit_and_a_killed_holders_lock_is_tak
     assert (tmp_path / run_folder.LOCK_FILE).is_file() and run_folder.holder(tmp_path) is None
     with caplog.at_level("INFO", logger="dfw.run_folder"), run_folder.locked([tmp_path]):
         assert run_folder.holder(tmp_path)["pid"] == os.getpid()
-    assert any(f"took over the stale lock of {tmp_path}" in r.getMessage() and str(holder.pid) in r.getMessage() for r in caplog.records)
+    assert any(
+        f"took over the stale lock of {tmp_path}" in r.getMessage() and str(holder.pid) in r.getMessage()
+        for r in caplog.records
+    )
     assert run_folder.holder(tmp_path) is None  # released when the run ends
 
 
@@ -74,7 +82,11 @@ def test_cli_one_run_per_folder_and_a_bad_command_line_writes_nothing_there(tmp_
     _an_earlier_run(folder)
     before = _tree(folder)
     # A command line that fails its checks, pointed at the existing run folder: one line, nothing written.
-    bad = run_module("dfw.train", *tiny_overrides(tmp_path, text_files, *QUICK, "attention.state_size=0"), f"hydra.run.dir={folder}")
+    bad = run_module(
+        "dfw.train",
+        *tiny_overrides(tmp_path, text_files, *QUICK, "attention.state_size=0"),
+        f"hydra.run.dir={folder}",
+    )
     output = bad.stdout + bad.stderr
     assert bad.returncode == 2 and "error: attention.state_size must be a positive integer" in output
     assert "Traceback" not in output and _tree(folder) == before
@@ -82,7 +94,9 @@ def test_cli_one_run_per_folder_and_a_bad_command_line_writes_nothing_there(tmp_
     holder = _hold_lock(folder)
     before = _tree(folder)  # with the holder's lock file
     try:
-        busy = run_module("dfw.train", *tiny_overrides(tmp_path, text_files, *QUICK), f"hydra.run.dir={folder}")
+        busy = run_module(
+            "dfw.train", *tiny_overrides(tmp_path, text_files, *QUICK), f"hydra.run.dir={folder}"
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -95,13 +109,20 @@ def test_cli_one_run_per_folder_and_a_bad_command_line_writes_nothing_there(tmp_
     assert good.returncode == 0, good.stderr[-2000:]
     assert "attention=linear" in (folder / ".hydra" / "overrides.yaml").read_text()
     log = (folder / "train.log").read_text()
-    assert log.startswith("[the earlier run's log]\n") and "converted 2 of 2 layers to FastWeightAttention" in log
+    assert (
+        log.startswith("[the earlier run's log]\n")
+        and "converted 2 of 2 layers to FastWeightAttention" in log
+    )
 
 
 @pytest.mark.slow
 def test_cli_an_unwritable_run_folder_is_one_line(tmp_path, text_files):
     (tmp_path / "a-file").write_text("")
-    done = run_module("dfw.train", *tiny_overrides(tmp_path, text_files, *QUICK), f"hydra.run.dir={tmp_path / 'a-file' / 'run'}")
+    done = run_module(
+        "dfw.train",
+        *tiny_overrides(tmp_path, text_files, *QUICK),
+        f"hydra.run.dir={tmp_path / 'a-file' / 'run'}",
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
         f"error: hydra.run.dir={str(tmp_path / 'a-file' / 'run')!r}: {tmp_path / 'a-file'} is a file, not a folder; "
@@ -129,9 +150,13 @@ def test_every_output_location_is_checked_before_training(tmp_path, text_files, 
     assert _tree(tmp_path) == before and not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder; permissions cannot make one read-only")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root may write into any folder; permissions cannot make one read-only"
+)
 def test_a_read_only_export_folder_is_refused_before_training(tmp_path, text_files):
     (tmp_path / "read-only").mkdir(mode=0o555)
-    cfg = compose(*tiny_overrides(tmp_path, text_files, *QUICK, f"export_dir={tmp_path / 'read-only' / 'model'}"))
+    cfg = compose(
+        *tiny_overrides(tmp_path, text_files, *QUICK, f"export_dir={tmp_path / 'read-only' / 'model'}")
+    )
     with pytest.raises(ConfigError, match=r"cannot write into .*read-only \(permission denied\)"):
         train(cfg)

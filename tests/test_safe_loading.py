@@ -108,7 +108,9 @@ def test_a_target_in_an_export_is_refused_not_run(tmp_path, exported, tokenizer)
         load_exported(exported)
     with pytest.raises(UnsafeConfigError, match="refused"):
         AutoModelForCausalLM.from_pretrained(exported)
-    cfg = compose("model=tiny", "attention=decay", f"model.pretrained={exported}", "paths.output_dir=/tmp/unused")
+    cfg = compose(
+        "model=tiny", "attention=decay", f"model.pretrained={exported}", "paths.output_dir=/tmp/unused"
+    )
     with pytest.raises(UnsafeConfigError, match="refused"):
         build_model(cfg.model, cfg.attention, tokenizer)
     assert not marker.exists()
@@ -121,7 +123,9 @@ def test_a_target_in_an_old_style_export_is_refused_not_run(tmp_path, converted,
     old = tmp_path / "old"
     GPT2LMHeadModel.save_pretrained(net, old)  # a GPT-2 config.json
     (old / ATTENTION_FILE).write_text(yaml.safe_dump(_malicious_target(marker)))
-    with pytest.raises(UnsafeConfigError, match=f"{ATTENTION_FILE}: attention._target_='builtins.open' refused"):
+    with pytest.raises(
+        UnsafeConfigError, match=f"{ATTENTION_FILE}: attention._target_='builtins.open' refused"
+    ):
         load_exported(old)
     assert not marker.exists()
 
@@ -133,17 +137,27 @@ def test_a_target_in_a_checkpoints_config_is_refused_not_run(tmp_path, converted
     config = {
         "attention": attention,
         "model": {"tokenizer": "bpe-300" if node == "data" else "gpt2"},
-        "data": {"_target_": "dfw.data.LanguageModelingDataModule", "corpus": "text", "tokenizer": "bpe-300",
-                 "block_size": 32, "batch_size": 2},
-    }  # fmt: skip
+        "data": {
+            "_target_": "dfw.data.LanguageModelingDataModule",
+            "corpus": "text",
+            "tokenizer": "bpe-300",
+            "block_size": 32,
+            "batch_size": 2,
+        },
+    }
     config[node] = _malicious_target(marker)
     path = tmp_path / "crafted.ckpt"
     torch.save(
-        {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "model_config": net.config.to_dict(),
-         "hyper_parameters": {"config": config}},
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "model_config": net.config.to_dict(),
+            "hyper_parameters": {"config": config},
+        },
         path,
-    )  # fmt: skip
-    with pytest.raises(UnsafeConfigError, match=rf"stored run config\): {node}\._target_='builtins.open' refused"):
+    )
+    with pytest.raises(
+        UnsafeConfigError, match=rf"stored run config\): {node}\._target_='builtins.open' refused"
+    ):
         load_for_generation(str(path))
     assert not marker.exists()
 
@@ -153,7 +167,11 @@ def test_the_allow_list_is_dfws_own_classes_and_their_options():
     cls, options = checked_node(ok, AttentionCore, "f.yaml", "attention")
     assert cls is FastWeightAttention and options == {"state_size": 32}
     # Every argument of the class passes, without a list of keys to maintain.
-    every = {name: None for name, p in inspect.signature(FastWeightAttention).parameters.items() if p.kind != p.VAR_KEYWORD}
+    every = {
+        name: None
+        for name, p in inspect.signature(FastWeightAttention).parameters.items()
+        if p.kind != p.VAR_KEYWORD
+    }
     checked_node({**ok, **every}, AttentionCore, "f.yaml", "attention")
     refused = {
         "os.system": {**ok, "_target_": "os.system"},
@@ -184,8 +202,13 @@ def test_a_stored_target_is_checked_by_name_before_anything_is_imported():
         "        print('refused', err)\n"
         "print(sorted(m for m in sys.modules if m.startswith(('dfw.report', 'dfw.bench', 'dfw.demo'))))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert len([line for line in lines if line.startswith("refused f.yaml: attention._target_=")]) == 3, lines
@@ -211,10 +234,14 @@ def test_kernel_cuda_without_a_gpu_fails_when_the_model_is_built(tmp_path, text_
 
 def test_a_truncated_pretrained_model_is_one_error(tmp_path, tokenizer):
     directory = tmp_path / "hf"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tokenizer))).save_pretrained(directory)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tokenizer))).save_pretrained(
+        directory
+    )
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    cfg = compose("model=tiny", "attention=decay", f"model.pretrained={directory}", "paths.output_dir=/tmp/unused")
+    cfg = compose(
+        "model=tiny", "attention=decay", f"model.pretrained={directory}", "paths.output_dir=/tmp/unused"
+    )
     with pytest.raises(ConfigError, match="cannot be read, the file may be truncated"):
         build_model(cfg.model, cfg.attention, tokenizer)
 
@@ -238,7 +265,9 @@ def test_an_export_loads_as_its_own_model_type_through_the_auto_classes(exported
 def test_without_dfw_transformers_refuses_an_export_naming_its_model_type(exported):
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(exported)!r})"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode != 0
     assert f"model type `{MODEL_TYPE}`" in result.stderr
 
@@ -254,19 +283,32 @@ def test_an_old_style_export_still_loads(tmp_path, converted, tokenizer):
         assert isinstance(rebuilt.transformer.h[0].attn.core, FastWeightAttention)
         _assert_same_weights(rebuilt, net)
     cfg = compose("model=tiny", "attention=decay", f"model.pretrained={old}", "paths.output_dir=/tmp/unused")
-    assert isinstance(build_model(cfg.model, cfg.attention, tokenizer).transformer.h[1].attn.core, FastWeightAttention)
+    assert isinstance(
+        build_model(cfg.model, cfg.attention, tokenizer).transformer.h[1].attn.core, FastWeightAttention
+    )
 
 
 def test_a_model_converted_from_an_export_is_exported_with_its_own_metadata(tmp_path, converted, tokenizer):
     """A softmax export (the demo's teacher) carries exported_* fields; its converted child gets new ones."""
     net, attention = converted
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tokenizer)))
-    export(teacher, {"name": "softmax", "_target_": "dfw.attention.SoftmaxAttention", "_partial_": True}, tmp_path / "t", step=3)
-    cfg = compose("model=tiny", "attention=decay", f"model.pretrained={tmp_path / 't'}", "paths.output_dir=/tmp/unused")
+    export(
+        teacher,
+        {"name": "softmax", "_target_": "dfw.attention.SoftmaxAttention", "_partial_": True},
+        tmp_path / "t",
+        step=3,
+    )
+    cfg = compose(
+        "model=tiny", "attention=decay", f"model.pretrained={tmp_path / 't'}", "paths.output_dir=/tmp/unused"
+    )
     child = build_model(cfg.model, cfg.attention, tokenizer)
     export(child, attention, tmp_path / "c", weights="best", step=5)
     config = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert (config["model_type"], config["exported_weights"], config["exported_step"]) == (MODEL_TYPE, "best", 5)
+    assert (config["model_type"], config["exported_weights"], config["exported_step"]) == (
+        MODEL_TYPE,
+        "best",
+        5,
+    )
 
 
 def test_an_option_a_class_does_not_take_is_refused_by_its_signature():

@@ -89,7 +89,11 @@ def test_an_exported_converted_model_is_rebuilt_with_its_new_parameters(tmp_path
     rebuilt = build_model(_model_cfg(tmp_path / "export"), attention, VocabTokenizer()).eval()
     input_ids = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(input_ids, use_cache=False).logits, trained(input_ids, use_cache=False).logits)
-    other = OmegaConf.create({"name": "linear", "_target_": "dfw.attention.FastWeightAttention", "_partial_": True})
+        torch.testing.assert_close(
+            rebuilt(input_ids, use_cache=False).logits, trained(input_ids, use_cache=False).logits
+        )
+    other = OmegaConf.create(
+        {"name": "linear", "_target_": "dfw.attention.FastWeightAttention", "_partial_": True}
+    )
     with pytest.raises(ConfigError, match="was converted to attention=decay"):
         build_model(_model_cfg(tmp_path / "export"), other, VocabTokenizer())

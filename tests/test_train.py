@@ -114,7 +114,10 @@ def test_resume_continues_the_same_wandb_run(resumed_run):
         ("data.block_size=300", "data.block_size=300 is longer than the model's context"),
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
         ("trainer.max_steps=-5", "trainer.max_steps must be a positive integer"),
-        ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode must be online, offline, disabled or null"),
+        (
+            "logger=wandb logger.wandb.mode=sometimes",
+            "logger.wandb.mode must be online, offline, disabled or null",
+        ),
         ("data.files.validation=/nonexistent/valid.txt", "/nonexistent/valid.txt"),
         ("model=gpt2", "model.pretrained='gpt2': could not load it"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path='/nonexistent/last.ckpt' does not exist"),
@@ -129,7 +132,11 @@ def test_bad_input_raises_one_clear_error_before_writing_anything(tmp_path, text
 
 @pytest.mark.slow
 def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
-    result = run_module("dfw.train", *tiny_overrides(tmp_path, text_files, "attention.state_size=-3"), f"hydra.run.dir={tmp_path}/hydra")
+    result = run_module(
+        "dfw.train",
+        *tiny_overrides(tmp_path, text_files, "attention.state_size=-3"),
+        f"hydra.run.dir={tmp_path}/hydra",
+    )
     assert result.returncode == 2
     assert "error: attention.state_size must be a positive integer" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -149,7 +156,11 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
 def test_model_gpt2_without_network_fails_within_30_s_with_one_error(tmp_path):
     """Offline mode unset, an empty Hugging Face cache and a hub address that refuses connections (before: a
     minute of retries, with a warning for each). The load is timed, not the interpreter's start-up."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
     code = (
         "import time\n"
@@ -162,21 +173,29 @@ def test_model_gpt2_without_network_fails_within_30_s_with_one_error(tmp_path):
         "    print(f'error: {err}')\n"
         "print(f'seconds {time.monotonic() - start:.1f}')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr[-3000:]
-    assert lines[0].startswith("error: model.pretrained='gpt2': could not load it") and "unreachable" in lines[0], lines
+    assert (
+        lines[0].startswith("error: model.pretrained='gpt2': could not load it") and "unreachable" in lines[0]
+    ), lines
     assert float(lines[1].split()[1]) < 30, lines
     assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["finetune", "transfer_finetune", "transfer_lora"])
-def test_every_recipe_validates_its_last_step_and_reports_and_tests_the_exported_weights(tmp_path, text_files, recipe):
+def test_every_recipe_validates_its_last_step_and_reports_and_tests_the_exported_weights(
+    tmp_path, text_files, recipe
+):
     """5 steps in all, validation every 2: the last fine-tuning step (3 after 2 transfer steps, 5 without) is
     not on the interval, yet it is validated, and val/ppl and test/ppl are the exported model's."""
     transfer = [] if recipe == "finetune" else ["transfer.steps=2"]
-    overrides = tiny_overrides(tmp_path, text_files, "attention=decay", f"recipe={recipe}", "budget_steps=5", *transfer)
+    overrides = tiny_overrides(
+        tmp_path, text_files, "attention=decay", f"recipe={recipe}", "budget_steps=5", *transfer
+    )
     cfg = compose(*[o for o in overrides if not o.startswith("trainer.max_steps=")])  # the recipe's steps
     metrics = train(cfg)
     last_step = 5 - (2 if transfer else 0)
@@ -185,8 +204,17 @@ def test_every_recipe_validates_its_last_step_and_reports_and_tests_the_exported
     net = load_exported(tmp_path / "run" / "model")
     module = LanguageModel(net, optimizer=functools.partial(torch.optim.AdamW))
     datamodule = instantiate(cfg.data, _convert_="all")
-    evaluator = L.Trainer(accelerator="cpu", logger=False, limit_val_batches=2, limit_test_batches=2, inference_mode=False,
-                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    evaluator = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        inference_mode=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     val = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/ppl"]
     test = evaluator.test(module, datamodule=datamodule, verbose=False)[0]["test/ppl"]
-    assert metrics["val/ppl"] == pytest.approx(val, rel=1e-4) and metrics["test/ppl"] == pytest.approx(test, rel=1e-4)
+    assert metrics["val/ppl"] == pytest.approx(val, rel=1e-4) and metrics["test/ppl"] == pytest.approx(
+        test, rel=1e-4
+    )

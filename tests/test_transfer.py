@@ -27,15 +27,27 @@ VOCAB, LAYERS, HEADS, WIDTH, T = 50, 2, 2, 32, 24
 def _converted(name: str, **overrides) -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
     """(softmax GPT-2, the same weights converted to preset `name`), tiny and random, float64."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     softmax = GPT2LMHeadModel(config).double().eval()
     with torch.no_grad():
         for block in softmax.transformer.h:
             block.attn.c_attn.weight.mul_(8.0)  # peaked attention, as in a trained model (not uniform)
     converted = GPT2LMHeadModel(config).double().eval()
     converted.load_state_dict(softmax.state_dict())
-    node = preset(name, **{"state_size": WIDTH // HEADS, **overrides}) if name != "hedgehog" else preset(name, **overrides)
+    node = (
+        preset(name, **{"state_size": WIDTH // HEADS, **overrides})
+        if name != "hedgehog"
+        else preset(name, **overrides)
+    )
     convert_attention(converted, core_factory(node))
     return softmax, converted.double()
 
@@ -58,7 +70,9 @@ def test_teacher_forcing_passes_the_softmax_output_on():
     assert all(layer.attn.teacher is None for layer in converted.transformer.h)
 
 
-@pytest.mark.parametrize(("name", "loss"), [("decay", "output_mse"), ("hedgehog", "attention_ce"), ("hedgehog", "output_mse")])
+@pytest.mark.parametrize(
+    ("name", "loss"), [("decay", "output_mse"), ("hedgehog", "attention_ce"), ("hedgehog", "output_mse")]
+)
 def test_transfer_steps_train_only_the_new_parameters_and_lower_the_loss(name, loss):
     _, net = _converted(name)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -68,7 +82,9 @@ def test_transfer_steps_train_only_the_new_parameters_and_lower_the_loss(name, l
     losses = []
     with teacher_forcing(net, loss) as teachers:
         assert {n for n, p in net.named_parameters() if p.requires_grad} == set(new)
-        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(
+            [p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0
+        )
         for _ in range(30):
             run_teacher_forced(net, ids)
             total = torch.stack([t.loss for t in teachers]).mean()
@@ -106,9 +122,16 @@ def test_what_each_preset_offers_attention_transfer():
     applied to v (additive rule, denominator), calibration where the output is bilinear in a linear map."""
     from tests.attention.helpers import PRESETS, build
 
-    cores = {name: build(preset(name, **({} if name in ("softmax", "hedgehog", "delta") else {"state_size": 8})))
-             for name in PRESETS}  # fmt: skip
-    assert {name for name, core in cores.items() if core.has_attention_weights} == {"hedgehog", "linear", "performer", "t2r"}
+    cores = {
+        name: build(preset(name, **({} if name in ("softmax", "hedgehog", "delta") else {"state_size": 8})))
+        for name in PRESETS
+    }
+    assert {name for name, core in cores.items() if core.has_attention_weights} == {
+        "hedgehog",
+        "linear",
+        "performer",
+        "t2r",
+    }
     assert {name for name, core in cores.items() if core.output_scale_calibratable} == {"decay"}
     for name, core in cores.items():  # what transfer trains: the core's own parameters, all of them
         assert {id(p) for p in core.transfer_parameters()} == {id(p) for p in core.parameters()}, name
@@ -121,7 +144,10 @@ def test_scale_output_multiplies_each_heads_output_exactly():
 
     torch.manual_seed(0)
     core = build(preset("decay")).double()
-    inputs = (*(torch.randn(2, 9, 2, 8, dtype=torch.float64) for _ in range(3)), torch.randn(2, 9, 16, dtype=torch.float64))
+    inputs = (
+        *(torch.randn(2, 9, 2, 8, dtype=torch.float64) for _ in range(3)),
+        torch.randn(2, 9, 16, dtype=torch.float64),
+    )
     before, _ = core(*inputs)
     factor = torch.tensor([0.25, 3.0], dtype=torch.float64)
     core.scale_output(factor)
@@ -142,7 +168,9 @@ def test_calibration_matches_each_heads_output_rms_to_softmax():
 
     assert (rms_ratio() - 1).abs().max() > 0.1  # DFW as converted: off scale
     assert calibrate_output_scale(net, ids) == LAYERS
-    torch.testing.assert_close(rms_ratio(), torch.ones(LAYERS, HEADS, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        rms_ratio(), torch.ones(LAYERS, HEADS, dtype=torch.float64), rtol=1e-9, atol=1e-9
+    )
     # Presets with a normaliser have no scale to calibrate.
     assert calibrate_output_scale(_converted("hedgehog")[1], ids) == 0
 
@@ -153,7 +181,9 @@ def _transfer_run(tmp_path, text_files, *extra):
 
 
 def test_transfer_stage_through_the_config_logs_per_layer_losses_and_ppl(tmp_path, text_files):
-    cfg = _transfer_run(tmp_path, text_files, "transfer.steps=6", "transfer.calibrate=true", "trainer.max_steps=2")
+    cfg = _transfer_run(
+        tmp_path, text_files, "transfer.steps=6", "transfer.calibrate=true", "trainer.max_steps=2"
+    )
     metrics = train(cfg)
     # A random tiny teacher: its perplexity says little; that the stage ran and was validated, it does.
     assert torch.isfinite(torch.tensor(metrics["val/ppl_transfer"]))
@@ -176,10 +206,18 @@ def test_resume_inside_the_transfer_stage_is_exact(tmp_path, text_files):
     stage_ckpt = tmp_path / "first" / "run" / "checkpoints" / "transfer-last.ckpt"
     checkpoint = torch.load(stage_ckpt, map_location="cpu", weights_only=True)
     assert checkpoint["dfw_stage"] == "transfer" and checkpoint["global_step"] == 2
-    for finetuned in stage_ckpt.parent.glob("[!t]*.ckpt"):  # as if interrupted inside the stage: no fine-tuning yet
+    for finetuned in stage_ckpt.parent.glob(
+        "[!t]*.ckpt"
+    ):  # as if interrupted inside the stage: no fine-tuning yet
         finetuned.unlink()
-    train(_transfer_run(tmp_path / "resumed", text_files, *common, "transfer.steps=4", f"ckpt_path={stage_ckpt}"))
-    expected = torch.load(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    train(
+        _transfer_run(
+            tmp_path / "resumed", text_files, *common, "transfer.steps=4", f"ckpt_path={stage_ckpt}"
+        )
+    )
+    expected = torch.load(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
     actual = torch.load(tmp_path / "first" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert actual["global_step"] == 2 and "dfw_stage" not in actual
     for key in expected:
@@ -187,8 +225,17 @@ def test_resume_inside_the_transfer_stage_is_exact(tmp_path, text_files):
 
 
 def test_presets_with_nothing_to_learn_skip_the_stage_in_one_line(tmp_path, text_files, caplog):
-    cfg = compose(*tiny_overrides(tmp_path, text_files, "attention=performer", "transfer.steps=3", "test=false",
-                                  "export_dir=null", "trainer.max_steps=1"))  # fmt: skip
+    cfg = compose(
+        *tiny_overrides(
+            tmp_path,
+            text_files,
+            "attention=performer",
+            "transfer.steps=3",
+            "test=false",
+            "export_dir=null",
+            "trainer.max_steps=1",
+        )
+    )
     with caplog.at_level(logging.INFO, logger="dfw.transfer"):
         metrics = train(cfg)
     assert "val/ppl_transfer" not in metrics

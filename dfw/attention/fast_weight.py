@@ -102,9 +102,12 @@ class FastWeightAttention(AttentionCore):
         self.feature_map_name, self.update_rule, self.normalization = feature_map, update_rule, normalization
         self.chunk_size, self.kernel, self.eps = chunk_size, kernel, eps
         options = dict(
-            redraw_interval=redraw_interval, seed=seed, layer_idx=layer_idx,
-            learned_scale=learned_scale, dpfp_order=dpfp_order,
-        )  # fmt: skip
+            redraw_interval=redraw_interval,
+            seed=seed,
+            layer_idx=layer_idx,
+            learned_scale=learned_scale,
+            dpfp_order=dpfp_order,
+        )
         try:
             self.feature_map = FEATURE_MAPS[feature_map](num_heads, head_dim, state_size, options)
         except ValueError as err:
@@ -116,7 +119,9 @@ class FastWeightAttention(AttentionCore):
         softmax_scale = head_dim**-0.5 if scaling is None else scaling
         self.read_scale = 1.0 if self.normalizer.cancels_feature_scale else softmax_scale
 
-        self.rule = rule_class(hidden_size, num_heads, head_dim, self.state_size, {**rule_class.options, **rule_options})
+        self.rule = rule_class(
+            hidden_size, num_heads, head_dim, self.state_size, {**rule_class.options, **rule_options}
+        )
         # The rule's new parameters are the core's own children, so their keys are attn.core.<name>.*
         # (key_gate, value_gate, head_gate, write_strength), whatever rule made them.
         gates = self.rule.gates()
@@ -213,7 +218,11 @@ class FastWeightAttention(AttentionCore):
     @property
     def output_scale_calibratable(self) -> bool:
         # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it by c^2.
-        return self.feature_map.scalable and not self.normalizer.cancels_feature_scale and self.output_norm is None
+        return (
+            self.feature_map.scalable
+            and not self.normalizer.cancels_feature_scale
+            and self.output_norm is None
+        )
 
     def scale_output(self, factor: Tensor) -> None:
         if not self.output_scale_calibratable:
@@ -249,4 +258,3 @@ def _check_rule_options(rule_options: dict[str, Any]) -> None:
             f"attention has no option {', '.join(unknown)}; remove it (the fast-weight options are the arguments of "
             f"dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
         )
-

@@ -186,7 +186,9 @@ class RandomFeatureMap(FeatureMap):
         super().__init__(num_heads, head_dim, state_size, options)
         redraw_interval = options.get("redraw_interval")
         if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval <= 0):
-            raise ValueError(f"attention.redraw_interval must be a positive integer or null, got {redraw_interval!r}")
+            raise ValueError(
+                f"attention.redraw_interval must be a positive integer or null, got {redraw_interval!r}"
+            )
         self.redraw_interval = redraw_interval
         self.seed = int(options.get("seed", 0))
         self.layer_idx = int(options.get("layer_idx", 0))
@@ -195,13 +197,17 @@ class RandomFeatureMap(FeatureMap):
         self.calls = 0
         self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("projection", self.draw(0))  # (H, n, D)
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "calls", int(module.training_calls)))
+        self.register_load_state_dict_post_hook(
+            lambda module, _: setattr(module, "calls", int(module.training_calls))
+        )
 
     def sample(self, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
     def draw(self, index: int) -> Tensor:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.layer_idx) * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.layer_idx) * 1_000_003 + index
+        )
         return self.sample(generator)
 
     def training_call(self) -> None:
@@ -273,7 +279,9 @@ class RandomFourierFeatureMap(RandomFeatureMap):
     def __init__(self, num_heads, head_dim, state_size, options):
         state_size = 2 * head_dim if state_size is None else state_size
         if state_size % 2:
-            raise ValueError(f"feature_map=rff needs an even state_size (sin and cos halves), got {state_size}")
+            raise ValueError(
+                f"feature_map=rff needs an even state_size (sin and cos halves), got {state_size}"
+            )
         super().__init__(num_heads, head_dim, state_size, options)
         scale = torch.ones(num_heads, head_dim)  # (H, D)
         if options.get("learned_scale", True):
@@ -295,7 +303,7 @@ class RandomFourierFeatureMap(RandomFeatureMap):
 class DPFPFeatureMap(FeatureMap):
     """Deterministic parameter-free projection of order nu (Schlag et al. 2021), size m = 2 D nu:
 
-        r = [relu(x), relu(-x)] in R^{2D},   phi(x) = [r * roll(r, j) for j = 1..nu]
+    r = [relu(x), relu(-x)] in R^{2D},   phi(x) = [r * roll(r, j) for j = 1..nu]
     """
 
     name = "dpfp"
@@ -307,13 +315,19 @@ class DPFPFeatureMap(FeatureMap):
         super().__init__(num_heads, head_dim, state_size, options)
         order = options.get("dpfp_order", 1)
         if not isinstance(order, int) or not 1 <= order < 2 * head_dim:
-            raise ValueError(f"attention.dpfp_order must be an integer in [1, {2 * head_dim - 1}], got {order!r}")
+            raise ValueError(
+                f"attention.dpfp_order must be an integer in [1, {2 * head_dim - 1}], got {order!r}"
+            )
         self.order = order
-        self.state_size = _require_size("dpfp", 2 * head_dim * order, state_size, "2 * head size * dpfp_order")
+        self.state_size = _require_size(
+            "dpfp", 2 * head_dim * order, state_size, "2 * head size * dpfp_order"
+        )
 
     def forward(self, x: Tensor, is_query: bool = False) -> Tensor:
         r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (B, T, H, 2D)
-        return torch.cat([r * r.roll(j, dims=-1) for j in range(1, self.order + 1)], dim=-1)  # (B, T, H, 2D nu)
+        return torch.cat(
+            [r * r.roll(j, dims=-1) for j in range(1, self.order + 1)], dim=-1
+        )  # (B, T, H, 2D nu)
 
     def extra_repr(self) -> str:
         return f"order={self.order}, size={self.state_size}"
@@ -340,7 +354,9 @@ class HedgehogFeatureMap(FeatureMap):
     def __init__(self, num_heads, head_dim, state_size, options):
         state_size = 2 * head_dim if state_size is None else state_size
         if state_size % 2:
-            raise ValueError(f"feature_map=hedgehog needs an even state_size ([Wx, -Wx] halves), got {state_size}")
+            raise ValueError(
+                f"feature_map=hedgehog needs an even state_size ([Wx, -Wx] halves), got {state_size}"
+            )
         super().__init__(num_heads, head_dim, state_size, options)
         half = self.state_size // 2
         weight = torch.empty(2, num_heads, half, head_dim)  # (query | key, H, m/2, D)
@@ -360,4 +376,3 @@ class HedgehogFeatureMap(FeatureMap):
 
     def extra_repr(self) -> str:
         return f"size={self.state_size}"
-

@@ -61,7 +61,9 @@ class Normalization(Registered):
         return o
 
 
-def _maps_that(capable: Callable[[type[FeatureMap]], bool], feature_maps: Mapping[str, type[FeatureMap]]) -> str:
+def _maps_that(
+    capable: Callable[[type[FeatureMap]], bool], feature_maps: Mapping[str, type[FeatureMap]]
+) -> str:
     return ", ".join(name for name, cls in feature_maps.items() if capable(cls))
 
 

@@ -144,8 +144,12 @@ def _bytes(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfw.bench attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="default: gpt2-small on CUDA, gpt2-small-cpu on CPU")
+    parser = argparse.ArgumentParser(
+        prog="python -m dfw.bench attention", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), help="default: gpt2-small on CUDA, gpt2-small-cpu on CPU"
+    )
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated conf/attention names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)

@@ -80,9 +80,14 @@ class Row:
 def build(size: Size, attention: str | None, n_positions: int, device: torch.device) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=n_positions, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd,
-        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        n_positions=n_positions,
+        n_layer=size.n_layer,
+        n_head=size.n_head,
+        n_embd=size.n_embd,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
     config._attn_implementation = "sdpa"
     net = GPT2LMHeadModel(config)
     if attention is not None:

@@ -120,7 +120,10 @@ def _bench_seq_len(T: int, dtype, warmup: int, reps: int, with_torch: bool, fla)
     ops = {"dfw cuda": (lambda: decay_fast_weights(q, k, v, gk, gv, kernel="cuda")[0], leaves)}
     ops["dfw triton"] = (lambda: decay_fast_weights(q, k, v, gk, gv, kernel="triton")[0], leaves)
     if with_torch:
-        ops["torch chunked"] = (lambda: decay_fast_weights(q, k, v, gk, gv, chunk_size=64, kernel="torch")[0], leaves)
+        ops["torch chunked"] = (
+            lambda: decay_fast_weights(q, k, v, gk, gv, chunk_size=64, kernel="torch")[0],
+            leaves,
+        )
     ops["sdpa"] = (sdpa, (q, k, v))
     if fla is not None:
         ops["fla recurrent"] = (lambda: fla[0](q, k, v, gk, gv), leaves)

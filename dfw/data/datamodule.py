@@ -55,17 +55,18 @@ class LanguageModelingDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        corpus: str,                          # wikitext103 | wikitext2 | shakespeare | text
-        tokenizer: str,                       # gpt2 | bpe-<N> | a directory (see dfw.data.tokenizers)
-        block_size: int,                      # tokens per example
-        batch_size: int,                      # training examples per device and micro-batch
-        eval_batch_size: int | None = None,   # validation/test examples per batch; None: batch_size
-        num_workers: int = 0,                 # DataLoader worker processes
-        cache_dir: str = "~/.cache/dfw",      # holds tokens/, tokenizers/ and corpora/
-        seed: int = 0,                        # the training order's seed
+        corpus: str,  # wikitext103 | wikitext2 | shakespeare | text
+        tokenizer: str,  # gpt2 | bpe-<N> | a directory (see dfw.data.tokenizers)
+        block_size: int,  # tokens per example
+        batch_size: int,  # training examples per device and micro-batch
+        eval_batch_size: int | None = None,  # validation/test examples per batch; None: batch_size
+        num_workers: int = 0,  # DataLoader worker processes
+        cache_dir: str = "~/.cache/dfw",  # holds tokens/, tokenizers/ and corpora/
+        seed: int = 0,  # the training order's seed
         files: Mapping[str, str | Sequence[str]] | None = None,  # data=text: {split: path, glob or list}
-        verify_cache: str = "sampled",        # how token files are checked at start: sampled | full (module doc)
-        synthetic: Mapping[str, float | int] | None = None,  # copy/recall segments in training blocks (dfw.data.synthetic)
+        verify_cache: str = "sampled",  # how token files are checked at start: sampled | full (module doc)
+        synthetic: Mapping[str, float | int]
+        | None = None,  # copy/recall segments in training blocks (dfw.data.synthetic)
     ) -> None:
         # Every option is checked here, so a bad one fails when the module is built (build it with
         # dfw.errors.instantiate to get the ConfigError rather than Hydra's wrapper). Nothing is read or
@@ -73,7 +74,11 @@ class LanguageModelingDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)  # stored in checkpoints: which data a model was trained on
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-        for option, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for option, value in (
+            ("block_size", block_size),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"data.{option} must be a positive integer, got {value!r}")
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
@@ -81,9 +86,13 @@ class LanguageModelingDataModule(L.LightningDataModule):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         if verify_cache not in VERIFY_CACHE:
-            raise ConfigError(f"data.verify_cache must be one of {', '.join(VERIFY_CACHE)}, got {verify_cache!r}")
+            raise ConfigError(
+                f"data.verify_cache must be one of {', '.join(VERIFY_CACHE)}, got {verify_cache!r}"
+            )
         self.verify_cache = verify_cache
-        self._headers: dict[str, dict] = {}  # split -> the header of its token file, once checked in this process
+        self._headers: dict[
+            str, dict
+        ] = {}  # split -> the header of its token file, once checked in this process
         self.block_size = block_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -106,7 +115,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
 
     @cached_property
     def _token_dir(self) -> Path:
-        key = short_hash(json.dumps([TOKEN_FILE_FORMAT, tokenizer_fingerprint(self.tokenizer), self.corpus.fingerprint]))
+        key = short_hash(
+            json.dumps([TOKEN_FILE_FORMAT, tokenizer_fingerprint(self.tokenizer), self.corpus.fingerprint])
+        )
         return self.cache_dir / "tokens" / f"{self.corpus.name}-{key}"
 
     def identity(self) -> dict[str, object]:
@@ -182,7 +193,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
     def _open(self, split: str) -> TokenBlocks:
         if split not in self.datasets:
             path, header = self._ensure_token_file(split)  # checked once per process
-            dataset = TokenBlocks(path, np.dtype(header["dtype"]), self.block_size, num_tokens=header["tokens"])
+            dataset = TokenBlocks(
+                path, np.dtype(header["dtype"]), self.block_size, num_tokens=header["tokens"]
+            )
             if len(dataset) == 0:
                 raise ConfigError(
                     f"data.block_size={self.block_size} is longer than the {split} split "
@@ -210,7 +223,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
                 tokenize_to_file(self.corpus.documents(split), self.tokenizer, path, expected)
             except OSError as err:
                 if problem == "missing":
-                    raise ConfigError(f"could not write the token cache {path} ({err}); set paths.cache_dir to a writable folder") from None
+                    raise ConfigError(
+                        f"could not write the token cache {path} ({err}); set paths.cache_dir to a writable folder"
+                    ) from None
                 raise ConfigError(
                     f"token cache {path} is damaged ({problem}) and cannot be rebuilt ({err}); delete it, or set "
                     "paths.cache_dir to a writable folder"
@@ -305,7 +320,10 @@ def check_token_file(path: Path, expected: Mapping[str, object], verify: str = "
 
 
 def tokenize_to_file(
-    documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, path: Path, header: Mapping[str, object] | None = None
+    documents: Iterable[str],
+    tokenizer: PreTrainedTokenizerFast,
+    path: Path,
+    header: Mapping[str, object] | None = None,
 ) -> int:
     """Write the documents' token ids, each document followed by EOS, to `path`, and its header (`header`
     plus the count and checksums) beside it; returns the token count. Both go to temporary files that are
@@ -321,7 +339,9 @@ def tokenize_to_file(
         with open(staging, "wb") as out:
             for batch in _batches(_pieces(documents)):
                 # The Rust tokenizer directly: parallel over the batch, and no special tokens (BOS) added.
-                encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
+                encodings = tokenizer.backend_tokenizer.encode_batch(
+                    [text for text, _ in batch], add_special_tokens=False
+                )
                 ids: list[int] = []
                 for encoding, (_, ends_document) in zip(encodings, batch, strict=True):
                     ids.extend(encoding.ids)
@@ -333,9 +353,13 @@ def tokenize_to_file(
                 count += len(ids)
         size = staging.stat().st_size
         record = {
-            **(header or {}), "format": TOKEN_FILE_FORMAT, "tokens": count, "dtype": dtype.name,
-            "sha256": digest.hexdigest(), "sample_sha256": sampled_sha256(staging, size),
-        }  # fmt: skip
+            **(header or {}),
+            "format": TOKEN_FILE_FORMAT,
+            "tokens": count,
+            "dtype": dtype.name,
+            "sha256": digest.hexdigest(),
+            "sample_sha256": sampled_sha256(staging, size),
+        }
         staging_header.write_text(json.dumps(record, indent=1))
         header_file(path).unlink(missing_ok=True)  # a token file never sits beside another file's header
         os.replace(staging, path)
@@ -357,7 +381,9 @@ def _pieces(documents: Iterable[str], max_chars: int = 1 << 20) -> Iterator[tupl
         yield document, True
 
 
-def _batches(pieces: Iterable[tuple[str, bool]], max_chars: int = 1 << 22) -> Iterator[list[tuple[str, bool]]]:
+def _batches(
+    pieces: Iterable[tuple[str, bool]], max_chars: int = 1 << 22
+) -> Iterator[list[tuple[str, bool]]]:
     batch: list[tuple[str, bool]] = []
     size = 0
     for piece in pieces:

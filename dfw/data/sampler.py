@@ -23,15 +23,20 @@ class ResumableSampler(Sampler[int]):
 
     def __init__(
         self,
-        num_items: int,                     # training blocks
+        num_items: int,  # training blocks
         seed: int,
-        samples_per_step: int,              # samples that one optimizer step consumes, all ranks together
-        current_step: Callable[[], int],    # the optimizer step training (re)starts from
-        max_steps: int | None = None,       # the step training stops at; None: one pass per iteration
+        samples_per_step: int,  # samples that one optimizer step consumes, all ranks together
+        current_step: Callable[[], int],  # the optimizer step training (re)starts from
+        max_steps: int | None = None,  # the step training stops at; None: one pass per iteration
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        assert num_items > 0 and samples_per_step > 0 and samples_per_step % world_size == 0 and 0 <= rank < world_size
+        assert (
+            num_items > 0
+            and samples_per_step > 0
+            and samples_per_step % world_size == 0
+            and 0 <= rank < world_size
+        )
         self.num_items = num_items
         self.seed = seed
         self.samples_per_step = samples_per_step

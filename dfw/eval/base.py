@@ -81,8 +81,14 @@ class EvalModel:
     `tokens_per_second` is that count over the time they took since `reset_clock`.
     """
 
-    def __init__(self, net: nn.Module, tokenizer: PreTrainedTokenizerBase, info: ModelInfo, batch_size: int,
-                 progress: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        net: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        info: ModelInfo,
+        batch_size: int,
+        progress: bool = True,
+    ) -> None:
         self.net, self.tokenizer, self.info = net, tokenizer, info
         self.batch_size, self.progress = batch_size, progress
         self.converted = info.attention != "softmax"
@@ -160,9 +166,13 @@ class EvalModel:
                 cache = {"cache": RecurrentCache(self.net)} if self.converted else {}
                 began = time.perf_counter()
                 out = self.net.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=pad, **cache,
-                )  # fmt: skip
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    **cache,
+                )
                 self.seconds += time.perf_counter() - began
                 self.tokens += int(mask.sum()) + len(batch) * (out.shape[1] - width)
                 outputs += out[:, width:].tolist()

@@ -78,8 +78,11 @@ class Copy(EvalTask):
             accuracies = []
             for length in lengths:
                 rng = generator(self.seed, "copy", variant, length)
-                spans = (random_spans(ids, self.samples, length, rng) if variant == "random"
-                         else text_spans(text, self.samples, length, rng))  # fmt: skip
+                spans = (
+                    random_spans(ids, self.samples, length, rng)
+                    if variant == "random"
+                    else text_spans(text, self.samples, length, rng)
+                )
                 loss_first, loss_second, correct = _score(
                     model, copy_sequences(spans), length, f"copy {variant} L={length}"
                 )
@@ -90,8 +93,16 @@ class Copy(EvalTask):
                     Measurement("copy", "loss", loss_second, **common),
                     Measurement("copy", "loss_first", loss_first, **common),
                 ]
-            results.append(Measurement("copy", "acc", sum(accuracies) / len(accuracies), variant=variant, axis="L",
-                                       headline=variant == self.variants[0]))  # fmt: skip
+            results.append(
+                Measurement(
+                    "copy",
+                    "acc",
+                    sum(accuracies) / len(accuracies),
+                    variant=variant,
+                    axis="L",
+                    headline=variant == self.variants[0],
+                )
+            )
         return results
 
 

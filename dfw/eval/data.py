@@ -24,8 +24,12 @@ class EvalData:
     `node` (a `conf/data` node) with `tokenizer`, the evaluated model's own.
     """
 
-    def __init__(self, node: Any, tokenizer: PreTrainedTokenizerBase,
-                 datamodule: LanguageModelingDataModule | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        node: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        datamodule: LanguageModelingDataModule | None = None,
+    ) -> None:
         self.node, self.tokenizer, self._datamodule = node, tokenizer, datamodule
 
     @cached_property
@@ -55,8 +59,10 @@ class EvalData:
         path, dtype, count = self._token_file(split)
         blocks = TokenBlocks(path, dtype, block_size, num_tokens=count)
         if len(blocks) == 0:
-            raise ConfigError(f"the {split} split of data={self.corpus} has {blocks.num_tokens} tokens, fewer than one "
-                              f"block of {block_size}; use a larger split or a shorter block")  # fmt: skip
+            raise ConfigError(
+                f"the {split} split of data={self.corpus} has {blocks.num_tokens} tokens, fewer than one "
+                f"block of {block_size}; use a larger split or a shorter block"
+            )
         return blocks
 
     def tokens(self, split: str) -> Tensor:

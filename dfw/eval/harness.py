@@ -61,8 +61,9 @@ class LMEvalHarness(EvalTask):
                 positive_int("lm_eval", option, value)
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
             raise ConfigError(f"lm_eval.include_path={self.include_path!r} is not a directory of task YAMLs")
-        self._manager = task_manager(str(Path(self.include_path).expanduser()) if self.include_path else None,
-                                     self.include_defaults)  # fmt: skip
+        self._manager = task_manager(
+            str(Path(self.include_path).expanduser()) if self.include_path else None, self.include_defaults
+        )
         known = set(self._manager.match_tasks(self.tasks))
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
@@ -78,10 +79,18 @@ class LMEvalHarness(EvalTask):
 
         lm = DFWLM(model.net, tokenizer=model.tokenizer, batch_size=self.batch_size or model.batch_size)
         output = lm_eval.simple_evaluate(
-            model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot, limit=self.limit, task_manager=self._manager,
-            bootstrap_iters=self.bootstrap_iters, log_samples=False, random_seed=self.seed,
-            numpy_random_seed=self.seed, torch_random_seed=self.seed, fewshot_random_seed=self.seed,
-        )  # fmt: skip
+            model=lm,
+            tasks=self.tasks,
+            num_fewshot=self.num_fewshot,
+            limit=self.limit,
+            task_manager=self._manager,
+            bootstrap_iters=self.bootstrap_iters,
+            log_samples=False,
+            random_seed=self.seed,
+            numpy_random_seed=self.seed,
+            torch_random_seed=self.seed,
+            fewshot_random_seed=self.seed,
+        )
         results = []
         for task, metrics in sorted((output or {}).get("results", {}).items()):
             first = True

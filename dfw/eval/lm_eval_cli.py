@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
-        print(f"error: python -m dfw.eval.lm_eval_cli needs lm-evaluation-harness, which is not installed: {INSTALL}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: python -m dfw.eval.lm_eval_cli needs lm-evaluation-harness, which is not installed: {INSTALL}",
+            file=sys.stderr,
+        )
         sys.exit(2)
     import dfw  # noqa: F401  (registers the dfw-gpt2 model type with transformers)
 

@@ -25,8 +25,15 @@ from ..generate import is_converted
 class DFWLM(HFLM):
     """`HFLM` around a model dfw loaded (or loads from `pretrained`, a path or hub id)."""
 
-    def __init__(self, pretrained: Any, tokenizer: Any = None, device: str | None = None, dtype: str = "float32",
-                 batch_size: int | str = 1, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: Any,
+        tokenizer: Any = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        batch_size: int | str = 1,
+        **kwargs: Any,
+    ) -> None:
         if isinstance(pretrained, str):
             from .load import load_eval_model
 

@@ -45,13 +45,19 @@ def describe(net: nn.Module, source: str, kind: str, attention: dict[str, Any] |
         state_size, name = None, "softmax"
         state_bytes = 2 * config.n_layer * config.n_embd * context * torch.float32.itemsize
     return ModelInfo(
-        source=source, kind=kind, attention=name, state_size=int(state_size) if state_size is not None else None,
-        state_bytes=int(state_bytes), context=context, parameters=sum(p.numel() for p in net.parameters()),
-    )  # fmt: skip
+        source=source,
+        kind=kind,
+        attention=name,
+        state_size=int(state_size) if state_size is not None else None,
+        state_bytes=int(state_bytes),
+        context=context,
+        parameters=sum(p.numel() for p in net.parameters()),
+    )
 
 
-def load_eval_model(source: str, device: str = "auto", dtype: str = "float32", batch_size: int = 16,
-                    progress: bool = True) -> EvalModel:  # fmt: skip
+def load_eval_model(
+    source: str, device: str = "auto", dtype: str = "float32", batch_size: int = 16, progress: bool = True
+) -> EvalModel:
     """An export, a dfw.train checkpoint, a Hugging Face directory or hub id, ready to evaluate."""
     torch_device, torch_dtype = device_and_dtype(device, dtype)
     loaded = load_model(source, option="model")

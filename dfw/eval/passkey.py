@@ -23,8 +23,10 @@ import torch
 from ..errors import ConfigError
 from .base import EvalModel, EvalTask, Measurement, generator, positive_int, positive_ints
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-         "I will quiz you about the important information there.")  # fmt: skip
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -82,8 +84,10 @@ class Passkey(EvalTask):
                     f"sentence ({filler}); use at least {fixed + filler}"
                 )
         if not self._lengths(model):
-            raise ConfigError(f"passkey: the prompt ({fixed + filler} tokens) does not fit the model's context of "
-                              f"{model.context}")  # fmt: skip
+            raise ConfigError(
+                f"passkey: the prompt ({fixed + filler} tokens) does not fit the model's context of "
+                f"{model.context}"
+            )
 
     def run(self, model: EvalModel, data: Any) -> list[Measurement]:
         fixed, filler, new = self._pieces(model)
@@ -118,6 +122,13 @@ class Passkey(EvalTask):
                         "passkey", "exact_match", score, variant=f"length={length}", axis="depth", x=depth
                     )
                 )
-        results.append(Measurement("passkey", "exact_match", sum(scores) / len(scores), variant="mean over lengths and depths",
-                                   headline=True))  # fmt: skip
+        results.append(
+            Measurement(
+                "passkey",
+                "exact_match",
+                sum(scores) / len(scores),
+                variant="mean over lengths and depths",
+                headline=True,
+            )
+        )
         return results

@@ -29,8 +29,19 @@ log = logging.getLogger("dfw.eval")
 
 RESULTS = "results.csv"
 INFO_COLUMNS = [f.name for f in fields(ModelInfo)]
-COLUMNS = ["model", *[c for c in INFO_COLUMNS if c != "source"], "task", "metric", "variant", "axis", "x", "x_to",
-           "value", "headline", "seed"]  # fmt: skip
+COLUMNS = [
+    "model",
+    *[c for c in INFO_COLUMNS if c != "source"],
+    "task",
+    "metric",
+    "variant",
+    "axis",
+    "x",
+    "x_to",
+    "value",
+    "headline",
+    "seed",
+]
 
 
 def build_tasks(names: Any, options: Mapping[str, Any], seed: int) -> list[EvalTask]:
@@ -106,8 +117,13 @@ def run_tasks(tasks: list[EvalTask], model: EvalModel, data: EvalData, results: 
         seconds = time.perf_counter() - began
         if model.tokens:
             measurements.append(Measurement(task.name, "tokens_per_sec", model.tokens_per_second))
-        log.info("%s: %d numbers in %.1f s%s", task.name, len(measurements), seconds,
-                 f", {model.tokens_per_second:,.0f} tokens/s" if model.tokens else "")  # fmt: skip
+        log.info(
+            "%s: %d numbers in %.1f s%s",
+            task.name,
+            len(measurements),
+            seconds,
+            f", {model.tokens_per_second:,.0f} tokens/s" if model.tokens else "",
+        )
         results.add(task.name, measurements)
 
 
@@ -125,8 +141,10 @@ def _value(metric: str, value: float) -> str:
 
 def describe_model(info: ModelInfo) -> str:
     m = f"m={info.state_size}" if info.state_size is not None else "KV cache"
-    return (f"{info.source} ({info.kind}; attention={info.attention}, {m}, generation state "
-            f"{info.state_bytes / 1024:,.1f} KiB per sequence at {info.context} tokens; {info.parameters:,} parameters)")  # fmt: skip
+    return (
+        f"{info.source} ({info.kind}; attention={info.attention}, {m}, generation state "
+        f"{info.state_bytes / 1024:,.1f} KiB per sequence at {info.context} tokens; {info.parameters:,} parameters)"
+    )
 
 
 def table(rows: list[Measurement], info: ModelInfo) -> str:

@@ -24,4 +24,14 @@ from .plots import plot
 from .sources import Run, expected_jobs, load_runs, read_run_dir
 from .table import label_runs, markdown
 
-__all__ = ["Run", "expected_jobs", "label_runs", "load_runs", "main", "markdown", "plot", "read_run_dir", "report"]
+__all__ = [
+    "Run",
+    "expected_jobs",
+    "label_runs",
+    "load_runs",
+    "main",
+    "markdown",
+    "plot",
+    "read_run_dir",
+    "report",
+]

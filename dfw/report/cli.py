@@ -17,8 +17,13 @@ from .table import label_runs, markdown
 log = logging.getLogger("dfw.report")
 
 
-def report(source: str, out_dir: str | Path | None = None, baseline: str = "softmax", group: str | None = None,
-           tag: str | None = None) -> Path:  # fmt: skip
+def report(
+    source: str,
+    out_dir: str | Path | None = None,
+    baseline: str = "softmax",
+    group: str | None = None,
+    tag: str | None = None,
+) -> Path:
     """Read the runs of `source`, write report.md and the plots into `out_dir`; returns report.md's path.
     Default `out_dir`: `<source>/report` for a directory, `outputs/reports/<entity>_<project>` for W&B."""
     runs = load_runs(source, group, tag)
@@ -26,7 +31,11 @@ def report(source: str, out_dir: str | Path | None = None, baseline: str = "soft
         raise ConfigError(f"no runs found in {source!r} (a run directory holds csv/metrics.csv)")
     label_runs(runs)
     local = Path(source).expanduser().is_dir()
-    out = Path(out_dir) if out_dir else (Path(source) / "report" if local else Path("outputs/reports") / source.replace("/", "_"))
+    out = (
+        Path(out_dir)
+        if out_dir
+        else (Path(source) / "report" if local else Path("outputs/reports") / source.replace("/", "_"))
+    )
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(runs, out, baseline) + plot_evaluation(runs, out)
     body = markdown(runs, baseline) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
@@ -40,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfw.report", description=description.split("\n\n")[0])
     parser.add_argument("source", help="a multirun (or run) directory, or a W&B project entity/project")
     parser.add_argument("--out", help="where to write report.md and the plots (default: <source>/report)")
-    parser.add_argument("--baseline", default="softmax", help="attention.name of the reference run (default: softmax)")
+    parser.add_argument(
+        "--baseline", default="softmax", help="attention.name of the reference run (default: softmax)"
+    )
     parser.add_argument("--group", help="W&B only: the runs of this group")
     parser.add_argument("--tag", help="W&B only: the runs with this tag")
     args = parser.parse_args(argv)

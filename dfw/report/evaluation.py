@@ -107,13 +107,34 @@ def plot_evaluation(runs: list, out_dir: Path) -> list[Path]:
     from matplotlib.ticker import NullFormatter
 
     specs = [
-        ("ppl", "ppl", "position", "position in the context (bins)", "perplexity",
-         "Perplexity by position in the context", "log"),
-        ("copy", "acc", "L", "span length L (tokens, copied once)", "top-1 accuracy on the second copy",
-         "In-context copying", "linear"),
-        ("recall", "acc", "pairs", "key-value pairs N", "top-1 accuracy of the recalled values",
-         "Associative recall (MQAR)", "linear"),
-    ]  # fmt: skip
+        (
+            "ppl",
+            "ppl",
+            "position",
+            "position in the context (bins)",
+            "perplexity",
+            "Perplexity by position in the context",
+            "log",
+        ),
+        (
+            "copy",
+            "acc",
+            "L",
+            "span length L (tokens, copied once)",
+            "top-1 accuracy on the second copy",
+            "In-context copying",
+            "linear",
+        ),
+        (
+            "recall",
+            "acc",
+            "pairs",
+            "key-value pairs N",
+            "top-1 accuracy of the recalled values",
+            "Associative recall (MQAR)",
+            "linear",
+        ),
+    ]
     paths = []
     for name, (task, metric, axis, xlabel, ylabel, title, yscale) in zip(PLOTS, specs, strict=True):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -122,8 +143,15 @@ def plot_evaluation(runs: list, out_dir: Path) -> list[Path]:
             color = None
             for i, (variant, rows) in enumerate(_curves(run.evaluation, task, metric, axis).items()):
                 label = run.label + (f", {variant}" if task == "copy" else "")
-                line, = ax.plot(rows["x"], rows["value"], marker="o", markersize=3, label=label, color=color,
-                                linestyle="-" if i == 0 else "--")  # fmt: skip
+                (line,) = ax.plot(
+                    rows["x"],
+                    rows["value"],
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                    color=color,
+                    linestyle="-" if i == 0 else "--",
+                )
                 color, drawn = line.get_color(), True
         if not drawn:
             plt.close(fig)

@@ -26,7 +26,12 @@ def plot(runs: list[Run], out_dir: Path, baseline: str = "softmax") -> list[Path
     for run in done:
         curve = run.val_curve()
         ax.plot(curve.index, curve.values, marker="o", markersize=3, label=run.label)
-    ax.set(xlabel="optimizer step", ylabel="validation perplexity", yscale="log", title="Validation perplexity (step 0: as converted)")
+    ax.set(
+        xlabel="optimizer step",
+        ylabel="validation perplexity",
+        yscale="log",
+        title="Validation perplexity (step 0: as converted)",
+    )
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
@@ -38,25 +43,40 @@ def plot(runs: list[Run], out_dir: Path, baseline: str = "softmax") -> list[Path
     fig, ax = plt.subplots(figsize=(7, 4.5))
     reference = reference_ppl(runs, baseline)
     if not math.isnan(reference):
-        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=f"{baseline} (KV cache grows with the context)")
+        ax.axhline(
+            reference,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"{baseline} (KV cache grows with the context)",
+        )
     by_name: dict[str, list[Run]] = {}
     for run in done:
         if not math.isnan(run.state_size):
             by_name.setdefault(str(run.config.get("attention.name")), []).append(run)
     for name, group in by_name.items():
         group.sort(key=lambda r: r.state_size)
-        line, = ax.plot([r.state_size for r in group], [r.val_ppl for r in group], marker="o", label=name)
+        (line,) = ax.plot([r.state_size for r in group], [r.val_ppl for r in group], marker="o", label=name)
         if len(group) > 1 or len(by_name) < len(done):
             for r in group:
                 if r.label != name:
-                    ax.annotate(r.label.removeprefix(name).strip(" ()"), (r.state_size, r.val_ppl), fontsize=6, color=line.get_color())
+                    ax.annotate(
+                        r.label.removeprefix(name).strip(" ()"),
+                        (r.state_size, r.val_ppl),
+                        fontsize=6,
+                        color=line.get_color(),
+                    )
     ax.set_xscale("log", base=2)
     sizes = sorted({r.state_size for group in by_name.values() for r in group})
     if sizes:
         ax.set_xticks(sizes)
         ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlabel="state size m (features per head)", ylabel="validation perplexity", title="Validation perplexity against state size")
+    ax.set(
+        xlabel="state size m (features per head)",
+        ylabel="validation perplexity",
+        title="Validation perplexity against state size",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()

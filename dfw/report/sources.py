@@ -31,16 +31,18 @@ STATE_BYTES, STATE_SIZE, PARAMS_NEW = "model/state_bytes_per_sequence", "model/s
 class Run:
     """One run of a sweep, as read back from its logs."""
 
-    name: str                                   # job directory (`3_decay`) or W&B run name
-    source: str                                 # where it was read from
-    config: dict[str, Any]                      # the resolved run config, flattened: {"attention.name": ...}
-    history: pd.DataFrame                       # one row per logged step: `step` and metric columns
-    status: str = "finished"                    # finished | running | crashed | export failed | diverged | missing
-    reason: str = ""                            # why it is not finished, when known
+    name: str  # job directory (`3_decay`) or W&B run name
+    source: str  # where it was read from
+    config: dict[str, Any]  # the resolved run config, flattened: {"attention.name": ...}
+    history: pd.DataFrame  # one row per logged step: `step` and metric columns
+    status: str = "finished"  # finished | running | crashed | export failed | diverged | missing
+    reason: str = ""  # why it is not finished, when known
     overrides: list[str] = field(default_factory=list)  # the job's command-line overrides (Hydra runs)
-    label: str = ""                             # the variant, as shown in the table (set by `label_runs`)
-    job: int | None = None                      # Hydra's job number in a multirun
-    evaluation: pd.DataFrame = field(default_factory=pd.DataFrame)  # dfw.eval's results.csv rows (evaluation.py)
+    label: str = ""  # the variant, as shown in the table (set by `label_runs`)
+    job: int | None = None  # Hydra's job number in a multirun
+    evaluation: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # dfw.eval's results.csv rows (evaluation.py)
 
     def last(self, key: str) -> float:
         """The last value logged for `key` (nan when never logged)."""
@@ -120,7 +122,11 @@ def read_csv_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame] | None:
 def _last_error_line(run_dir: Path) -> str:
     """The last line of the run's Hydra log (`<job name>.log`) that reports an error, if any."""
     for log_file in sorted(run_dir.glob("*.log")):
-        errors = [line for line in log_file.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
+        errors = [
+            line
+            for line in log_file.read_text(errors="replace").splitlines()
+            if "ERROR" in line or "Error" in line
+        ]
         if errors:
             return errors[-1].split(" - ", 1)[-1].strip()
     return ""
@@ -141,20 +147,35 @@ def _job_number(run_dir: Path) -> int | None:
 
 def read_run_dir(run_dir: Path) -> Run:
     """One local run (a Hydra job directory, or any directory a run wrote)."""
-    run = Run(name=run_dir.name, source=str(run_dir), config={}, history=pd.DataFrame(),
-              overrides=list(_yaml(run_dir / ".hydra" / "overrides.yaml") or []), job=_job_number(run_dir))  # fmt: skip
+    run = Run(
+        name=run_dir.name,
+        source=str(run_dir),
+        config={},
+        history=pd.DataFrame(),
+        overrides=list(_yaml(run_dir / ".hydra" / "overrides.yaml") or []),
+        job=_job_number(run_dir),
+    )
     csv_run = read_csv_run(run_dir)
     if csv_run is not None:
         run.config, run.history = csv_run
     if not run.config:  # the run failed before its logger wrote hparams.yaml: Hydra's copy of the config
         run.config = flatten(_yaml(run_dir / ".hydra" / "config.yaml") or {})
-    interrupted = (run_dir / "checkpoints" / "on-exception.ckpt").is_file()  # Lightning's OnExceptionCheckpoint
+    interrupted = (
+        run_dir / "checkpoints" / "on-exception.ckpt"
+    ).is_file()  # Lightning's OnExceptionCheckpoint
     run.status, run.reason = run_status(run, error=_last_error_line(run_dir), interrupted=interrupted)
     run.evaluation = read_evaluation(run_dir)
-    busy = holder(run_dir)  # the lock of a live run (dfw.run_folder): still in progress, whatever it logged so far
+    busy = holder(
+        run_dir
+    )  # the lock of a live run (dfw.run_folder): still in progress, whatever it logged so far
     if busy is not None:
-        run.status, run.reason = "running", f"in progress (pid {busy.get('pid', '?')} on {busy.get('host', '?')})"
-    elif csv_run is None and not run.config and not run.evaluation.empty:  # a model evaluated, not trained here
+        run.status, run.reason = (
+            "running",
+            f"in progress (pid {busy.get('pid', '?')} on {busy.get('host', '?')})",
+        )
+    elif (
+        csv_run is None and not run.config and not run.evaluation.empty
+    ):  # a model evaluated, not trained here
         first = run.evaluation.iloc[0]
         run.status, run.reason = "evaluated", f"evaluated only: {first['model']}"
         state_size = float(first["state_size"]) if pd.notna(first["state_size"]) else None
@@ -188,7 +209,10 @@ def run_status(run: Run, error: str = "", interrupted: bool = False) -> tuple[st
     reached = int(run.history[STEP].max())
     if (wants_test and math.isnan(run.last(TEST_PPL))) or (not wants_test and math.isnan(run.val_ppl)):
         if max_steps and reached >= max_steps and not error:  # NaN and never-logged read back the same
-            return "crashed", f"trained {reached} of {max_steps} steps but logged no perplexity (NaN, or stopped in the test)"
+            return (
+                "crashed",
+                f"trained {reached} of {max_steps} steps but logged no perplexity (NaN, or stopped in the test)",
+            )
         return "crashed", error or f"stopped at step {reached}" + (f" of {max_steps}" if max_steps else "")
     if not all(math.isfinite(value) for value in (run.val_ppl, run.last(TEST_PPL)) if not math.isnan(value)):
         return "diverged", "perplexity is not finite"
@@ -217,7 +241,9 @@ def expected_jobs(multirun_dir: Path) -> list[list[str]] | None:
         key = override.get_key_element()
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
-                raise ConfigError(f"{multirun_dir}/multirun.yaml: {key} is a range or interval sweep, which the basic sweeper does not run")
+                raise ConfigError(
+                    f"{multirun_dir}/multirun.yaml: {key} is a range or interval sweep, which the basic sweeper does not run"
+                )
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
             choices[key] = [f"{key}={override.get_value_element_as_str()}"]
@@ -227,14 +253,25 @@ def expected_jobs(multirun_dir: Path) -> list[list[str]] | None:
 def _run_dirs(root: Path) -> list[Path]:
     """Every directory under `root` that a run wrote (its CSV logs, or Hydra's copy of its config)."""
     marks = ("csv/metrics.csv", ".hydra/config.yaml", str(EVAL_RESULTS))
-    return sorted({path.parents[1] for mark in marks for path in root.rglob(mark) if len(path.relative_to(root).parts) <= 6})
+    return sorted(
+        {
+            path.parents[1]
+            for mark in marks
+            for path in root.rglob(mark)
+            if len(path.relative_to(root).parts) <= 6
+        }
+    )
 
 
 def load_local(root: Path) -> list[Run]:
     """Every run under `root`, plus the jobs of its multirun that never started (status missing). `root` may
     also hold several multiruns, one per folder (sweeps/eval_grid.sh): each is checked for missing jobs."""
     runs = [read_run_dir(d) for d in _run_dirs(root)]
-    sweeps = [root] if (root / "multirun.yaml").is_file() else sorted(p.parent for p in root.glob("*/multirun.yaml"))
+    sweeps = (
+        [root]
+        if (root / "multirun.yaml").is_file()
+        else sorted(p.parent for p in root.glob("*/multirun.yaml"))
+    )
     for sweep in sweeps or [root]:
         jobs = expected_jobs(sweep)
         if jobs is None:
@@ -242,12 +279,23 @@ def load_local(root: Path) -> list[Run]:
         inside = lambda run, sweep=sweep: sweep == root or Path(run.source).is_relative_to(sweep)
         started = {run.job for run in runs if inside(run)}
         runs += [
-            Run(name=f"job {number}", source=str(sweep), config={}, history=pd.DataFrame(), status="missing",
-                reason="never started (the sweep stopped before it)", overrides=overrides, job=number)
-            for number, overrides in enumerate(jobs) if number not in started
-        ]  # fmt: skip
+            Run(
+                name=f"job {number}",
+                source=str(sweep),
+                config={},
+                history=pd.DataFrame(),
+                status="missing",
+                reason="never started (the sweep stopped before it)",
+                overrides=overrides,
+                job=number,
+            )
+            for number, overrides in enumerate(jobs)
+            if number not in started
+        ]
     if sweeps:
-        sweep_of = lambda run: next((i for i, sweep in enumerate(sweeps) if Path(run.source).is_relative_to(sweep)), -1)
+        sweep_of = lambda run: next(
+            (i for i, sweep in enumerate(sweeps) if Path(run.source).is_relative_to(sweep)), -1
+        )
         runs.sort(key=lambda run: (sweep_of(run), run.job is None, run.job or 0))  # each sweep in job order
     return runs
 
@@ -285,7 +333,9 @@ def load_runs(source: str, group: str | None = None, tag: str | None = None) -> 
     if path.is_dir():
         return load_local(path)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) or path.exists():
-        raise ConfigError(f"{source!r} is neither a run or multirun directory nor a W&B project (entity/project)")
+        raise ConfigError(
+            f"{source!r} is neither a run or multirun directory nor a W&B project (entity/project)"
+        )
     try:
         return load_wandb_project(source, group, tag)
     except Exception as err:  # no network, no credentials, no such project

@@ -54,27 +54,34 @@ def fmt_bytes(value: float) -> str:
 
 def reference_ppl(runs: list[Run], baseline: str) -> float:
     """Validation perplexity of the best finished `baseline` run (nan when there is none)."""
-    values = [r.val_ppl for r in runs if r.status == "finished" and r.config.get("attention.name") == baseline]
+    values = [
+        r.val_ppl for r in runs if r.status == "finished" and r.config.get("attention.name") == baseline
+    ]
     return min(values) if values else math.nan
 
 
 def markdown(runs: list[Run], baseline: str = "softmax", title: str = "") -> str:
     reference = reference_ppl(runs, baseline)
     done = [r for r in runs if r.status in ("finished", "diverged", "evaluated")]
-    done.sort(key=lambda r: (r.status != "evaluated", r.config.get("attention.name") != baseline))  # teacher, reference
+    done.sort(
+        key=lambda r: (r.status != "evaluated", r.config.get("attention.name") != baseline)
+    )  # teacher, reference
     evals = headline_columns([r.evaluation for r in done])  # dfw.eval's tasks, a column each (evaluation.py)
     lines = [f"## {title}", ""] if title else []
     lines += [
         "| variant | state size m | val ppl, converted | val ppl | test ppl | softmax quality retained "
-        "| train tokens/s | state bytes / sequence | steps |" + "".join(f" {header} |" for header, *_ in evals),
+        "| train tokens/s | state bytes / sequence | steps |"
+        + "".join(f" {header} |" for header, *_ in evals),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(evals),
     ]
     for run in done:
         share = reference / run.val_ppl if run.val_ppl > 0 else math.nan
         m = run.state_size
         steps = str(int(run.history[STEP].max())) if STEP in run.history else "—"
-        cells = "".join(f" {fmt_value(metric, headline_value(run.evaluation, task, metric, variant))} |"
-                        for _, task, metric, variant in evals)  # fmt: skip
+        cells = "".join(
+            f" {fmt_value(metric, headline_value(run.evaluation, task, metric, variant))} |"
+            for _, task, metric, variant in evals
+        )
         lines.append(
             f"| {run.label} | {'—' if math.isnan(m) else int(m)} | {fmt_number(run.val_ppl_converted)} "
             f"| {fmt_number(run.val_ppl)} | {fmt_number(run.last(TEST_PPL))} "
@@ -85,14 +92,24 @@ def markdown(runs: list[Run], baseline: str = "softmax", title: str = "") -> str
         lines += ["", f"No finished `{baseline}` run: the share of softmax quality retained is not computed."]
     problems = [r for r in runs if r.status not in ("finished", "evaluated")]
     if problems:
-        lines += ["", "Runs not in the table, or not finished:", "", "| run | status | reason | overrides |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Runs not in the table, or not finished:",
+            "",
+            "| run | status | reason | overrides |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {r.name} | {r.status} | {r.reason} | {' '.join(r.overrides)} |" for r in problems]
     lines += [
         "",
         f"val ppl: best validation perplexity of fine-tuning (converted: before it); softmax quality retained = "
         f"{baseline} val ppl / val ppl; train tokens/s: median over training; state bytes / sequence: generation "
         "state of one sequence after a training-length context, float32 (softmax: the KV cache, which grows with "
-        "the context)." + (f" Evaluation (dfw.eval, docs/evaluation.md): {headline_note([r.evaluation for r in done])}."
-                           if evals else ""),
+        "the context)."
+        + (
+            f" Evaluation (dfw.eval, docs/evaluation.md): {headline_note([r.evaluation for r in done])}."
+            if evals
+            else ""
+        ),
     ]
     return "\n".join(lines) + "\n"

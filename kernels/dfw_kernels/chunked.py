@@ -54,7 +54,9 @@ def chunk_size_for(
     (gates shifted by one token) cut time elsewhere, and use the same c."""
     limit = max_chunk_decay(dtype)
     c = 1 << (max_chunk_size.bit_length() - 1)
-    bound: float | Tensor = 0.0  # per token: the largest |log-gate| over channels, both sides (B, T, H); bounds any channel's
+    bound: float | Tensor = (
+        0.0  # per token: the largest |log-gate| over channels, both sides (B, T, H); bounds any channel's
+    )
     for g in (log_key_gate, log_value_gate):
         if g is not None:
             bound = bound + g.detach().to(dtype).abs().amax(-1)
@@ -236,6 +238,12 @@ def chunked_decay_fast_weights(
     c = chunk_size_for(log_key_gate, log_value_gate, chunk_size, acc)
     scan = lambda *args, **kwargs: chunk_scan(*args, **kwargs, chunk_size=c)
     return ScanDecayFastWeights.apply(
-        scan, q, k, v, log_key_gate, log_value_gate,
-        None if initial_state is None else initial_state.to(acc), output_final_state,
-    )  # fmt: skip
+        scan,
+        q,
+        k,
+        v,
+        log_key_gate,
+        log_value_gate,
+        None if initial_state is None else initial_state.to(acc),
+        output_final_state,
+    )

@@ -187,28 +187,44 @@ def backward(
 
     if need_dq or need_dgk:  # dq_t = do_t S_t^T: a forward scan over S^T.
         result = scan(
-            do, v, k, log_value_gate, log_key_gate, _transpose(initial_state),
-            out_dtype=q.dtype if need_dq else None, output_pre=need_dgk,
-        )  # fmt: skip
+            do,
+            v,
+            k,
+            log_value_gate,
+            log_key_gate,
+            _transpose(initial_state),
+            out_dtype=q.dtype if need_dq else None,
+            output_pre=need_dgk,
+        )
         dq, dq_pre = result.out, result.out_pre  # (B, T, H, K)
 
     if need_dv or need_dgv or need_ds0:  # dv_t = k_t G_t: a reverse scan over G; its final state is dS_0.
         result = scan(
-            k, q, do, log_key_gate, log_value_gate, d_final_state,
+            k,
+            q,
+            do,
+            log_key_gate,
+            log_value_gate,
+            d_final_state,
             reverse=True,
             out_dtype=v.dtype if need_dv else None,
             output_final_state=need_ds0,
             gate_grad_inputs=(_kept(o_pre), v, value_start) if need_dgv else None,
-        )  # fmt: skip
+        )
         dv, dgv, ds0 = result.out, result.gate_grad, result.final_state
 
     if need_dk or need_dgk:  # dk_t = v_t G_t^T: a reverse scan over G^T.
         result = scan(
-            v, do, q, log_value_gate, log_key_gate, _transpose(d_final_state),
+            v,
+            do,
+            q,
+            log_value_gate,
+            log_key_gate,
+            _transpose(d_final_state),
             reverse=True,
             out_dtype=k.dtype if need_dk else None,
             gate_grad_inputs=(_kept(dq_pre), k, key_start) if need_dgk else None,
-        )  # fmt: skip
+        )
         dk, dgk = result.out, result.gate_grad
     return dq, dk, dv, dgk, dgv, ds0
 
@@ -227,12 +243,17 @@ class ScanDecayFastWeights(torch.autograd.Function):
         need_dgk = log_key_gate is not None and ctx.needs_input_grad[4]
         need_dgv = log_value_gate is not None and ctx.needs_input_grad[5]
         result = scan(
-            q, k, v, log_key_gate, log_value_gate, initial_state,
+            q,
+            k,
+            v,
+            log_key_gate,
+            log_value_gate,
+            initial_state,
             out_dtype=v.dtype,
             output_pre=need_dgv,
             output_final_state=output_final_state,
             output_final_pre_state=output_final_state and (need_dgk or need_dgv),
-        )  # fmt: skip
+        )
         ctx.save_for_backward(
             q, k, v, log_key_gate, log_value_gate, initial_state, result.out_pre, result.final_pre_state
         )
@@ -246,7 +267,17 @@ class ScanDecayFastWeights(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(v)  # (B, T, H, V): only the final state was used
         grads = backward(
-            ctx.scan, q, k, v, log_key_gate, log_value_gate, initial_state, o_pre, final_pre_state,
-            do.contiguous(), d_final_state, tuple(ctx.needs_input_grad[1:7]),
-        )  # fmt: skip
+            ctx.scan,
+            q,
+            k,
+            v,
+            log_key_gate,
+            log_value_gate,
+            initial_state,
+            o_pre,
+            final_pre_state,
+            do.contiguous(),
+            d_final_state,
+            tuple(ctx.needs_input_grad[1:7]),
+        )
         return (None, *grads, None)

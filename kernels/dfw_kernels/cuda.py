@@ -22,8 +22,15 @@ from torch import Tensor
 from ._common import DTYPES, MAX_STATE_DIM, KernelUnavailable, full_width, input_dtype, new_output, pad_last
 from .closed_form import ScanDecayFastWeights, ScanResult
 
-__all__ = ["DTYPES", "MAX_STATE_DIM", "KernelUnavailable", "decay_fast_weights_cuda",
-           "decay_fast_weights_step_cuda", "load_extension", "unavailable_reason"]  # fmt: skip
+__all__ = [
+    "DTYPES",
+    "MAX_STATE_DIM",
+    "KernelUnavailable",
+    "decay_fast_weights_cuda",
+    "decay_fast_weights_step_cuda",
+    "load_extension",
+    "unavailable_reason",
+]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "binding.cpp", CSRC / "dfw_scan.cu")
@@ -144,10 +151,23 @@ def scan_op(
     gate_grad = new_output((B, T, H, V), f32, q) if with_gate_grad else None
     with torch.cuda.device(q.device):
         load_extension().scan(
-            q, k, v, log_key_gate, log_value_gate, initial_state, final, final_pre, out, out_pre,
-            gate_grad, gate_grad_x1, gate_grad_x2, gate_grad_start, reverse,
+            q,
+            k,
+            v,
+            log_key_gate,
+            log_value_gate,
+            initial_state,
+            final,
+            final_pre,
+            out,
+            out_pre,
+            gate_grad,
+            gate_grad_x1,
+            gate_grad_x2,
+            gate_grad_start,
+            reverse,
             torch.cuda.current_stream(q.device).cuda_stream,
-        )  # fmt: skip
+        )
     # The ops return a fixed number of tensors: an empty one stands for "not asked for".
 
     def or_empty(x: Tensor | None) -> Tensor:
@@ -157,8 +177,22 @@ def scan_op(
 
 
 @scan_op.register_fake
-def _(q, k, v, log_key_gate, log_value_gate, initial_state, gate_grad_x1, gate_grad_x2, gate_grad_start,
-      reverse, output, output_pre, output_final_state, output_final_pre_state):  # fmt: skip
+def _(
+    q,
+    k,
+    v,
+    log_key_gate,
+    log_value_gate,
+    initial_state,
+    gate_grad_x1,
+    gate_grad_x2,
+    gate_grad_start,
+    reverse,
+    output,
+    output_pre,
+    output_final_state,
+    output_final_pre_state,
+):
     B, T, H, K = q.shape
     V = v.shape[-1]
     f32 = torch.float32
@@ -191,9 +225,23 @@ def step_op(
     out = new_output(v.shape, q.dtype, q)
     with torch.cuda.device(q.device):
         load_extension().scan(
-            q, k, v, log_key_gate, log_value_gate, state, state, None, out, None, None, None, None, None,
-            False, torch.cuda.current_stream(q.device).cuda_stream,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            log_key_gate,
+            log_value_gate,
+            state,
+            state,
+            None,
+            out,
+            None,
+            None,
+            None,
+            None,
+            None,
+            False,
+            torch.cuda.current_stream(q.device).cuda_stream,
+        )
     return out
 
 
@@ -218,9 +266,20 @@ def _aligned(x: Tensor | None) -> Tensor | None:
 
 
 def cuda_scan(
-    q, k, v, log_key_gate, log_value_gate, initial_state, *, reverse=False, out_dtype=None, output_pre=False,
-    output_final_state=False, output_final_pre_state=False, gate_grad_inputs=None,
-) -> ScanResult:  # fmt: skip
+    q,
+    k,
+    v,
+    log_key_gate,
+    log_value_gate,
+    initial_state,
+    *,
+    reverse=False,
+    out_dtype=None,
+    output_pre=False,
+    output_final_state=False,
+    output_final_pre_state=False,
+    gate_grad_inputs=None,
+) -> ScanResult:
     """closed_form.Scan on the GPU: the custom op, with its empty "not asked for" outputs as None."""
     x1 = x2 = start = None
     if gate_grad_inputs is not None:
@@ -228,9 +287,21 @@ def cuda_scan(
         x1, x2 = x1.float(), x2.to(q.dtype)
         start = None if start is None else start.float()
     out, out_pre, final, final_pre, gate_grad = scan_op(
-        q, k.to(q.dtype), v.to(q.dtype), log_key_gate, log_value_gate, initial_state, x1, x2, start, reverse,
-        out_dtype is not None, output_pre, output_final_state, output_final_pre_state,
-    )  # fmt: skip
+        q,
+        k.to(q.dtype),
+        v.to(q.dtype),
+        log_key_gate,
+        log_value_gate,
+        initial_state,
+        x1,
+        x2,
+        start,
+        reverse,
+        out_dtype is not None,
+        output_pre,
+        output_final_state,
+        output_final_pre_state,
+    )
     if out_dtype is not None and out.dtype != out_dtype:
         out = out.to(out_dtype)
     return ScanResult(

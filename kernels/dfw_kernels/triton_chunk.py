@@ -92,13 +92,37 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _chunk_states_kernel(
-        k, v, gk, gv, s0, h, final, final_pre,
-        T, H, K, V,
-        gk_sb, gk_st, gk_sh, gk_sd, gv_sb, gv_st, gv_sh, gv_sd,
-        REVERSE: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr, HAS_S0: tl.constexpr,
-        WRITE_FINAL: tl.constexpr, WRITE_FINAL_PRE: tl.constexpr,
-        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
+        k,
+        v,
+        gk,
+        gv,
+        s0,
+        h,
+        final,
+        final_pre,
+        T,
+        H,
+        K,
+        V,
+        gk_sb,
+        gk_st,
+        gk_sh,
+        gk_sd,
+        gv_sb,
+        gv_st,
+        gv_sh,
+        gv_sd,
+        REVERSE: tl.constexpr,
+        HAS_GK: tl.constexpr,
+        HAS_GV: tl.constexpr,
+        HAS_S0: tl.constexpr,
+        WRITE_FINAL: tl.constexpr,
+        WRITE_FINAL_PRE: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """k [B, T, H, K], v [B, T, H, V] in token order; gk [B, T, H, K|1], gv [B, T, H, V|1] log-gates
         (strides given); s0, final, final_pre [B, H, K, V] float32; h [B, NC, H, K, V] (the state at each
         chunk's start, in k's dtype). Grid: (cdiv(K, BK), cdiv(V, BV), B * H)."""
@@ -170,13 +194,42 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _chunk_output_kernel(
-        q, k, v, gk, gv, h, x1, x2, out, out_pre, gate_grad, totals,
-        T, H, K, V,
-        gk_sb, gk_st, gk_sh, gk_sd, gv_sb, gv_st, gv_sh, gv_sd,
-        REVERSE: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr, WRITE_OUT: tl.constexpr,
-        WRITE_PRE: tl.constexpr, GATE_GRAD: tl.constexpr,
-        C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
+        q,
+        k,
+        v,
+        gk,
+        gv,
+        h,
+        x1,
+        x2,
+        out,
+        out_pre,
+        gate_grad,
+        totals,
+        T,
+        H,
+        K,
+        V,
+        gk_sb,
+        gk_st,
+        gk_sh,
+        gk_sd,
+        gv_sb,
+        gv_st,
+        gv_sh,
+        gv_sd,
+        REVERSE: tl.constexpr,
+        HAS_GK: tl.constexpr,
+        HAS_GV: tl.constexpr,
+        WRITE_OUT: tl.constexpr,
+        WRITE_PRE: tl.constexpr,
+        GATE_GRAD: tl.constexpr,
+        C: tl.constexpr,
+        SUB: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """q, k [B, T, H, K]; v, x1, x2, out, out_pre, gate_grad [B, T, H, V] in token order; log-gates
         as in `_chunk_states_kernel`; h [B, NC, H, K, V]; totals [B, NC, H, V] float32 (each chunk's sum
         of the gate-gradient terms). Grid: (cdiv(V, BV), NC, B * H)."""
@@ -310,9 +363,17 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _gate_grad_prefix_kernel(
-        gate_grad, totals, r0, T, H, V,
-        REVERSE: tl.constexpr, HAS_R0: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    ):  # fmt: skip
+        gate_grad,
+        totals,
+        r0,
+        T,
+        H,
+        V,
+        REVERSE: tl.constexpr,
+        HAS_R0: tl.constexpr,
+        C: tl.constexpr,
+        BV: tl.constexpr,
+    ):
         """gate_grad [B, T, H, V] += r0 + the totals of the chunks before, in scan order.
         Grid: (cdiv(V, BV), B * H)."""
         i_v, i_bh = tl.program_id(0), tl.program_id(1)

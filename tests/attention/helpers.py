@@ -12,7 +12,9 @@ from dfw.errors import ConfigError
 from dfw.model import core_factory
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-PRESETS = tuple(sorted(path.stem for path in (CONF / "attention").glob("*.yaml")))  # a new preset is tested by adding it
+PRESETS = tuple(
+    sorted(path.stem for path in (CONF / "attention").glob("*.yaml"))
+)  # a new preset is tested by adding it
 RECURRENT_PRESETS = tuple(p for p in PRESETS if p != "softmax")
 # Test sizes: hidden size C, heads H, head size D; T is odd and not a multiple of the chunk size.
 C, H, D, CHUNK = 16, 2, 8, 16
@@ -34,7 +36,9 @@ def rule_cases(feature_map: str = "elu") -> list[tuple[str, object]]:
                 rule_class.check(feature_map, normalization)
             except ConfigError:
                 continue
-            options = dict(feature_map=feature_map, update_rule=rule, normalization=normalization, state_size=None)
+            options = dict(
+                feature_map=feature_map, update_rule=rule, normalization=normalization, state_size=None
+            )
             cases.append((f"{rule}-{normalization}", preset("decay", **options)))
     return cases
 

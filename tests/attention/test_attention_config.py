@@ -12,19 +12,34 @@ from dfw.errors import ConfigError
 from tests.attention.helpers import CONF, PRESETS, C, D, H, build, preset
 
 BAD = [
-    ({"update_rule": "delta", "normalization": "none"}, r"update_rule=delta needs attention\.normalization=sum"),
+    (
+        {"update_rule": "delta", "normalization": "none"},
+        r"update_rule=delta needs attention\.normalization=sum",
+    ),
     ({"update_rule": "delta", "normalization": "denominator", "feature_map": "elu"}, r"normalization=sum"),
     ({"normalization": "sum", "feature_map": "linear"}, r"normalization=sum needs non-negative features"),
-    ({"normalization": "denominator", "feature_map": "identity", "state_size": None}, r"denominator needs a positive kernel"),
+    (
+        {"normalization": "denominator", "feature_map": "identity", "state_size": None},
+        r"denominator needs a positive kernel",
+    ),
     ({"feature_map": "favor", "normalization": "none"}, r"feature_map=favor needs attention\.normalization"),
-    ({"feature_map": "dpfp", "state_size": 64}, r"dpfp has state size .* = 16, got state_size=64; set attention\.state_size=null"),
+    (
+        {"feature_map": "dpfp", "state_size": 64},
+        r"dpfp has state size .* = 16, got state_size=64; set attention\.state_size=null",
+    ),
     ({"feature_map": "elu", "state_size": 3}, r"elu has state size"),
     ({"feature_map": "rff", "state_size": 7, "normalization": "denominator"}, r"even state_size"),
-    ({"feature_map": "hedgehog", "state_size": 7, "normalization": "denominator"}, r"hedgehog needs an even state_size"),
+    (
+        {"feature_map": "hedgehog", "state_size": 7, "normalization": "denominator"},
+        r"hedgehog needs an even state_size",
+    ),
     ({"feature_map": "softmax"}, r"attention\.feature_map must be one of"),
     ({"update_rule": "gate"}, r"attention\.update_rule must be one of"),
     ({"chunk_size": 24}, r"chunk_size must be a positive multiple of 16"),
-    ({"feature_map": "favor", "normalization": "sum", "redraw_interval": 0}, r"redraw_interval must be a positive integer"),
+    (
+        {"feature_map": "favor", "normalization": "sum", "redraw_interval": 0},
+        r"redraw_interval must be a positive integer",
+    ),
     ({"feature_map": "dpfp", "state_size": None, "dpfp_order": 0}, r"dpfp_order must be an integer"),
     ({"gates": "sideways"}, r"attention\.gates must be one of \['both', 'key', 'value'\], got 'sideways'"),
     ({"gatez": "key"}, r"attention has no option gatez; remove it"),

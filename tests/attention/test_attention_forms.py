@@ -38,7 +38,9 @@ def _cases():
     for name, node in rule_cases():
         yield pytest.param(OmegaConf.merge(node, {"chunk_size": CHUNK}), id=f"rule-{name}")
     for feature_map, rule, norm, extra in OFF_PRESET:
-        options = dict(feature_map=feature_map, update_rule=rule, normalization=norm, chunk_size=CHUNK, state_size=None)
+        options = dict(
+            feature_map=feature_map, update_rule=rule, normalization=norm, chunk_size=CHUNK, state_size=None
+        )
         yield pytest.param(preset("decay", **{**options, **extra}), id=f"{feature_map}-{rule}-{norm}")
 
 
@@ -59,7 +61,10 @@ def test_parallel_and_recurrent_forms_agree(node):
     S0 = random_state(core, B).requires_grad_()
     inputs = [q, k, v, x, S0, *core.parameters()]
 
-    results = {"parallel": core(q, k, v, x, state=S0, output_state=True), "recurrent": core.recurrent(q, k, v, x, S0)}
+    results = {
+        "parallel": core(q, k, v, x, state=S0, output_state=True),
+        "recurrent": core.recurrent(q, k, v, x, S0),
+    }
     grad_o = torch.randn_like(results["recurrent"][0])
     grad_S = torch.randn_like(results["recurrent"][1])
     grads = {}
@@ -81,7 +86,9 @@ def test_parallel_and_recurrent_forms_agree(node):
 
 
 # Every preset, and every registered rule with each normalisation it accepts: (id, config node).
-CORES = [(name, preset(name)) for name in RECURRENT_PRESETS] + [(f"rule-{name}", node) for name, node in rule_cases()]
+CORES = [(name, preset(name)) for name in RECURRENT_PRESETS] + [
+    (f"rule-{name}", node) for name, node in rule_cases()
+]
 each_core = pytest.mark.parametrize("node", [pytest.param(node, id=name) for name, node in CORES])
 
 

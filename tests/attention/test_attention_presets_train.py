@@ -25,8 +25,16 @@ def pretrained_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
-    extra = [f"attention={name}", f"model.pretrained={pretrained_dir}", "module.optimizer.lr=1e-3", "test=false"]
-    extra += ["trainer.val_check_interval=4", "trainer.limit_val_batches=1"]  # validate at conversion and at the end
+    extra = [
+        f"attention={name}",
+        f"model.pretrained={pretrained_dir}",
+        "module.optimizer.lr=1e-3",
+        "test=false",
+    ]
+    extra += [
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+    ]  # validate at conversion and at the end
     cfg = compose(*tiny_overrides(tmp_path, text_files, *extra))
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/ppl"])
@@ -52,4 +60,3 @@ def test_preset_converts_and_trains(name, pretrained_dir, tmp_path, text_files):
     input_ids = torch.randint(0, GPT2_VOCAB, (1, 24))
     with torch.no_grad():
         assert torch.isfinite(trained(input_ids, use_cache=False).logits).all()
-

@@ -36,7 +36,9 @@ def test_performer_attention_approximates_softmax_attention():
     core = build(preset("performer", state_size=4096)).double().eval()
     q, k, v = (0.5 * torch.randn(1, 20, H, D, dtype=torch.float64) for _ in range(3))
     o, _ = core(q, k, v, torch.zeros(1, 20, 16, dtype=torch.float64))
-    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), is_causal=True
+    ).transpose(1, 2)
     assert relative_rms_error(o, expected) < 0.05
 
 
@@ -114,7 +116,9 @@ def test_conversion_initialisation():
     g = torch.sigmoid(rfa.head_gate.bias)
     torch.testing.assert_close(1 / (1 - g), torch.tensor([32.0, 1024.0]), rtol=1e-4, atol=0)
     timescales = 1 / (1 - torch.sigmoid(head_gate_bias(4)))
-    torch.testing.assert_close(timescales, torch.logspace(math.log10(32), math.log10(1024), 4), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        timescales, torch.logspace(math.log10(32), math.log10(1024), 4), rtol=1e-4, atol=0
+    )
     # delta: beta = 1/2 everywhere at conversion.
     delta = build(preset("delta"))
     assert torch.count_nonzero(delta.write_strength.weight) == 0

@@ -49,8 +49,12 @@ def test_cli_with_a_kernel_that_cannot_run_here_is_one_error_line_and_exit_2(tmp
     overrides = tiny_overrides(tmp_path, text_files, "attention=decay", "attention.kernel=triton")
     run = subprocess.run(
         [sys.executable, "-m", "dfw.train", *overrides, f"hydra.run.dir={tmp_path}/hydra"],
-        cwd=REPO, env={**env, **OFFLINE_ENV}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**env, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if "error: " in line]

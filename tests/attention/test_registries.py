@@ -21,7 +21,9 @@ def test_every_rule_file_is_registered():
     assert set(UPDATE_RULES) >= {"add", "gated", "delta", "decay"}
     for name, rule in UPDATE_RULES.items():
         assert issubclass(rule, UpdateRule) and rule.name == name
-    assert {case.split("-")[0] for case, _ in RULE_CASES} == set(UPDATE_RULES)  # every rule takes some normalisation
+    assert {case.split("-")[0] for case, _ in RULE_CASES} == set(
+        UPDATE_RULES
+    )  # every rule takes some normalisation
 
 
 # The state-dict keys of the new parameters, per rule: exported models and checkpoints load by them.
@@ -36,7 +38,9 @@ SAVED_KEYS = {
 @pytest.mark.parametrize("rule", sorted(SAVED_KEYS))
 def test_state_dict_keys_of_the_rules_are_the_ones_checkpoints_hold(rule):
     normalization = "sum" if rule == "delta" else "none"
-    core = build(preset("decay", update_rule=rule, normalization=normalization, feature_map="elu", state_size=None))
+    core = build(
+        preset("decay", update_rule=rule, normalization=normalization, feature_map="elu", state_size=None)
+    )
     assert {key for key in core.state_dict() if not key.startswith("feature_map.")} == SAVED_KEYS[rule]
 
 
@@ -84,7 +88,9 @@ def forgetful_rule():
             return {"forget_gate": zero_weight_gate(self.hidden_size, torch.full((self.num_heads,), 3.0))}
 
         def token_inputs(self, gates, x, inputs: TokenInputs) -> TokenInputs:
-            return inputs._replace(log_key_gate=F.logsigmoid(gate_logits(gates["forget_gate"], x, self.num_heads)))
+            return inputs._replace(
+                log_key_gate=F.logsigmoid(gate_logits(gates["forget_gate"], x, self.num_heads))
+            )
 
     assert UPDATE_RULES["test_forgetful"] is ForgetfulRule
     yield "test_forgetful"
@@ -136,7 +142,11 @@ def test_feature_map_capabilities_are_true_of_the_map(name):
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_the_core_accepts_a_normalisation_exactly_when_the_map_can_take_it(name, normalization):
     cls = FEATURE_MAPS[name]
-    allowed = {"sum": cls.nonnegative, "denominator": cls.positive_kernel, "none": not cls.needs_normalization}
+    allowed = {
+        "sum": cls.nonnegative,
+        "denominator": cls.positive_kernel,
+        "none": not cls.needs_normalization,
+    }
     node = preset("decay", feature_map=name, normalization=normalization, update_rule="add", state_size=None)
     if allowed[normalization]:
         build(node)
@@ -149,7 +159,11 @@ def test_the_three_registries_are_filled_the_same_way():
     from dfw.attention import FeatureMap, Normalization
     from dfw.attention.registry import Registered
 
-    for base, registry in ((UpdateRule, UPDATE_RULES), (FeatureMap, FEATURE_MAPS), (Normalization, NORMALIZATIONS)):
+    for base, registry in (
+        (UpdateRule, UPDATE_RULES),
+        (FeatureMap, FEATURE_MAPS),
+        (Normalization, NORMALIZATIONS),
+    ):
         assert issubclass(base, Registered) and base.registry is registry
         assert registry and all(issubclass(cls, base) and cls.name == name for name, cls in registry.items())
     assert list(NORMALIZATIONS) == ["none", "denominator", "sum"]
@@ -182,7 +196,9 @@ def squared_map_and_halved_output():
 
 def test_a_new_feature_map_and_normalisation_are_one_class_each(squared_map_and_halved_output):
     feature_map, normalization = squared_map_and_halved_output
-    node = preset("decay", feature_map=feature_map, normalization=normalization, update_rule="add", state_size=None)
+    node = preset(
+        "decay", feature_map=feature_map, normalization=normalization, update_rule="add", state_size=None
+    )
     core = build(node).double()
     q, k, v = (torch.randn(1, 7, H, D, dtype=torch.float64) for _ in range(3))
     o, _ = core(q, k, v, torch.randn(1, 7, C, dtype=torch.float64))

@@ -17,7 +17,9 @@ def test_decode_benchmark_reports_growing_kv_cache_and_constant_state(tmp_path, 
     assert all(r.ms_per_token > 0 for r in rows)
     state = {(r.model, r.batch, r.context): r.state_bytes for r in rows}
     kv_per_token = 2 * 2 * 64 * 4  # keys and values, 2 layers, width 64, float32
-    dfw_per_sequence = 2 * 2 * 32 * 32 * 4  # 2 layers, 2 heads, state m = head size = 32, x head size 32, float32
+    dfw_per_sequence = (
+        2 * 2 * 32 * 32 * 4
+    )  # 2 layers, 2 heads, state m = head size = 32, x head size 32, float32
     for batch in (1, 2):
         assert state["softmax", batch, 16] == batch * 16 * kv_per_token
         assert state["softmax", batch, 48] == batch * 48 * kv_per_token

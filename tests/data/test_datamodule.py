@@ -28,7 +28,9 @@ def build(name: str, cache_dir: Path | None, **overrides) -> LanguageModelingDat
     cfg = compose(f"data={name}", *([f"paths.cache_dir={cache_dir}"] if cache_dir else []))
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"data.{key}", value, merge=False)
-    return instantiate(cfg.data, _convert_="all")  # as dfw.train builds it: a bad option raises its ConfigError
+    return instantiate(
+        cfg.data, _convert_="all"
+    )  # as dfw.train builds it: a bad option raises its ConfigError
 
 
 @pytest.fixture
@@ -43,7 +45,11 @@ def corpus_files(tmp_path: Path) -> dict[str, list[str]]:
     for name, text in texts.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    return {"train": [str(tmp_path / "train" / "*.txt")], "validation": [str(tmp_path / "valid.txt")], "test": [str(tmp_path / "test.txt")]}
+    return {
+        "train": [str(tmp_path / "train" / "*.txt")],
+        "validation": [str(tmp_path / "valid.txt")],
+        "test": [str(tmp_path / "test.txt")],
+    }
 
 
 def test_configs_compose_and_name_the_datamodule(tmp_path):
@@ -90,7 +96,9 @@ def test_second_run_reads_the_cache_and_edits_invalidate_it(tmp_path, corpus_fil
     second.setup()
     for split in ("train", "validation", "test"):
         assert second.token_file(split) == first.token_file(split)
-        assert second.datasets[split][0]["input_ids"].tolist() == first.datasets[split][0]["input_ids"].tolist()
+        assert (
+            second.datasets[split][0]["input_ids"].tolist() == first.datasets[split][0]["input_ids"].tolist()
+        )
 
     (tmp_path / "test.txt").write_text("A different test document, longer than before.\n")
     edited = build("text", tmp_path / "cache", files=corpus_files, block_size=4, batch_size=2)
@@ -113,7 +121,16 @@ def _damage(path: Path, how: str) -> None:
         path.with_suffix(".json").write_text("[1, 2")
 
 
-@pytest.mark.parametrize("how", ["truncated to an even size", "truncated to an odd size", "random bytes", "no sidecar", "a foreign sidecar"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated to an even size",
+        "truncated to an odd size",
+        "random bytes",
+        "no sidecar",
+        "a foreign sidecar",
+    ],
+)
 def test_a_damaged_token_cache_is_rebuilt_with_one_line_naming_it(tmp_path, corpus_files, how, caplog):
     first = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
     first.prepare_data()
@@ -137,7 +154,10 @@ def test_the_cache_header_records_what_the_tokens_are(tmp_path, corpus_files):
     tokens = np.fromfile(dm.token_file("train"), dtype=np.uint16)
     assert header["tokens"] == len(tokens) and header["dtype"] == "uint16"
     assert header["sha256"] == hashlib.sha256(tokens.tobytes()).hexdigest()
-    assert header["tokenizer"] == tokenizer_fingerprint(dm.tokenizer) and header["corpus"] == dm.corpus.fingerprint
+    assert (
+        header["tokenizer"] == tokenizer_fingerprint(dm.tokenizer)
+        and header["corpus"] == dm.corpus.fingerprint
+    )
 
 
 def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_error_naming_it(tmp_path, corpus_files, monkeypatch):
@@ -154,7 +174,9 @@ def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_error_naming_it(tmp_path,
         build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1).prepare_data()
 
 
-def test_the_sampled_check_reads_a_sample_and_the_full_check_every_byte(tmp_path, corpus_files, caplog, monkeypatch):
+def test_the_sampled_check_reads_a_sample_and_the_full_check_every_byte(
+    tmp_path, corpus_files, caplog, monkeypatch
+):
     monkeypatch.setattr(dfw.data.datamodule, "SAMPLE_CHUNKS", 2)  # samples: bytes 0-1 and the last two
     monkeypatch.setattr(dfw.data.datamodule, "SAMPLE_BYTES", 2)
     first = build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1)
@@ -166,7 +188,9 @@ def test_the_sampled_check_reads_a_sample_and_the_full_check_every_byte(tmp_path
     with caplog.at_level("WARNING", logger="dfw.data.datamodule"):
         build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1).prepare_data()
         assert not caplog.records  # what the sampled check costs: damage outside its sample goes unseen
-        build("text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1, verify_cache="full").prepare_data()
+        build(
+            "text", tmp_path / "cache", files=corpus_files, block_size=2, batch_size=1, verify_cache="full"
+        ).prepare_data()
     assert [str(path) in r.getMessage() for r in caplog.records] == [True]
 
 
@@ -176,7 +200,9 @@ def test_validation_and_test_loaders_are_sequential_and_keep_the_last_batch(tmp_
     dm.setup("validate")
     blocks = dm.datasets["validation"]
     batches = list(dm.val_dataloader())
-    assert torch.cat([b["input_ids"] for b in batches]).tolist() == [blocks[i]["input_ids"].tolist() for i in range(len(blocks))]
+    assert torch.cat([b["input_ids"] for b in batches]).tolist() == [
+        blocks[i]["input_ids"].tolist() for i in range(len(blocks))
+    ]
     assert sum(len(b["input_ids"]) for b in batches) == len(blocks)  # drop_last=False
 
 
@@ -190,8 +216,14 @@ def test_validation_and_test_loaders_are_sequential_and_keep_the_last_batch(tmp_
         ({"num_workers": -2}, r"data\.num_workers must be a non-negative integer, got -2"),
         ({"tokenizer": "bpe-100"}, r"model\.tokenizer=bpe-100 is too small"),
         ({"tokenizer": "no_such_tokenizer"}, r"model\.tokenizer='no_such_tokenizer' is not a tokenizer"),
-        ({"corpus": "wikitext3"}, r"data\.corpus='wikitext3' is not a known corpus; use one of wikitext103, wikitext2, shakespeare, text"),
-        ({"files.validation": "nowhere/valid.txt"}, r"data\.files\.validation: no file at .*nowhere/valid\.txt"),
+        (
+            {"corpus": "wikitext3"},
+            r"data\.corpus='wikitext3' is not a known corpus; use one of wikitext103, wikitext2, shakespeare, text",
+        ),
+        (
+            {"files.validation": "nowhere/valid.txt"},
+            r"data\.files\.validation: no file at .*nowhere/valid\.txt",
+        ),
         ({"files.test": None}, r"data\.files\.test is not set"),
         ({"files.train": "no_such_dir/*.txt"}, r"data\.files\.train: no file at .*no_such_dir/\*\.txt"),
     ],
@@ -227,7 +259,9 @@ def test_wikitext_offline_without_cache_raises_one_clear_error(tmp_path, monkeyp
         dm.prepare_data()
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("could not load the dataset Salesforce/wikitext (wikitext-2-raw-v1) for data=wikitext2")
+    assert message.startswith(
+        "could not load the dataset Salesforce/wikitext (wikitext-2-raw-v1) for data=wikitext2"
+    )
     assert "offline mode is on" in message and "data=shakespeare" in message and "data=text" in message
 
 
@@ -246,8 +280,14 @@ def test_shakespeare_splits_by_play_with_gpt2_tokens():
 
     splits = shakespeare_split_files(dm.cache_dir / "corpora" / "shakespeare")
     names = {split: {p.name for p in paths} for split, paths in splits.items()}
-    assert names["validation"] == set(SHAKESPEARE_HELD_OUT["validation"]) and names["test"] == set(SHAKESPEARE_HELD_OUT["test"])
-    assert not (names["train"] & names["validation"]) and not (names["train"] & names["test"]) and len(names["train"]) == 38
+    assert names["validation"] == set(SHAKESPEARE_HELD_OUT["validation"]) and names["test"] == set(
+        SHAKESPEARE_HELD_OUT["test"]
+    )
+    assert (
+        not (names["train"] & names["validation"])
+        and not (names["train"] & names["test"])
+        and len(names["train"]) == 38
+    )
 
     tokens = {split: dm.datasets[split].num_tokens for split in ("train", "validation", "test")}
     total = sum(tokens.values())

@@ -12,7 +12,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from dfw.data import LanguageModelingDataModule, ResumableSampler
 
 
-def stream(step: int, max_steps: int = 10, num_items: int = 7, seed: int = 3, samples_per_step: int = 4, rank: int = 0, world_size: int = 1) -> list[int]:
+def stream(
+    step: int,
+    max_steps: int = 10,
+    num_items: int = 7,
+    seed: int = 3,
+    samples_per_step: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[int]:
     sampler = ResumableSampler(num_items, seed, samples_per_step, lambda: step, max_steps, rank, world_size)
     indices = list(sampler)
     assert len(indices) == len(sampler)
@@ -60,8 +68,14 @@ class RecordingModule(L.LightningModule):
 def fit(dm: LanguageModelingDataModule, root: Path, ckpt_path: str | None = None) -> RecordingModule:
     model = RecordingModule()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=6, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        max_steps=6,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
         callbacks=[ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1)],
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -74,8 +88,14 @@ def test_lightning_resume_from_a_mid_run_checkpoint_sees_the_same_batches(tmp_pa
     # One training document of 60 numbered lines: ~120 blocks of 3 tokens, enough for 6 steps x 2 x 2 samples.
     (tmp_path / "train.txt").write_text("".join(f"line {i} of the training text\n" for i in range(60)))
     (tmp_path / "other.txt").write_text("a short held-out text for validation and test\n")
-    files = {"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "other.txt"), "test": str(tmp_path / "other.txt")}
-    make = lambda: LanguageModelingDataModule("text", "gpt2", block_size=3, batch_size=2, cache_dir=str(tmp_path / "cache"), files=files, seed=5)
+    files = {
+        "train": str(tmp_path / "train.txt"),
+        "validation": str(tmp_path / "other.txt"),
+        "test": str(tmp_path / "other.txt"),
+    }
+    make = lambda: LanguageModelingDataModule(
+        "text", "gpt2", block_size=3, batch_size=2, cache_dir=str(tmp_path / "cache"), files=files, seed=5
+    )
     uninterrupted = fit(make(), tmp_path / "a").seen  # 6 steps x 2 micro-batches
     assert len(uninterrupted) == 12
     checkpoint = next((tmp_path / "a" / "ckpt").glob("*step=3*.ckpt"))

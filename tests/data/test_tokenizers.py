@@ -14,9 +14,15 @@ from dfw.errors import ConfigError
 
 @pytest.fixture
 def corpus(tmp_path: Path):
-    for split, text in {"train": "the quick brown fox jumps over the lazy dog. " * 50, "validation": "a", "test": "b"}.items():
+    for split, text in {
+        "train": "the quick brown fox jumps over the lazy dog. " * 50,
+        "validation": "a",
+        "test": "b",
+    }.items():
         (tmp_path / f"{split}.txt").write_text(text)
-    return load_corpus("text", {s: str(tmp_path / f"{s}.txt") for s in ("train", "validation", "test")}, tmp_path / "cache")
+    return load_corpus(
+        "text", {s: str(tmp_path / f"{s}.txt") for s in ("train", "validation", "test")}, tmp_path / "cache"
+    )
 
 
 def test_gpt2_is_built_offline_with_gpt2_ids():
@@ -34,7 +40,11 @@ def test_bpe_is_trained_on_the_training_split_once_and_cached(tmp_path, corpus, 
     text = "unseen bytes: é ☃ \x00"
     assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level: nothing is out of vocabulary
     saved = list((tmp_path / "cache" / "tokenizers").iterdir())
-    assert len(saved) == 1 and saved[0].name.startswith("text-bpe-300-") and (saved[0] / "tokenizer.json").is_file()
+    assert (
+        len(saved) == 1
+        and saved[0].name.startswith("text-bpe-300-")
+        and (saved[0] / "tokenizer.json").is_file()
+    )
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again although the tokenizer is cached")

@@ -21,8 +21,16 @@ from dfw.model import build_model, export
 from tests.conftest import CONF, run_module, save_tiny_gpt2, tiny_overrides
 from tests.conftest import compose as compose_train
 
-SMALL = ["data=tiny", "copy.lengths=[4,8]", "copy.samples=4", "recall.pairs=[2,4]", "recall.samples=4", "ppl.max_blocks=4",
-         "progress=false", "wandb.mode=offline"]  # fmt: skip
+SMALL = [
+    "data=tiny",
+    "copy.lengths=[4,8]",
+    "copy.samples=4",
+    "recall.pairs=[2,4]",
+    "recall.samples=4",
+    "ppl.max_blocks=4",
+    "progress=false",
+    "wandb.mode=offline",
+]
 
 
 def eval_cfg(model: str | Path, out_dir: Path, *overrides: str):
@@ -30,8 +38,16 @@ def eval_cfg(model: str | Path, out_dir: Path, *overrides: str):
     import dfw.eval.__main__  # noqa: F401  (stores the configs)
 
     with initialize(config_path=None, version_base="1.3"):
-        return compose(config_name="eval", overrides=[f"model={model}", f"out_dir={out_dir}",
-                                                      f"paths.cache_dir={out_dir.parent / 'cache'}", *SMALL, *overrides])  # fmt: skip
+        return compose(
+            config_name="eval",
+            overrides=[
+                f"model={model}",
+                f"out_dir={out_dir}",
+                f"paths.cache_dir={out_dir.parent / 'cache'}",
+                *SMALL,
+                *overrides,
+            ],
+        )
 
 
 def _rows(out_dir: Path) -> list[dict[str, str]]:
@@ -132,8 +148,11 @@ def test_without_lm_eval_installed_the_task_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(
         __import__("sys").modules, "lm_eval.tasks", None
     )  # import lm_eval.tasks -> ImportError
-    with pytest.raises(ConfigError, match=r"tasks=\[lm_eval\] needs lm-evaluation-harness, which is not installed: "
-                                          r"pip install 'dfw\[lm_eval\]'"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"tasks=\[lm_eval\] needs lm-evaluation-harness, which is not installed: "
+        r"pip install 'dfw\[lm_eval\]'",
+    ):
         build_tasks(["lm_eval"], {"lm_eval": {"tasks": ["wikitext"]}}, 0)
 
 
@@ -174,8 +193,15 @@ def test_the_command_line_prints_the_table_and_exits_2_on_bad_input(models, tmp_
 def test_train_evaluates_after_training_when_asked_and_checks_its_options_first(tmp_path, text_files):
     from dfw.train import train
 
-    overrides = tiny_overrides(tmp_path, text_files, "attention=decay", "eval.tasks=[ppl,copy]", "eval.copy.lengths=[4,8]",
-                               "eval.copy.samples=4", "eval.ppl.max_blocks=2")  # fmt: skip
+    overrides = tiny_overrides(
+        tmp_path,
+        text_files,
+        "attention=decay",
+        "eval.tasks=[ppl,copy]",
+        "eval.copy.lengths=[4,8]",
+        "eval.copy.samples=4",
+        "eval.ppl.max_blocks=2",
+    )
     bad = compose_train(
         *[o.replace("eval.copy.lengths=[4,8]", "eval.copy.lengths=[4,200]") for o in overrides]
     )

@@ -58,8 +58,15 @@ class Oracle(nn.Module):
 
 
 def _info(context: int, attention: str = "softmax") -> ModelInfo:
-    return ModelInfo(source="test", kind="test", attention=attention, state_size=None, state_bytes=0, context=context,
-                     parameters=0)  # fmt: skip
+    return ModelInfo(
+        source="test",
+        kind="test",
+        attention=attention,
+        state_size=None,
+        state_bytes=0,
+        context=context,
+        parameters=0,
+    )
 
 
 def _model(net: nn.Module, context: int, batch_size: int = 8) -> EvalModel:
@@ -68,8 +75,16 @@ def _model(net: nn.Module, context: int, batch_size: int = 8) -> EvalModel:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> EvalData:
-    node = OmegaConf.create({"_target_": "dfw.data.LanguageModelingDataModule", "corpus": "tiny", "tokenizer": "gpt2",
-                             "block_size": 32, "batch_size": 4, "cache_dir": str(tmp_path_factory.mktemp("cache"))})  # fmt: skip
+    node = OmegaConf.create(
+        {
+            "_target_": "dfw.data.LanguageModelingDataModule",
+            "corpus": "tiny",
+            "tokenizer": "gpt2",
+            "block_size": 32,
+            "batch_size": 4,
+            "cache_dir": str(tmp_path_factory.mktemp("cache")),
+        }
+    )
     return EvalData(node, gpt2_tokenizer())
 
 
@@ -138,8 +153,13 @@ def test_ppl_is_torchmetrics_perplexity_and_its_bins_the_loss_at_their_positions
 
 def test_synthetic_tasks_are_deterministic_for_a_seed(tiny_gpt2):
     model = _model(tiny_gpt2, 64)
-    run = lambda seed: [m.value for name in ("copy", "recall")
-                        for m in _task(name, seed=seed, samples=4, **({"variants": ["random"]} if name == "copy" else {})).run(model, None)]  # fmt: skip
+    run = lambda seed: [
+        m.value
+        for name in ("copy", "recall")
+        for m in _task(
+            name, seed=seed, samples=4, **({"variants": ["random"]} if name == "copy" else {})
+        ).run(model, None)
+    ]
     assert run(7) == run(7) and run(7) != run(8)
 
 

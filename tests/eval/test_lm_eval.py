@@ -105,8 +105,13 @@ def test_generate_until_through_lm_evals_api_answers_with_the_models_greedy_cont
     lm = DFWLM(
         net, tokenizer=gpt2_tokenizer(), batch_size=2
     )  # two prompts of different lengths: left padding
-    output = lm_eval.simple_evaluate(model=lm, tasks=["dfw_test_generate"], bootstrap_iters=0, log_samples=True,
-                                     task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))  # fmt: skip
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["dfw_test_generate"],
+        bootstrap_iters=0,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+    )
     samples = sorted(output["samples"]["dfw_test_generate"], key=lambda s: s["doc_id"])
     for sample, doc in zip(samples, _lines("questions.jsonl"), strict=True):
         prompt = f"Question: {doc['question']}\nAnswer:"
@@ -116,13 +121,34 @@ def test_generate_until_through_lm_evals_api_answers_with_the_models_greedy_cont
 @pytest.mark.slow
 def test_lm_evals_command_line_loads_an_export_with_model_dfw(converted, tmp_path):
     directory, net = converted
-    result = run_module("dfw.eval.lm_eval_cli", "--model", "dfw", "--model_args", f"pretrained={directory}",
-                        "--tasks", "dfw_test_rolling", "--include_path", str(TASKS), "--batch_size", "2",
-                        "--output_path", str(tmp_path / "lm_eval"))  # fmt: skip
+    result = run_module(
+        "dfw.eval.lm_eval_cli",
+        "--model",
+        "dfw",
+        "--model_args",
+        f"pretrained={directory}",
+        "--tasks",
+        "dfw_test_rolling",
+        "--include_path",
+        str(TASKS),
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(tmp_path / "lm_eval"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = tmp_path.glob("lm_eval/**/results_*.json")
     value = json.loads(written.read_text())["results"]["dfw_test_rolling"]["word_perplexity,none"]
     assert value == pytest.approx(_word_perplexity(net), rel=1e-5)
-    missing = run_module("dfw.eval.lm_eval_cli", "--model", "dfw", "--model_args", f"pretrained={tmp_path / 'nowhere'}",
-                         "--tasks", "dfw_test_rolling", "--include_path", str(TASKS))  # fmt: skip
+    missing = run_module(
+        "dfw.eval.lm_eval_cli",
+        "--model",
+        "dfw",
+        "--model_args",
+        f"pretrained={tmp_path / 'nowhere'}",
+        "--tasks",
+        "dfw_test_rolling",
+        "--include_path",
+        str(TASKS),
+    )
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: model=")

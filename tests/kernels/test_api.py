@@ -41,8 +41,9 @@ def test_cuda_kernel_fails_clearly_on_cpu():
     with pytest.raises(dfw_kernels.KernelUnavailable, match="kernel='cuda' cannot run: .*cpu"):
         decay_fast_weights(**inputs, kernel="cuda")
     with pytest.raises(dfw_kernels.KernelUnavailable, match="kernel='cuda' cannot run: .*cpu"):
-        decay_fast_weights_step(*(inputs[n][:, 0] for n in ("q", "k", "v")), None, None,
-                                torch.zeros(1, 1, 4, 4), kernel="cuda")  # fmt: skip
+        decay_fast_weights_step(
+            *(inputs[n][:, 0] for n in ("q", "k", "v")), None, None, torch.zeros(1, 1, 4, 4), kernel="cuda"
+        )
     with pytest.raises(ValueError, match="kernel must be one of"):
         decay_fast_weights(**inputs, kernel="nope")
 
@@ -71,8 +72,13 @@ def test_the_backend_is_resolved_once_per_device_dtype_and_sizes(monkeypatch):
     for _ in range(3):  # three layers, say
         decay_fast_weights(**inputs, kernel="auto")
         for t in range(4):
-            decay_fast_weights_step(*(inputs[n][:, t] for n in ("q", "k", "v")), None, None,
-                                    inputs["initial_state"].clone(), kernel="auto")  # fmt: skip
+            decay_fast_weights_step(
+                *(inputs[n][:, t] for n in ("q", "k", "v")),
+                None,
+                None,
+                inputs["initial_state"].clone(),
+                kernel="auto",
+            )
     decay_fast_weights(**{n: x.float() for n, x in inputs.items()}, kernel="auto")  # another dtype
     assert [(d[0], d[2], d[5]) for d in decisions] == [
         ("auto", torch.float64, False),
@@ -143,10 +149,19 @@ class _BindingOnCPU:
         q, k, v, gk, gv, x1, x2 = (cuda._aligned(x) for x in (q, k, v, gk, gv, x1, x2))  # as the op does
         self.check(q, k, v, gk, gv, x1, x2=x2)
         r = scan_reference(
-            q, k, v, gk, gv, s0, reverse=reverse, out_dtype=q.dtype if output else None,
-            output_pre=output_pre, output_final_state=final, output_final_pre_state=final_pre,
+            q,
+            k,
+            v,
+            gk,
+            gv,
+            s0,
+            reverse=reverse,
+            out_dtype=q.dtype if output else None,
+            output_pre=output_pre,
+            output_final_state=final,
+            output_final_pre_state=final_pre,
             gate_grad_inputs=None if x1 is None else (x1, x2, start),
-        )  # fmt: skip
+        )
         return tuple(x if x is not None else q.new_empty(0) for x in r)
 
     def step(self, q, k, v, gk, gv, state):

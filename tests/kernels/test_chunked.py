@@ -88,9 +88,13 @@ def test_chunk_scan_is_the_scan(reverse, chunk_size):
     x1, x2 = (torch.randn(2, 13, 2, 4, generator=g, dtype=torch.float64) for _ in range(2))
     r0 = torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
     kwargs = dict(
-        reverse=reverse, out_dtype=torch.float64, output_pre=True, output_final_state=True,
-        output_final_pre_state=True, gate_grad_inputs=(x1, x2, r0),
-    )  # fmt: skip
+        reverse=reverse,
+        out_dtype=torch.float64,
+        output_pre=True,
+        output_final_state=True,
+        output_final_pre_state=True,
+        gate_grad_inputs=(x1, x2, r0),
+    )
     expected = scan_reference(*inputs.values(), **kwargs)
     actual = chunk_scan(*inputs.values(), **kwargs, chunk_size=chunk_size)
     for name in expected._fields:

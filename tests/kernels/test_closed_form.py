@@ -28,9 +28,15 @@ def _loss_and_grads(o, final, leaves, seed=1):
 
 def _run_scan_function(inputs, output_final_state):
     return ScanDecayFastWeights.apply(
-        scan_reference, inputs["q"], inputs["k"], inputs["v"], inputs["log_key_gate"],
-        inputs["log_value_gate"], inputs["initial_state"], output_final_state,
-    )  # fmt: skip
+        scan_reference,
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["log_key_gate"],
+        inputs["log_value_gate"],
+        inputs["initial_state"],
+        output_final_state,
+    )
 
 
 @pytest.mark.parametrize("gates", ["near_one", "near_zero", "mixed"])

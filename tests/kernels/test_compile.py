@@ -59,10 +59,21 @@ def compiled(tmp_path_factory) -> dict[str, tuple[int, str, Path | None]]:
         for arch in ARCHS:
             obj = out / f"dfw_scan_{arch}.o"
             commands[arch] = (
-                [NVCC, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings",
-                 *TORCH_EXTENSION_MACROS, str(CSRC / "dfw_scan.cu"), "-o", str(obj)],
+                [
+                    NVCC,
+                    "-c",
+                    "-std=c++17",
+                    "-O3",
+                    f"-arch={arch}",
+                    "-Werror",
+                    "all-warnings",
+                    *TORCH_EXTENSION_MACROS,
+                    str(CSRC / "dfw_scan.cu"),
+                    "-o",
+                    str(obj),
+                ],
                 obj,
-            )  # fmt: skip
+            )
     if shutil.which("c++") is not None:
         commands["binding"] = (_binding_command(), None)
     processes = {

@@ -77,8 +77,18 @@ def test_matches_float64_reference(shape, gates, dtype):
         assert error < TOL[dtype], f"{name}: relative RMS error {error:.2e} (tolerance {TOL[dtype]:.0e})"
 
 
-@pytest.mark.parametrize("variant", ["no_initial_state", "no_final_state", "key_gate_only", "value_gate_only",
-                                     "scalar_gates", "odd_sizes", "non_contiguous"])  # fmt: skip
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "no_initial_state",
+        "no_final_state",
+        "key_gate_only",
+        "value_gate_only",
+        "scalar_gates",
+        "odd_sizes",
+        "non_contiguous",
+    ],
+)
 def test_variants(variant):
     dtype = torch.float32
     shape = (2, 45, 3, 64, 64) if variant != "odd_sizes" else (2, 45, 3, 40, 65)
@@ -120,16 +130,27 @@ def test_scan_matches_its_specification(reverse, dtype):
     x2 = torch.randn(B, T, H, V, generator=gen, device="cuda").to(dtype)
     start = torch.randn(B, H, V, generator=gen, device="cuda")
     s0 = torch.randn(B, H, V, K, generator=gen, device="cuda").transpose(-1, -2)  # strided [B, H, K, V]
-    kwargs = dict(reverse=reverse, output_pre=True, output_final_state=True, output_final_pre_state=True,
-                  gate_grad_inputs=(x1, x2, start))  # fmt: skip
+    kwargs = dict(
+        reverse=reverse,
+        output_pre=True,
+        output_final_state=True,
+        output_final_pre_state=True,
+        gate_grad_inputs=(x1, x2, start),
+    )
     actual = cuda.cuda_scan(
         x["q"], x["k"], x["v"], x["log_key_gate"], x["log_value_gate"], s0, out_dtype=dtype, **kwargs
     )
     as64 = lambda t: t.double()
     expected = scan_reference(
-        as64(x["q"]), as64(x["k"]), as64(x["v"]), as64(x["log_key_gate"]), as64(x["log_value_gate"]), as64(s0),
-        out_dtype=torch.float64, **{**kwargs, "gate_grad_inputs": (as64(x1), as64(x2), as64(start))},
-    )  # fmt: skip
+        as64(x["q"]),
+        as64(x["k"]),
+        as64(x["v"]),
+        as64(x["log_key_gate"]),
+        as64(x["log_value_gate"]),
+        as64(s0),
+        out_dtype=torch.float64,
+        **{**kwargs, "gate_grad_inputs": (as64(x1), as64(x2), as64(start))},
+    )
     for name in expected._fields:
         error = relative_rms_error(getattr(actual, name), getattr(expected, name))
         assert error < TOL[dtype], f"{name}: relative RMS error {error:.2e}"
@@ -227,8 +248,12 @@ def test_non_contiguous_inputs_with_gradients(dtype):
     fused = torch.cat([inputs[n].detach() for n in ("q", "k", "v")], dim=-1).requires_grad_()  # (B, T, H, 3D)
     gate = inputs["log_key_gate"].detach().transpose(1, 2).contiguous().requires_grad_()  # (B, H, T, D)
     q, k, v = fused.split(D, dim=-1)
-    args = dict(log_key_gate=gate.transpose(1, 2), log_value_gate=inputs["log_value_gate"].detach(),
-                initial_state=inputs["initial_state"].detach(), output_final_state=True)  # fmt: skip
+    args = dict(
+        log_key_gate=gate.transpose(1, 2),
+        log_value_gate=inputs["log_value_gate"].detach(),
+        initial_state=inputs["initial_state"].detach(),
+        output_final_state=True,
+    )
     assert not q.is_contiguous() and not args["log_key_gate"].is_contiguous()
     ref = {n: x.double() if torch.is_tensor(x) else x for n, x in args.items()}
     o_ref, final_ref = chunk_decay_fast_weights(q.double(), k.double(), v.double(), **ref)
@@ -270,7 +295,21 @@ def test_opcheck_both_custom_ops():
     }
     gates = (x["log_key_gate"], x["log_value_gate"])
     # q, k, v, gates, initial state, no gate-gradient inputs, forward, and every output
-    scan_args = (x["q"], x["k"], x["v"], *gates, x["initial_state"], None, None, None, False, True, True, True, True)  # fmt: skip
+    scan_args = (
+        x["q"],
+        x["k"],
+        x["v"],
+        *gates,
+        x["initial_state"],
+        None,
+        None,
+        None,
+        False,
+        True,
+        True,
+        True,
+        True,
+    )
     torch.library.opcheck(torch.ops.dfw_kernels.scan.default, scan_args)
     token = [x[n][:, :1].contiguous() for n in ("q", "k", "v", "log_key_gate", "log_value_gate")]
     torch.library.opcheck(torch.ops.dfw_kernels.step.default, (*token, x["initial_state"].clone()))

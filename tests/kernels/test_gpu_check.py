@@ -115,16 +115,25 @@ def gpu_machine(tmp_path_factory):
     python = make_gpu_machine_python(root)
     missing = subprocess.run(
         [python, "-c", "import importlib.util as u; print([m for m in ('hydra', 'dfw') if u.find_spec(m)])"],
-        capture_output=True, text=True, cwd="/",
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert missing.returncode == 0 and missing.stdout.strip() == "[]", missing.stdout + missing.stderr
     wheelhouse = root / "wheelhouse"
     wheelhouse.mkdir()
     for name in PACKED:
         pack_wheel(name, wheelhouse)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "TRITON_", "PYTHON"))}
-    env.update(PY=str(python), DRY_RUN="1", WHEELHOUSE=str(wheelhouse), GPU_CHECK_DIR=str(root / "gpu-check"),
-               PIP_CONFIG_FILE=os.devnull, OMP_NUM_THREADS="1", DFW_CACHE=str(root / "cache"))  # fmt: skip
+    env.update(
+        PY=str(python),
+        DRY_RUN="1",
+        WHEELHOUSE=str(wheelhouse),
+        GPU_CHECK_DIR=str(root / "gpu-check"),
+        PIP_CONFIG_FILE=os.devnull,
+        OMP_NUM_THREADS="1",
+        DFW_CACHE=str(root / "cache"),
+    )
     return python, wheelhouse, env
 
 

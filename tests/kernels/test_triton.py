@@ -99,15 +99,27 @@ def test_matches_float64_reference(gates, dtype):
     _assert_close(expected, actual, TOL[dtype])
 
 
-VARIANTS = ["no_initial_state", "no_final_state", "key_gate_only", "value_gate_only", "no_gates",
-            "scalar_gates", "odd_sizes_two_value_blocks", "one_token", "one_full_chunk"]  # fmt: skip
+VARIANTS = [
+    "no_initial_state",
+    "no_final_state",
+    "key_gate_only",
+    "value_gate_only",
+    "no_gates",
+    "scalar_gates",
+    "odd_sizes_two_value_blocks",
+    "one_token",
+    "one_full_chunk",
+]
 
 
 @needs_kernel
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(variant):
-    shape = {"odd_sizes_two_value_blocks": (1, 21, 1, 20, 72), "one_token": (2, 1, 2, 16, 16),
-             "one_full_chunk": (1, 64, 1, 16, 16)}.get(variant, (1, 37, 2, 16, 16))  # fmt: skip
+    shape = {
+        "odd_sizes_two_value_blocks": (1, 21, 1, 20, 72),
+        "one_token": (2, 1, 2, 16, 16),
+        "one_full_chunk": (1, 64, 1, 16, 16),
+    }.get(variant, (1, 37, 2, 16, 16))
     inputs = random_inputs(
         *shape, device=DEVICE, dtype=torch.float32, initial_state=variant != "no_initial_state"
     )
@@ -138,9 +150,12 @@ def test_scan_matches_its_specification(reverse):
         *(x[n] for n in names), s0, out_dtype=torch.float32, gate_grad_inputs=(x1, x2, start), **kwargs
     )
     expected = scan_reference(
-        *(x[n].double() for n in names), s0.double(), out_dtype=torch.float64,
-        gate_grad_inputs=(x1.double(), x2.double(), start.double()), **kwargs,
-    )  # fmt: skip
+        *(x[n].double() for n in names),
+        s0.double(),
+        out_dtype=torch.float64,
+        gate_grad_inputs=(x1.double(), x2.double(), start.double()),
+        **kwargs,
+    )
     for name in expected._fields:
         error = relative_rms_error(getattr(actual, name), getattr(expected, name))
         assert error < TOL[torch.float32], f"{name}: relative RMS error {error:.2e}"
@@ -185,10 +200,24 @@ def test_kernels_compile_for_sm90_and_sm80_without_spilling_at_the_gpt2_shape(tm
     for index, (arch, arguments, kernels) in enumerate(AOT_RUNS):
         out = tmp_path / f"aot{index}.json"
         run = subprocess.run(
-            [sys.executable, "-m", "dfw_kernels", "aot", "--arch", str(arch), *arguments,
-             "--fail-on-spill", "64", "--json", str(out)],
-            capture_output=True, text=True, env=env, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "dfw_kernels",
+                "aot",
+                "--arch",
+                str(arch),
+                *arguments,
+                "--fail-on-spill",
+                "64",
+                "--json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         print(run.stdout)  # the register and spill table (pytest -s, or -rP, shows it)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         reports = json.loads(out.read_text())
@@ -222,10 +251,17 @@ def test_trains_a_converted_model_like_kernel_torch(tmp_path, text_files, monkey
     metrics = {}
     for kernel in ("torch", "triton"):
         overrides = tiny_overrides(
-            tmp_path / kernel, text_files, "attention=decay", f"attention.kernel={kernel}",
-            "attention.state_size=16", "data.batch_size=2", "trainer.max_steps=2", "trainer.limit_val_batches=1",
-            "module.scheduler.num_training_steps=2", "test=false",
-        )  # fmt: skip
+            tmp_path / kernel,
+            text_files,
+            "attention=decay",
+            f"attention.kernel={kernel}",
+            "attention.state_size=16",
+            "data.batch_size=2",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=1",
+            "module.scheduler.num_training_steps=2",
+            "test=false",
+        )
         metrics[kernel] = train(compose(*overrides))
         assert bool(calls) == (kernel == "triton")  # the Triton kernel ran, and only when asked for
     for key in ("train/loss", "val/ppl_converted", "val/ppl"):

@@ -28,9 +28,20 @@ from tests.conftest import CONF, compose, run_module, tiny_overrides
 @pytest.fixture(scope="module")
 def multirun(tmp_path_factory, text_files) -> Path:
     root = tmp_path_factory.mktemp("multirun")
-    overrides = [o for o in tiny_overrides(root, text_files) if not o.startswith(("paths.output_dir", "data.block_size"))]
-    result = run_module("dfw.train", "-m", *overrides, "export_dir=null", f"hydra.sweep.dir={root}",
-                        "data.block_size=32,300", "attention=softmax,decay")  # fmt: skip
+    overrides = [
+        o
+        for o in tiny_overrides(root, text_files)
+        if not o.startswith(("paths.output_dir", "data.block_size"))
+    ]
+    result = run_module(
+        "dfw.train",
+        "-m",
+        *overrides,
+        "export_dir=null",
+        f"hydra.sweep.dir={root}",
+        "data.block_size=32,300",
+        "attention=softmax,decay",
+    )
     assert result.returncode != 0, "the jobs with data.block_size=300 must fail"
     assert "data.block_size=300 is longer than the model's context" in result.stdout + result.stderr
     # Both failing jobs ran (a failed job does not end the sweep); remove the last one's folder to
@@ -62,7 +73,9 @@ def test_report_of_a_tiny_multirun_matches_the_logs_and_lists_failed_jobs(multir
     out = tmp_path / "report"
     assert report.main([str(multirun), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    assert text.startswith(capsys.readouterr().out.split("\nwritten to")[0].strip())  # the table is also printed
+    assert text.startswith(
+        capsys.readouterr().out.split("\nwritten to")[0].strip()
+    )  # the table is also printed
 
     softmax_rows, decay_rows = _csv(multirun / "0_softmax"), _csv(multirun / "1_decay")
     values = {}
@@ -76,7 +89,9 @@ def test_report_of_a_tiny_multirun_matches_the_logs_and_lists_failed_jobs(multir
         assert cells[7] == fmt_bytes(state_bytes) and state_bytes > 0
         assert cells[8] == "4"  # steps
         values[variant] = min(val[1:])
-    assert _table_row(text, "softmax")[1] == "—" and _table_row(text, "decay")[1] == "32"  # the preset's m: the head size
+    assert (
+        _table_row(text, "softmax")[1] == "—" and _table_row(text, "decay")[1] == "32"
+    )  # the preset's m: the head size
     assert _table_row(text, "softmax")[5] == "100.0%"
     assert _table_row(text, "decay")[5] == f"{100 * values['softmax'] / values['decay']:.1f}%"
 
@@ -145,7 +160,10 @@ def test_running_crashed_and_export_failed_runs_are_told_apart(trained_run, tmp_
     try:
         assert live.stdout.readline().strip() == "locked"
         run = report.read_run_dir(running)
-        assert (run.status, run.reason) == ("running", f"in progress (pid {live.pid} on {socket.gethostname()})")
+        assert (run.status, run.reason) == (
+            "running",
+            f"in progress (pid {live.pid} on {socket.gethostname()})",
+        )
     finally:
         live.kill()
         live.wait()
@@ -155,7 +173,10 @@ def test_running_crashed_and_export_failed_runs_are_told_apart(trained_run, tmp_
     export_failed = tmp_path / "export-failed"
     shutil.copytree(trained_run.dir, export_failed, ignore=shutil.ignore_patterns("model"))
     run = report.read_run_dir(export_failed)
-    assert (run.status, run.reason) == ("export failed", f"trained and tested, but {export_failed / 'model'} holds no exported model")
+    assert (run.status, run.reason) == (
+        "export failed",
+        f"trained and tested, but {export_failed / 'model'} holds no exported model",
+    )
     assert report.read_run_dir(trained_run.dir).status == "finished"
 
 
@@ -167,14 +188,21 @@ def test_jobs_are_expanded_as_hydras_basic_sweeper_does(tmp_path):
 
     params = {"attention": "softmax,decay,rfa", "module.optimizer.lr": "1e-3,3e-4"}
     task = ["trainer.max_steps=10", "attention=decay,delta", "+tag=a,b", "seed=range(1,3)"]
-    hydra_node = {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": params},
-                  "overrides": {"task": task}}  # fmt: skip
+    hydra_node = {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": params},
+        "overrides": {"task": task},
+    }
     (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra_node}))
     jobs = report.expected_jobs(tmp_path)
     arguments = [f"{k}={v}" for k, v in params.items()] + task
     assert jobs == BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
-    assert len(jobs) == 2 * 2 * 2 * 2 and jobs[0] == ["attention=decay", "module.optimizer.lr=0.001",
-                                                  "trainer.max_steps=10", "+tag=a", "seed=1"]  # fmt: skip
+    assert len(jobs) == 2 * 2 * 2 * 2 and jobs[0] == [
+        "attention=decay",
+        "module.optimizer.lr=0.001",
+        "trainer.max_steps=10",
+        "+tag=a",
+        "seed=1",
+    ]
     assert report.expected_jobs(tmp_path / "elsewhere") is None  # not a multirun directory
 
 
@@ -183,12 +211,17 @@ class _RemoteRun:
 
     def __init__(self, name, attention, ppl, state):
         self.name, self.url, self.state = name, f"https://wandb.ai/e/p/runs/{name}", state
-        self.config = {"config": {"attention": {"name": attention}, "test": True, "validate_before_fit": True},
-                       "_wandb": {"runtime": 12}}  # fmt: skip
-        self._history = pd.DataFrame({
-            "trainer/global_step": [0, 10, 20, 20], "val/ppl": [ppl * 2, ppl * 1.5, ppl, None],
-            "test/ppl": [None, None, None, ppl * 1.1],
-        })  # fmt: skip
+        self.config = {
+            "config": {"attention": {"name": attention}, "test": True, "validate_before_fit": True},
+            "_wandb": {"runtime": 12},
+        }
+        self._history = pd.DataFrame(
+            {
+                "trainer/global_step": [0, 10, 20, 20],
+                "val/ppl": [ppl * 2, ppl * 1.5, ppl, None],
+                "test/ppl": [None, None, None, ppl * 1.1],
+            }
+        )
 
     def history(self, samples, pandas):
         assert pandas and samples >= 10_000  # every logged row, not W&B's 500-row sample
@@ -208,8 +241,11 @@ def wandb_api(monkeypatch):
 
         def runs(self, path, filters=None):
             queries.append((path, filters))
-            return [_RemoteRun("a", "softmax", 10.0, "finished"), _RemoteRun("b", "decay", 12.5, "finished"),
-                    _RemoteRun("c", "rfa", 20.0, "crashed")]  # fmt: skip
+            return [
+                _RemoteRun("a", "softmax", 10.0, "finished"),
+                _RemoteRun("b", "decay", 12.5, "finished"),
+                _RemoteRun("c", "rfa", 20.0, "crashed"),
+            ]
 
     monkeypatch.setattr(wandb, "Api", Api)
     return queries
@@ -222,10 +258,16 @@ def test_wandb_project_through_the_api(wandb_api, tmp_path):
     runs = report.load_runs("e/p")
     report.label_runs(runs)
     assert [(r.label, r.status, r.reason) for r in runs] == [
-        ("softmax", "finished", ""), ("decay", "finished", ""), ("c", "crashed", "W&B state crashed"),
-    ]  # fmt: skip
+        ("softmax", "finished", ""),
+        ("decay", "finished", ""),
+        ("c", "crashed", "W&B state crashed"),
+    ]
     assert "_wandb" not in str(runs[0].config)
-    assert runs[1].val_ppl == 12.5 and runs[1].val_ppl_converted == 25.0 and math.isclose(runs[1].last("test/ppl"), 13.75)
+    assert (
+        runs[1].val_ppl == 12.5
+        and runs[1].val_ppl_converted == 25.0
+        and math.isclose(runs[1].last("test/ppl"), 13.75)
+    )
     text = (out / "report.md").read_text()
     assert _table_row(text, "decay")[5] == "80.0%" and _table_row(text, "decay")[8] == "20"
     assert _table_row(text.split("Runs not in the table")[1], "c")[1:3] == ["crashed", "W&B state crashed"]
@@ -238,8 +280,11 @@ def test_unreachable_wandb_project_is_a_one_line_error(monkeypatch):
         raise ConnectionError("Max retries exceeded with url: https://api.wandb.ai/graphql\nmore detail")
 
     monkeypatch.setattr(wandb, "Api", unreachable)
-    with pytest.raises(ConfigError, match=r"^could not read W&B project 'e/p' \(ConnectionError: Max retries .*graphql\); "
-                                          r"without W&B, pass the multirun directory"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^could not read W&B project 'e/p' \(ConnectionError: Max retries .*graphql\); "
+        r"without W&B, pass the multirun directory",
+    ):
         report.load_runs("e/p")
 
 
@@ -247,9 +292,14 @@ def test_unreachable_wandb_project_is_a_one_line_error(monkeypatch):
 def test_bad_source_exits_with_one_line(tmp_path):
     result = run_module("dfw.report", str(tmp_path / "no" / "such" / "dir"), timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: '{tmp_path}/no/such/dir' is neither a run or multirun directory nor a W&B project (entity/project)"
+    assert (
+        result.stderr.strip()
+        == f"error: '{tmp_path}/no/such/dir' is neither a run or multirun directory nor a W&B project (entity/project)"
+    )
 
 
 def test_a_directory_without_runs_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"^no runs found in '.*' \(a run directory holds csv/metrics\.csv\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^no runs found in '.*' \(a run directory holds csv/metrics\.csv\)$"
+    ):
         report.report(str(tmp_path))

@@ -55,8 +55,13 @@ def test_a_folder_of_two_multiruns_lists_the_missing_jobs_of_each(tmp_path, trai
     import yaml
 
     for sweep, attentions in (("eval_grid", "softmax,linear"), ("eval_state_size", "decay")):
-        hydra_node = {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-                                  "params": {"attention": attentions}}, "overrides": {"task": []}}  # fmt: skip
+        hydra_node = {
+            "sweeper": {
+                "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                "params": {"attention": attentions},
+            },
+            "overrides": {"task": []},
+        }
         (tmp_path / sweep).mkdir()
         (tmp_path / sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra_node}))
     shutil.copytree(
@@ -73,8 +78,18 @@ def test_the_eval_folder_of_each_run_does_not_label_it():
 
     from dfw.report import Run, label_runs
 
-    runs = [Run(name=f"{i}_decay", source="", config={"attention.name": "decay", "attention.state_size": m,
-                                                       "eval.out_dir": f"/sweep/{i}_decay/eval"}, history=pd.DataFrame())
-            for i, m in enumerate((8, 16))]  # fmt: skip
+    runs = [
+        Run(
+            name=f"{i}_decay",
+            source="",
+            config={
+                "attention.name": "decay",
+                "attention.state_size": m,
+                "eval.out_dir": f"/sweep/{i}_decay/eval",
+            },
+            history=pd.DataFrame(),
+        )
+        for i, m in enumerate((8, 16))
+    ]
     label_runs(runs)
     assert [r.label for r in runs] == ["decay (state_size=8)", "decay (state_size=16)"]

@@ -25,7 +25,12 @@ PRESETS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
 def _wandb_grid(spec: dict) -> list[set[str]]:
     """The runs of a W&B grid sweep, each as the set of Hydra overrides its agent passes."""
     keys = list(spec["parameters"])
-    values = [spec["parameters"][k]["values"] if "values" in spec["parameters"][k] else [spec["parameters"][k]["value"]] for k in keys]
+    values = [
+        spec["parameters"][k]["values"]
+        if "values" in spec["parameters"][k]
+        else [spec["parameters"][k]["value"]]
+        for k in keys
+    ]
     return [{f"{k}={v}" for k, v in zip(keys, combo, strict=True)} for combo in itertools.product(*values)]
 
 
@@ -43,12 +48,19 @@ def _hydra_grid(experiment: str, tmp_path: Path) -> list[set[str]]:
     """The jobs of `python -m dfw.train -m experiment=<experiment>`, expanded as Hydra's basic sweeper does
     (by dfw.report's reading of the multirun.yaml Hydra writes)."""
     hydra_node = _hydra_config(f"experiment={experiment}")
-    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_node)}), tmp_path / "multirun.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"hydra": OmegaConf.to_container(hydra_node)}), tmp_path / "multirun.yaml"
+    )
     return [set(job) - {f"experiment={experiment}"} for job in expected_jobs(tmp_path)]
 
 
 def test_every_comparison_of_the_paper_has_a_sweep():
-    assert {p.stem for p in SWEEPS} >= {"compare_attention", "rule_x_feature_map", "state_size", "learning_rate"}
+    assert {p.stem for p in SWEEPS} >= {
+        "compare_attention",
+        "rule_x_feature_map",
+        "state_size",
+        "learning_rate",
+    }
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
@@ -62,7 +74,9 @@ def test_wandb_sweep_runs_the_hydra_experiment_with_the_same_grid(sweep, tmp_pat
     wandb_runs = _wandb_grid(spec)
     hydra_runs = [job | {f"experiment={experiment}"} for job in _hydra_grid(experiment, tmp_path)]
     # W&B renders floats with str(): compare the parsed values.
-    normalise = lambda runs: sorted(sorted(o.split("=")[0] + "=" + str(yaml.safe_load(o.split("=", 1)[1])) for o in run) for run in runs)
+    normalise = lambda runs: sorted(
+        sorted(o.split("=")[0] + "=" + str(yaml.safe_load(o.split("=", 1)[1])) for o in run) for run in runs
+    )
     assert normalise(wandb_runs) == normalise(hydra_runs)
     assert len(wandb_runs) >= 3
 
@@ -83,13 +97,20 @@ def test_every_job_composes_builds_its_attention_and_carries_group_and_tags(expe
 
 @pytest.mark.parametrize("experiment", ["compare_attention", "small_grid"])
 def test_attention_comparisons_cover_every_preset(experiment, tmp_path):
-    covered = {o.split("=")[1] for job in _hydra_grid(experiment, tmp_path) for o in job if o.startswith("attention=")}
+    covered = {
+        o.split("=")[1]
+        for job in _hydra_grid(experiment, tmp_path)
+        for o in job
+        if o.startswith("attention=")
+    }
     assert covered == set(PRESETS)
 
 
 def test_the_small_grid_converts_a_given_teacher():
     cfg = compose("experiment=small_grid", "paths.output_dir=/tmp/unused", "model.pretrained=/teacher")
-    assert cfg.model.tokenizer == "/teacher" and cfg.model.config is None  # architecture and BPE of the teacher
+    assert (
+        cfg.model.tokenizer == "/teacher" and cfg.model.config is None
+    )  # architecture and BPE of the teacher
     unset = compose("experiment=small_grid", "paths.output_dir=/tmp/unused")
     with pytest.raises(Exception, match="DFW_TEACHER"):  # never a silent random-weight model
         _ = unset.model.pretrained
@@ -100,14 +121,24 @@ def test_small_grid_script_passes_the_teacher_to_the_sweep_and_reports_it(tmp_pa
     prints last is the one the multirun converts, and the report reads that multirun's directory."""
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "python"
-    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "pretraining..."\necho /cache/teachers/abc\n')
+    fake_python.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\necho "pretraining..."\necho /cache/teachers/abc\n'
+    )
     fake_python.chmod(0o755)
     env = {**os.environ, "PY": str(fake_python)}
-    subprocess.run([REPO / "sweeps" / "small_grid.sh", "trainer.max_steps=3"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [REPO / "sweeps" / "small_grid.sh", "trainer.max_steps=3"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     demo, sweep, report = calls.read_text().splitlines()
     assert demo == "-m dfw.demo --teacher-only"
-    assert sweep.startswith("-m dfw.train -m experiment=small_grid model.pretrained=/cache/teachers/abc "
-                            "model.tokenizer=/cache/teachers/abc hydra.sweep.dir=outputs/multirun/small_grid_")
+    assert sweep.startswith(
+        "-m dfw.train -m experiment=small_grid model.pretrained=/cache/teachers/abc "
+        "model.tokenizer=/cache/teachers/abc hydra.sweep.dir=outputs/multirun/small_grid_"
+    )
     assert sweep.endswith(" trainer.max_steps=3")
     sweep_dir = sweep.split("hydra.sweep.dir=")[1].split()[0]
     assert report == f"-m dfw.report {sweep_dir}"
@@ -138,7 +169,9 @@ def _submitit_installed() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _submitit_installed(), reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+@pytest.mark.skipif(
+    not _submitit_installed(), reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')"
+)
 def test_slurm_launcher_composes_with_the_plugin():
     launcher = _hydra_config("hydra/launcher=slurm").launcher
     assert launcher._target_.endswith("SlurmLauncher")

@@ -53,10 +53,19 @@ class UpdateRule(Registered):
 
     registry: ClassVar[dict[str, type[UpdateRule]]] = UPDATE_RULES  # name: the value of attention.update_rule
     options: ClassVar[dict[str, Any]] = {}  # rule-specific config options and their defaults
-    plain_sum: ClassVar[bool] = False  # S_t = sum_s phi(k_s)^T v_s: no gate, no decay (attention transfer asks)
+    plain_sum: ClassVar[bool] = (
+        False  # S_t = sum_s phi(k_s)^T v_s: no gate, no decay (attention transfer asks)
+    )
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, options: Mapping[str, Any]):
-        self.hidden_size, self.num_heads, self.head_dim, self.state_size = hidden_size, num_heads, head_dim, state_size
+    def __init__(
+        self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, options: Mapping[str, Any]
+    ):
+        self.hidden_size, self.num_heads, self.head_dim, self.state_size = (
+            hidden_size,
+            num_heads,
+            head_dim,
+            state_size,
+        )
 
     @classmethod
     def check(cls, feature_map: str, normalization: str) -> None:
@@ -92,22 +101,40 @@ class UpdateRule(Registered):
         self, inputs: TokenInputs, state: Tensor | None, output_state: bool, chunk_size: int, kernel: str
     ) -> tuple[Tensor, Tensor | None]:
         return decay_fast_weights(
-            inputs.phi_q, inputs.phi_k, inputs.v, inputs.log_key_gate, inputs.log_value_gate, state, output_state,
-            chunk_size=chunk_size, kernel=kernel,
-        )  # fmt: skip
+            inputs.phi_q,
+            inputs.phi_k,
+            inputs.v,
+            inputs.log_key_gate,
+            inputs.log_value_gate,
+            state,
+            output_state,
+            chunk_size=chunk_size,
+            kernel=kernel,
+        )
 
     def recurrent(self, inputs: TokenInputs, state: Tensor | None) -> tuple[Tensor, Tensor]:
         o, final_state = recurrent_decay_fast_weights(
-            inputs.phi_q, inputs.phi_k, inputs.v, inputs.log_key_gate, inputs.log_value_gate, state,
+            inputs.phi_q,
+            inputs.phi_k,
+            inputs.v,
+            inputs.log_key_gate,
+            inputs.log_value_gate,
+            state,
             output_final_state=True,
-        )  # fmt: skip
+        )
         assert final_state is not None  # output_final_state=True
         return o, final_state
 
     def step(self, inputs: TokenInputs, state: Tensor, kernel: str) -> Tensor:
         """One token: updates `state` in place (so it keeps its address) and returns o."""
         return decay_fast_weights_step(
-            inputs.phi_q, inputs.phi_k, inputs.v, inputs.log_key_gate, inputs.log_value_gate, state, kernel=kernel
+            inputs.phi_q,
+            inputs.phi_k,
+            inputs.v,
+            inputs.log_key_gate,
+            inputs.log_value_gate,
+            state,
+            kernel=kernel,
         )
 
     def extra_repr(self) -> str:

@@ -34,7 +34,9 @@ class DecayRule(UpdateRule):
     name = "decay"
     options = {"gates": "both"}  # which side decays: key | value | both
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, options: Mapping[str, Any]):
+    def __init__(
+        self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, options: Mapping[str, Any]
+    ):
         super().__init__(hidden_size, num_heads, head_dim, state_size, options)
         self.sides = options.get("gates", "both")
         check_choice("attention.gates", self.sides, GATES)
@@ -43,14 +45,22 @@ class DecayRule(UpdateRule):
         H, m, D = self.num_heads, self.state_size, self.head_dim
         gates: dict[str, nn.Module] = {}
         if self.sides in ("key", "both"):
-            gates["key_gate"] = zero_weight_gate(self.hidden_size, uniform_gate_bias(m).repeat(H))  # f_t, (C -> H*m)
+            gates["key_gate"] = zero_weight_gate(
+                self.hidden_size, uniform_gate_bias(m).repeat(H)
+            )  # f_t, (C -> H*m)
         if self.sides in ("value", "both"):
-            gates["value_gate"] = zero_weight_gate(self.hidden_size, uniform_gate_bias(D).repeat(H))  # z_t, (C -> H*D)
+            gates["value_gate"] = zero_weight_gate(
+                self.hidden_size, uniform_gate_bias(D).repeat(H)
+            )  # z_t, (C -> H*D)
         return gates
 
     def token_inputs(self, gates: Mapping[str, nn.Module], x: Tensor, inputs: TokenInputs) -> TokenInputs:
-        log_gate = lambda name: F.logsigmoid(gate_logits(gates[name], x, self.num_heads)) if name in gates else None
-        return inputs._replace(log_key_gate=log_gate("key_gate"), log_value_gate=log_gate("value_gate"))  # (B, T, H, m), (B, T, H, D)
+        log_gate = lambda name: (
+            F.logsigmoid(gate_logits(gates[name], x, self.num_heads)) if name in gates else None
+        )
+        return inputs._replace(
+            log_key_gate=log_gate("key_gate"), log_value_gate=log_gate("value_gate")
+        )  # (B, T, H, m), (B, T, H, D)
 
     def extra_repr(self) -> str:
         return f"gates={self.sides}"

@@ -98,7 +98,9 @@ def chunk_delta_rule(
         # UT transform, all chunks at once: A = I + tril(diag(beta) K K^T, -1); W = A^-1 diag(beta) K, U = A^-1 diag(beta) V.
         A = (bc * (kc @ kc.transpose(-1, -2))).masked_fill(~strictly_lower, 0.0)  # (B, H, N, C, C)
         A = A + torch.eye(C, dtype=dtype, device=q.device)
-        WU = torch.linalg.solve_triangular(A, bc * torch.cat([kc, vc], dim=-1), upper=False, unitriangular=True)
+        WU = torch.linalg.solve_triangular(
+            A, bc * torch.cat([kc, vc], dim=-1), upper=False, unitriangular=True
+        )
         W, U = WU.split([K, V], dim=-1)  # (B, H, N, C, K), (B, H, N, C, V)
         scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (B, H, N, C, C)
 
@@ -125,7 +127,9 @@ class DeltaRule(UpdateRule):
 
     def gates(self) -> dict[str, nn.Module]:
         # beta_t = sigmoid(0) = 1/2 at conversion: our choice (Schlag et al. do not state one).
-        return {"write_strength": zero_weight_gate(self.hidden_size, torch.zeros(self.num_heads))}  # beta_t, (C -> H)
+        return {
+            "write_strength": zero_weight_gate(self.hidden_size, torch.zeros(self.num_heads))
+        }  # beta_t, (C -> H)
 
     def token_inputs(self, gates: Mapping[str, nn.Module], x: Tensor, inputs: TokenInputs) -> TokenInputs:
         beta = torch.sigmoid(gate_logits(gates["write_strength"], x, self.num_heads))  # (B, T, H, 1)
@@ -133,13 +137,16 @@ class DeltaRule(UpdateRule):
 
     def parallel(self, inputs, state, output_state, chunk_size, kernel):
         # No CUDA kernel for the delta rule: `kernel` does not apply.
-        return chunk_delta_rule(inputs.phi_q, inputs.phi_k, inputs.v, inputs.write_strength, state, output_state, chunk_size)
+        return chunk_delta_rule(
+            inputs.phi_q, inputs.phi_k, inputs.v, inputs.write_strength, state, output_state, chunk_size
+        )
 
     def recurrent(self, inputs, state):
-        return recurrent_delta_rule(inputs.phi_q, inputs.phi_k, inputs.v, inputs.write_strength, state, output_final_state=True)
+        return recurrent_delta_rule(
+            inputs.phi_q, inputs.phi_k, inputs.v, inputs.write_strength, state, output_final_state=True
+        )
 
     def step(self, inputs, state, kernel):
         o, new_state = self.recurrent(inputs, state)
         state.copy_(new_state)
         return o
-

@@ -24,7 +24,11 @@ def head_gate_bias(num_heads: int, shortest: float = 32.0, longest: float = 1024
     Our choice for RFA's gate (the papers do not state one): every head starts with a long memory,
     close to the ungated update, and the heads span time scales from 32 to 1024 tokens (GPT-2's context).
     """
-    tau = torch.logspace(math.log10(shortest), math.log10(longest), num_heads) if num_heads > 1 else torch.tensor([128.0])
+    tau = (
+        torch.logspace(math.log10(shortest), math.log10(longest), num_heads)
+        if num_heads > 1
+        else torch.tensor([128.0])
+    )
     return torch.log(tau - 1.0)  # logit(1 - 1/tau)
 
 
@@ -32,7 +36,9 @@ class GatedRule(UpdateRule):
     name = "gated"
 
     def gates(self) -> dict[str, nn.Module]:
-        return {"head_gate": zero_weight_gate(self.hidden_size, head_gate_bias(self.num_heads))}  # g_t, (C -> H)
+        return {
+            "head_gate": zero_weight_gate(self.hidden_size, head_gate_bias(self.num_heads))
+        }  # g_t, (C -> H)
 
     def token_inputs(self, gates: Mapping[str, nn.Module], x: Tensor, inputs: TokenInputs) -> TokenInputs:
         logit = gate_logits(gates["head_gate"], x, self.num_heads)  # (B, T, H, 1)
