@@ -121,7 +121,8 @@ class SyntheticOptions:
     share: Fraction = 0.25  # of the training blocks, those that carry one segment (the rest stay text)
     recall: Fraction = 0.5  # of those, the share of recall segments (the others are copy segments)
     random_tokens: Fraction = 0.5  # of the copy segments, the share whose span is random tokens (else text)
-    min_length: int = 4  # shortest copied span L, in tokens (the longest: half the block)
+    min_length: int = 4  # shortest copied span L, in tokens (the longest: the block / the number of copies)
+    max_copies: int = 2  # a copy segment holds the span 2 to max_copies times (uniform); 2: once repeated
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> SyntheticOptions | None:
@@ -141,14 +142,12 @@ class SyntheticOptions:
             name: _fraction(name, value) if name in FRACTIONS else value for name, value in node.items()
         }
         options = cls(**values)
-        if (
-            isinstance(options.min_length, bool)
-            or not isinstance(options.min_length, int)
-            or options.min_length < 1
-        ):
-            raise ConfigError(
-                f"data.synthetic.min_length must be a positive integer, got {options.min_length!r}"
-            )
+        for name, least in (("min_length", 1), ("max_copies", 2)):
+            value = getattr(options, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(
+                    f"data.synthetic.{name} must be an integer of at least {least}, got {value!r}"
+                )
         return options
 
     def at(self, step: int) -> tuple[float, float, float]:
@@ -196,8 +195,9 @@ class SyntheticMix(Dataset):
     step, k // order.samples_per_step, is where the options' schedules are read. The block at position k
     is a pure function of (seed, k), so a resumed run sees the blocks the uninterrupted run saw, and a
     block seen again in a later pass over the data gets a new segment.
-    A copy segment is 2L tokens (L uniform in [min_length, T // 2]), a recall segment 4N (N uniform in
-    [1, T // 4]); the block's other tokens stay the text they were.
+    A copy segment is c copies of a span of L tokens (c uniform in [2, max_copies], then L uniform in
+    [min_length, T // c]), a recall segment 4N tokens (N uniform in [1, T // 4]); the block's other tokens
+    stay the text they were.
     """
 
     def __init__(
@@ -221,8 +221,10 @@ class SyntheticMix(Dataset):
             pairs = int(torch.randint(1, max(1, T // 4) + 1, (), generator=generator))
             segment = recall_sequences(self.key_ids, self.value_ids, 1, pairs, generator)[0][0]  # (4N,)
         else:
+            copies = int(torch.randint(2, self.options.max_copies + 1, (), generator=generator))
+            longest = max(1, T // copies)
             length = int(
-                torch.randint(min(self.options.min_length, T // 2), T // 2 + 1, (), generator=generator)
+                torch.randint(min(self.options.min_length, longest), longest + 1, (), generator=generator)
             )
             if uniform() < random_tokens:
                 span = random_spans(self.ids, 1, length, generator)[0]  # (L,)
@@ -231,7 +233,7 @@ class SyntheticMix(Dataset):
                     "input_ids"
                 ]
                 span = text_spans(other, 1, length, generator)[0]  # (L,)
-            segment = torch.cat([span, span])  # (2L,)
+            segment = span.repeat(copies)[:T]  # (copies * L,)
         start = int(torch.randint(T - len(segment) + 1, (), generator=generator))
         block[start : start + len(segment)] = segment
         return {"input_ids": block}

@@ -109,6 +109,24 @@ def test_synthetic_mix_writes_one_segment_into_the_stated_share_of_blocks():
     assert 0.25 < copies / len(changed) < 0.75
 
 
+def test_copy_segments_hold_two_to_max_copies_copies_of_their_span():
+    blocks = Blocks(300, 64)
+    blocks.data.zero_()  # the special token, which no segment holds: the changed tokens are the segment
+    options = SyntheticOptions(share=1.0, recall=0.0, random_tokens=1.0, min_length=4, max_copies=4)
+    mix = mix_of(blocks, options, seed=4)
+    seen = set()
+    for k in range(300):
+        original, mixed = blocks[mix.order.index_at(k)]["input_ids"], mix[k]["input_ids"]
+        start, end = _segment(original, mixed)
+        segment = mixed[start:end]
+        # the shortest period of the segment is its span; the segment is whole copies of it
+        period = next(p for p in range(1, len(segment) + 1) if torch.equal(segment[p:], segment[:-p]))
+        copies = len(segment) // period
+        assert len(segment) % period == 0 and 4 <= period <= 64 // copies
+        seen.add(copies)
+    assert seen == {2, 3, 4}
+
+
 def test_a_block_seen_again_in_a_later_pass_gets_a_new_segment():
     blocks = Blocks(50, 64)
     mix = mix_of(blocks, SyntheticOptions(share=1.0, recall=0.0, random_tokens=1.0), seed=1)
@@ -156,3 +174,7 @@ def test_synthetic_mix_with_share_zero_is_the_text_and_options_are_checked():
     with pytest.raises(ConfigError, match=r"data.synthetic.shares is not an option"):
         SyntheticOptions.from_config({"shares": 0.5})
     assert SyntheticOptions.from_config(None) is None
+    with pytest.raises(
+        ConfigError, match=r"data.synthetic.max_copies must be an integer of at least 2, got 1"
+    ):
+        SyntheticOptions.from_config({"max_copies": 1})
