@@ -123,6 +123,7 @@ class SyntheticOptions:
     random_tokens: Fraction = 0.5  # of the copy segments, the share whose span is random tokens (else text)
     min_length: int = 4  # shortest copied span L, in tokens (the longest: the block / the number of copies)
     max_copies: int = 2  # a copy segment holds the span 2 to max_copies times (uniform); 2: once repeated
+    alphabet: int | None = None  # random spans draw from the first `alphabet` ordinary ids; null: all of them
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> SyntheticOptions | None:
@@ -142,8 +143,10 @@ class SyntheticOptions:
             name: _fraction(name, value) if name in FRACTIONS else value for name, value in node.items()
         }
         options = cls(**values)
-        for name, least in (("min_length", 1), ("max_copies", 2)):
+        for name, least in (("min_length", 1), ("max_copies", 2), ("alphabet", 1)):
             value = getattr(options, name)
+            if name == "alphabet" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(
                     f"data.synthetic.{name} must be an integer of at least {least}, got {value!r}"
@@ -227,7 +230,7 @@ class SyntheticMix(Dataset):
                 torch.randint(min(self.options.min_length, longest), longest + 1, (), generator=generator)
             )
             if uniform() < random_tokens:
-                span = random_spans(self.ids, 1, length, generator)[0]  # (L,)
+                span = random_spans(self.ids[: self.options.alphabet], 1, length, generator)[0]  # (L,)
             else:
                 other = self.blocks[int(torch.randint(len(self.blocks), (), generator=generator))][
                     "input_ids"

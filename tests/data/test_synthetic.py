@@ -127,6 +127,15 @@ def test_copy_segments_hold_two_to_max_copies_copies_of_their_span():
     assert seen == {2, 3, 4}
 
 
+def test_random_spans_draw_from_the_alphabet():
+    blocks = Blocks(100, 64)
+    blocks.data.zero_()  # the special token: the segment is every non-zero token
+    options = SyntheticOptions(share=1.0, recall=0.0, random_tokens=1.0, alphabet=5)
+    mix = mix_of(blocks, options, seed=6)
+    tokens = torch.cat([mix[k]["input_ids"] for k in range(100)])
+    assert set(tokens[tokens != 0].tolist()) == {1, 2, 3, 4, 5}  # the first 5 ordinary ids (0 is special)
+
+
 def test_a_block_seen_again_in_a_later_pass_gets_a_new_segment():
     blocks = Blocks(50, 64)
     mix = mix_of(blocks, SyntheticOptions(share=1.0, recall=0.0, random_tokens=1.0), seed=1)
@@ -178,3 +187,5 @@ def test_synthetic_mix_with_share_zero_is_the_text_and_options_are_checked():
         ConfigError, match=r"data.synthetic.max_copies must be an integer of at least 2, got 1"
     ):
         SyntheticOptions.from_config({"max_copies": 1})
+    with pytest.raises(ConfigError, match=r"data.synthetic.alphabet must be an integer of at least 1, got 0"):
+        SyntheticOptions.from_config({"alphabet": 0})
