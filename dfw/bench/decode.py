@@ -234,6 +234,7 @@ def summary(rows: list[Row]) -> list[str]:
     """Flatness of each curve (slowest over fastest context) and softmax over the fastest pure dfw row at equal
     batch and context."""
     lines = []
+    width = max((len(r.model) for r in rows), default=12)
     for model in dict.fromkeys(r.model for r in rows):
         for batch in dict.fromkeys(r.batch for r in rows):
             curve = [
@@ -244,7 +245,7 @@ def summary(rows: list[Row]) -> list[str]:
             times = [r.ms_per_token for r in curve]
             states = {r.state_bytes for r in curve}
             lines.append(
-                f"{model:<12} batch {batch:>3}: ms/token {min(times):.2f} to {max(times):.2f} "
+                f"{model:<{width}} batch {batch:>3}: ms/token {min(times):.2f} to {max(times):.2f} "
                 f"(slowest / fastest = {max(times) / min(times):.2f}) from {curve[0].context} to {curve[-1].context} tokens; "
                 f"state {'constant' if len(states) == 1 else 'grows'}: "
                 f"{min(states) / curve[0].batch / 2**20:.2f} to {max(states) / curve[0].batch / 2**20:.2f} MiB per sequence"
