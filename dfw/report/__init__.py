@@ -19,8 +19,9 @@ Sources (`sources.py`):
 Definitions: validation perplexity is the best one logged during fine-tuning (the checkpoint the test
 evaluates), `converted` the one before any fine-tuning (and before attention transfer, which is validated
 too); share retained = softmax val ppl / run val ppl, with the sweep's softmax run as the reference (1.0 =
-as good as softmax); training tokens/s is the median of `train/device/items_per_sec`; state bytes per sequence is `model/state_bytes_per_sequence` (float32,
-after `data.block_size` tokens; softmax's KV cache grows with the context, the other states do not).
+as good as softmax); training tokens/s is the median of `train/device/items_per_sec`; state bytes per
+sequence is `model/state_bytes_per_sequence` (float32, after `data.block_size` tokens; softmax's KV cache
+grows with the context, the other states do not).
 """
 
 from .cli import main, report
