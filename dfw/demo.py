@@ -84,7 +84,8 @@ SOFTMAX = ["attention=softmax"]
 def finetune(
     teacher_dir: Path, attention: list[str], overrides: list[str], run_dir: Path
 ) -> dict[str, float]:
-    """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune, test."""
+    """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune,
+    test."""
     common = [
         "experiment=demo_finetune",
         *attention,

@@ -2,10 +2,9 @@
 
 Surgery keeps the pretrained `GPT2Attention` in the named layers (no core, no new parameter) and converts the
 rest; the cache holds transformers' KV cache entry for those layers and a recurrent state for the others, and
-generation with it equals recomputing the whole sequence (float64, parameters perturbed, as tests/test_cache.py);
-exports, `from_pretrained` and checkpoints rebuild the same layers; bad values are one error naming the option,
-at the surgery and through the train entry point, before anything is built.
-"""
+generation with it equals recomputing the whole sequence (float64, parameters perturbed, as
+tests/test_cache.py); exports, `from_pretrained` and checkpoints rebuild the same layers; bad values are one
+error naming the option, at the surgery and through the train entry point, before anything is built."""
 
 from __future__ import annotations
 
@@ -65,7 +64,7 @@ def tiny_hybrid(name: str = "decay", layers=(1,), n_layer: int = 3, dtype=torch.
     return as_dfw_model(net, OmegaConf.to_container(attention)).to(dtype).eval()
 
 
-# --- Surgery --------------------------------------------------------------------------------------------------
+# --- Surgery ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -104,7 +103,7 @@ def test_softmax_layers_keep_gpt2_attention_and_add_no_parameters_there(tmp_path
     assert sum(p.numel() for p in hybrid.parameters()) == sum(
         p.numel() for p in original.parameters()
     ) + 2 * (new_per_layer)
-    # Generation state: the converted layers' fixed state plus layer 1's KV cache, which grows with the context.
+    # Generation state: the converted layers' fixed states plus layer 1's KV cache (grows with the context).
     state = 2 * 16 * 16 * 4  # a converted layer: 2 heads, m = head size = 16, x 16, float32
     for context in (16, 48):
         kv = 2 * 32 * context * 4  # keys and values of one layer, width 32, float32
@@ -162,7 +161,7 @@ def _escaped(message: str) -> str:
     return re.escape(message)
 
 
-# --- Generation -----------------------------------------------------------------------------------------------
+# --- Generation ---------------------------------------------------------------------------------------------
 
 
 def greedy(net, input_ids, **kwargs):
@@ -206,7 +205,8 @@ def test_prefill_chunks_and_single_tokens_give_the_full_forwards_logits():
 
 @pytest.fixture(scope="module")
 def hybrid_export(tmp_path_factory):
-    """An export of a tiny 3-layer model (GPT-2's tokenizer), softmax kept in layer 1, new parameters moved."""
+    """An export of a tiny 3-layer model (GPT-2's tokenizer), softmax kept in layer 1, new parameters
+    moved."""
     tokenizer = gpt2_tokenizer()
     model = OmegaConf.create(
         {"pretrained": None, "config": {"n_layer": 3, "n_head": 2, "n_embd": 32, "n_positions": 64}}
@@ -241,7 +241,7 @@ def test_plain_generate_and_the_pipeline_of_an_export_equal_recomputing(hybrid_e
     assert outputs[0] == outputs[1]
 
 
-# --- Exports, from_pretrained, checkpoints ---------------------------------------------------------------------
+# --- Exports, from_pretrained, checkpoints ------------------------------------------------------------------
 
 
 def _same_logits(a, b) -> None:
@@ -293,7 +293,7 @@ def test_a_bad_stored_choice_is_refused_naming_the_file(hybrid_export, tmp_path,
     assert str(directory / "config.json") in str(error.value)
 
 
-# --- Through the train entry point -----------------------------------------------------------------------------
+# --- Through the train entry point --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

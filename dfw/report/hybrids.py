@@ -102,8 +102,10 @@ def markdown(runs: list[Run], title: str = "Hybrid conversions") -> str:
     lengths = copy_lengths(done)
     lines = [f"## {title}", ""] if title else []
     lines += [
-        "| variant | val ppl, converted | val ppl, after transfer | val ppl, fine-tuned | retained, converted "
-        "| retained, fine-tuned |" + "".join(f" copy acc, L = {L} |" for L in lengths) + " recall acc |",
+        "| variant | val ppl, converted | val ppl, after transfer | val ppl, fine-tuned "
+        "| retained, converted | retained, fine-tuned |"
+        + "".join(f" copy acc, L = {L} |" for L in lengths)
+        + " recall acc |",
         "|---|---:|---:|---:|---:|---:|" + "---:|" * len(lengths) + "---:|",
     ]
     for run in done:
@@ -121,10 +123,11 @@ def markdown(runs: list[Run], title: str = "Hybrid conversions") -> str:
     teacher = "—" if math.isnan(reference) else f"{reference:.2f}"
     lines += [
         "",
-        f"Retained = the best softmax val ppl available ({teacher}: the lower of the teacher, which is the softmax "
-        "row as converted, and softmax fine-tuned with the same budget) / the row's val ppl. Fine-tuned: the best "
-        "validation of fine-tuning. Copy: top-1 accuracy on the second copy of a span of L random tokens; "
-        "recall: accuracy of the values, mean over the numbers of key-value pairs (dfw.eval, docs/evaluation.md).",
+        f"Retained = the best softmax val ppl available ({teacher}: the lower of the teacher, which is the "
+        "softmax row as converted, and softmax fine-tuned with the same budget) / the row's val ppl. "
+        "Fine-tuned: the best validation of fine-tuning. Copy: top-1 accuracy on the second copy of a span "
+        "of L random tokens; recall: accuracy of the values, mean over the numbers of key-value pairs "
+        "(dfw.eval, docs/evaluation.md).",
     ]
     if math.isnan(reference):
         lines += ["", "No finished softmax run: the shares retained are not computed."]

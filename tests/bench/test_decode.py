@@ -1,6 +1,6 @@
 """`python -m dfw.bench decode` on CPU at toy sizes: it runs, prints its table, writes its plot, and the
-memory it reports is the KV cache (growing) for softmax, the fixed-size state for dfw, and both for dfw with one
-softmax layer (its one layer's KV cache grows, the converted layer's state does not)."""
+memory it reports is the KV cache (growing) for softmax, the fixed-size state for dfw, and both for dfw
+with one softmax layer (its one layer's KV cache grows, the converted layer's state does not)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""`python -m dfw.report <sweep> --table hybrids` on a synthetic folder of experiment=hybrids: each run's files as
-dfw.train writes them (csv/metrics.csv in logging order, csv/hparams.yaml, eval/results.csv, Hydra's job files and
-the sweep's multirun.yaml), with numbers chosen so that every cell of the table is known."""
+"""`python -m dfw.report <sweep> --table hybrids` on a synthetic folder of experiment=hybrids: each run's
+files as dfw.train writes them (csv/metrics.csv in logging order, csv/hparams.yaml, eval/results.csv,
+Hydra's job files and the sweep's multirun.yaml), with numbers chosen so that every cell of the table is
+known."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from dfw import report
 from dfw.report import hybrids, load_runs
 from tests.report.test_report import _table_row
 
-EVAL_COLUMNS = "model,kind,attention,state_size,state_bytes,context,parameters,task,metric,variant,axis,x,x_to,value,headline,seed"
+EVAL_COLUMNS = (
+    "model,kind,attention,state_size,state_bytes,context,parameters,task,metric,variant,axis,x,x_to,value,"
+    "headline,seed"
+)
 ROWS = ["dfw", "dfw_window8", "dfw_window16", "dfw_window32", "dfw_softmax_layer", "softmax"]
 
-# job -> (attention options, val ppl: converted, after transfer (None: no transfer), during fine-tuning; copy at
-# L = 8, 16; recall at 4, 8 pairs). Job 3 (window 32) never started.
+# job -> (attention options, val ppl: converted, after transfer (None: no transfer), during fine-tuning;
+# copy at L = 8, 16; recall at 4, 8 pairs). Job 3 (window 32) never started.
 RUNS = {
     0: ({"name": "decay"}, (500.0, 300.0, [120.0, 100.0]), (0.5, 0.25), (0.1, 0.0)),
     1: ({"name": "decay", "window": 8}, (150.0, 140.0, [95.0, 90.0]), (0.75, 0.5), (0.2, 0.1)),
@@ -100,10 +104,10 @@ def test_the_hybrids_table_has_every_stage_the_share_retained_and_copy_and_recal
     assert "## Hybrid conversions" in capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("| variant | val ppl, converted"))
     assert header == (
-        "| variant | val ppl, converted | val ppl, after transfer | val ppl, fine-tuned | retained, converted "
-        "| retained, fine-tuned | copy acc, L = 8 | copy acc, L = 16 | recall acc |"
+        "| variant | val ppl, converted | val ppl, after transfer | val ppl, fine-tuned "
+        "| retained, converted | retained, fine-tuned | copy acc, L = 8 | copy acc, L = 16 | recall acc |"
     )
-    # The best softmax available: the teacher (the softmax row as converted, 80) beats softmax fine-tuned (81).
+    # The best softmax available: the teacher (the softmax row as converted, 80) beats it fine-tuned (81).
     assert _table_row(text, "DFW") == [
         "DFW",
         "500.00",

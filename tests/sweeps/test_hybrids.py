@@ -1,6 +1,7 @@
-"""experiment=hybrids and sweeps/hybrids.sh (issue 19, docs/hybrids.md): one job per row of conf/hybrid/, every row
-with the demo's fine-tuning budget from the given teacher, evaluated on copy and recall after training; each row
-composes (as `python -m dfw.train ... --cfg job` does) into the attention it names, and its model converts."""
+"""experiment=hybrids and sweeps/hybrids.sh (issue 19, docs/hybrids.md): one job per row of conf/hybrid/,
+every row with the demo's fine-tuning budget from the given teacher, evaluated on copy and recall after
+training; each row composes (as `python -m dfw.train ... --cfg job` does) into the attention it names, and
+its model converts."""
 
 from __future__ import annotations
 
