@@ -41,7 +41,7 @@ _SOFTMAX_LAYERS_FORMS = "null, a list of layer indices such as [0, 5], or {every
 
 
 def softmax_layers(
-    attention: Mapping[str, Any] | Any, n_layer: int | None, source: str | None = None
+    attention: DictConfig | Mapping[str, Any], n_layer: int | None, source: str | None = None
 ) -> tuple[int, ...]:
     """The layers that `attention.softmax_layers` keeps softmax in, sorted (empty: every layer converted).
 

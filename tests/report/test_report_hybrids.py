@@ -43,6 +43,7 @@ def _write_run(folder: Path, job: int, attention: dict, ppl: tuple, copy: tuple,
         "trainer": {"max_steps": 300},
         "validate_before_fit": True,
         "export_dir": None,
+        "run_name": f"{ROWS[job]}-shakespeare-small-shakespeare",  # as conf/hybrid/ names the runs
     }
     (folder / "csv" / "hparams.yaml").write_text(yaml.safe_dump(config))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"hybrid={ROWS[job]}"]))
@@ -135,7 +136,8 @@ def test_the_hybrids_table_has_every_stage_the_share_retained_and_copy_and_recal
     ]  # job order
     assert "job 3: missing" in text and "hybrid=dfw_window32" in text  # the job that never started
     assert "(80.00: the lower of the teacher" in text
-    assert "| variant | state size m |" in text  # the runs table follows
+    assert "| variant | state size m |" in text  # the runs table follows, its labels without the run names
+    assert _table_row(text, "decay (softmax_layers=[1], window=None)")[2] == "200.00"
 
 
 def test_without_a_softmax_run_the_shares_are_not_computed(sweep):
