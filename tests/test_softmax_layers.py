@@ -354,3 +354,20 @@ def test_softmax_layers_and_a_window_together_generate_as_recomputing():
     input_ids[0, :4], mask[0, :4] = PAD, 0  # the first row left-padded by 4
     cached = greedy(net, input_ids, attention_mask=mask)  # past the window of 4
     assert torch.equal(cached, greedy(net, input_ids, attention_mask=mask, use_cache=False))
+
+
+def test_a_null_attention_option_keeps_the_cached_teachers_key(tmp_path):
+    """`softmax_layers: null` came after teachers were cached (dfw.demo keys them by their config): an option
+    at null is off, so the key, and the teacher it finds, stay those of a config without the line."""
+    from omegaconf import open_dict
+
+    from dfw import demo
+
+    cfg = demo._compose(["experiment=demo_teacher", f"paths.output_dir={tmp_path / 'teacher'}"])
+    key = demo._teacher_key(cfg)
+    with open_dict(cfg):
+        del cfg.attention.softmax_layers
+    assert demo._teacher_key(cfg) == key
+    with open_dict(cfg):
+        cfg.attention.softmax_layers = [0]  # an option that is on is part of the key
+    assert demo._teacher_key(cfg) != key
