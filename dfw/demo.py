@@ -53,6 +53,9 @@ def _teacher_key(cfg: DictConfig) -> str:
         fields["trainer"].pop(volatile, None)
     fields["data"].pop("cache_dir", None)
     fields["data"].pop("num_workers", None)
+    # An attention option at null is an option that is off (softmax_layers: null, added after teachers were
+    # cached): leaving it out keeps the key, and so the cached teacher, of a teacher trained the same way.
+    fields["attention"] = {k: v for k, v in fields["attention"].items() if v is not None}
     fields["teacher_version"] = TEACHER_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -84,7 +87,8 @@ SOFTMAX = ["attention=softmax"]
 def finetune(
     teacher_dir: Path, attention: list[str], overrides: list[str], run_dir: Path
 ) -> dict[str, float]:
-    """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune, test."""
+    """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune,
+    test."""
     common = [
         "experiment=demo_finetune",
         *attention,

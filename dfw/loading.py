@@ -34,7 +34,7 @@ from .errors import ConfigError, error_summary
 from .hf import ATTENTION_FILE, MODEL_TYPE, DFWForCausalLM, as_dfw_model
 from .hub import check_hub_or_cache
 from .safe_config import build_checked, plain
-from .surgery import convert_attention, core_factory
+from .surgery import convert_to
 
 STAGE_KEY = "dfw_stage"  # in a checkpoint: "transfer" for one taken inside the transfer stage (dfw.transfer)
 
@@ -62,7 +62,8 @@ def load_model(source: str, option: str = "model") -> LoadedModel:
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise ConfigError(
-                f"{option}={source!r}: no such checkpoint; pass an existing .ckpt (e.g. <run>/checkpoints/last.ckpt)"
+                f"{option}={source!r}: no such checkpoint; pass an existing .ckpt (e.g. "
+                "<run>/checkpoints/last.ckpt)"
             )
         return _from_checkpoint(path, option)
     attention = saved_attention(path) if path.is_dir() else None
@@ -181,7 +182,8 @@ def load_exported(directory: str | Path) -> GPT2LMHeadModel:
             return load_file(str(weights))
         except Exception as err:
             raise ConfigError(
-                f"{weights}: cannot be read, it may be truncated or corrupt ({error_summary(err)}); export it again"
+                f"{weights}: cannot be read, it may be truncated or corrupt ({error_summary(err)}); export "
+                "it again"
             ) from None
 
     return _rebuild(net, attention, str(directory / ATTENTION_FILE), read_weights, str(directory))
@@ -198,7 +200,7 @@ def _rebuild(
     every layer converted to the stored `attention` (checked first; None: softmax), then its weights."""
     if attention is None:
         return load_weights(net, read_weights(), weights_source)
-    convert_attention(net, core_factory(attention, source=attention_source))
+    convert_to(net, attention, source=attention_source)
     # as a DFWForCausalLM, as a new export loads: its generate supplies a RecurrentCache (dfw.hf)
     return as_dfw_model(load_weights(net, read_weights(), weights_source), attention)
 
@@ -232,12 +234,14 @@ def read_checkpoint(path: str | Path, option: str, mmap: bool = False) -> dict[s
         elif "weights_only" in str(err) or "Weights only load failed" in str(err):
             reason = "it is not a checkpoint file (unreadable as one: damaged, or something else)"
         raise ConfigError(
-            f"{option}={str(path)!r} cannot be loaded as a checkpoint ({reason}); pass a .ckpt written by dfw.train "
-            "(a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or best-*.ckpt)"
+            f"{option}={str(path)!r} cannot be loaded as a checkpoint ({reason}); pass a .ckpt written by "
+            "dfw.train (a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or "
+            "best-*.ckpt)"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(
-            f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by dfw.train"
+            f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by "
+            "dfw.train"
         )
     return checkpoint
 

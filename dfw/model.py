@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .errors import ConfigError
 from .hf import ATTENTION_FILE, as_dfw_model
 from .loading import from_pretrained, load_exported, load_weights, saved_attention
-from .surgery import convert_attention, core_factory
+from .surgery import convert_to, core_factory
 
 # Their old import paths (`from dfw.model import load_exported`, ...) keep working.
 __all__ = [
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT2LMHeadModel:
-    """GPT-2 (pretrained or freshly initialised) with every layer's attention converted.
+    """GPT-2 (pretrained or freshly initialised) with every layer's attention converted (but those
+    `attention.softmax_layers` keeps softmax in, `dfw.surgery.softmax_layers`).
 
     `model.pretrained`: a hub id or a directory (Hugging Face, or exported by dfw); None builds a
     random model from `model.config` (GPT2Config fields) with the tokenizer's vocabulary.
@@ -52,8 +53,8 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
             if saved.get("name") != attention.get("name"):
                 raise ConfigError(
                     f"model.pretrained={model.pretrained!r} was converted to attention={saved.get('name')}, "
-                    f"not attention={attention.get('name')}; pass attention={saved.get('name')} or start from a "
-                    "softmax checkpoint"
+                    f"not attention={attention.get('name')}; pass attention={saved.get('name')} or start "
+                    "from a softmax checkpoint"
                 )
             return load_exported(model.pretrained)
         net = from_pretrained(str(model.pretrained))
@@ -63,10 +64,10 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
         net = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, **fields))
     if net.config.vocab_size < vocab_size:
         raise ConfigError(
-            f"model.tokenizer has {vocab_size} tokens but the model's vocabulary has {net.config.vocab_size}; "
-            "use the model's own tokenizer (model.tokenizer)"
+            f"model.tokenizer has {vocab_size} tokens but the model's vocabulary has "
+            f"{net.config.vocab_size}; use the model's own tokenizer (model.tokenizer)"
         )
-    convert_attention(net, core_factory(attention))
+    convert_to(net, attention)
     return net
 
 

@@ -5,15 +5,17 @@
 with the state S [B, H, m, D] (key features x values; the paper writes its transpose, D x m). The three
 choices are independent config options (`attention.feature_map`, `.update_rule`, `.normalization`):
 
-    update_rule   add      S_t = S_{t-1} + phi(k_t)^T v_t                                  (Katharopoulos et al. 2020)
-                  gated    S_t = g_t S_{t-1} + (1 - g_t) phi(k_t)^T v_t, g_t = sigmoid(w_h . x_t + b_h)   (RFA, Peng et al. 2021)
-                  delta    S_t = S_{t-1} + beta_t phi(k_t)^T (v_t - phi(k_t) S_{t-1}), beta_t = sigmoid(w_h . x_t + b_h)
-                                                                                           (Schlag et al. 2021)
-                  decay    S_t = diag(f_t) S_{t-1} diag(z_t) + phi(k_t)^T v_t,  f_t = sigmoid(W_f x_t + b_f) in (0,1)^m,
-                                                                    z_t = sigmoid(W_z x_t + b_z) in (0,1)^D  (DFW, Mao 2022)
+    update_rule   add      S_t = S_{t-1} + phi(k_t)^T v_t                      (Katharopoulos et al. 2020)
+                  gated    S_t = g_t S_{t-1} + (1 - g_t) phi(k_t)^T v_t,           (RFA, Peng et al. 2021)
+                              g_t = sigmoid(w_h . x_t + b_h)
+                  delta    S_t = S_{t-1} + beta_t phi(k_t)^T (v_t - phi(k_t) S_{t-1}),   (Schlag et al. 2021)
+                              beta_t = sigmoid(w_h . x_t + b_h)
+                  decay    S_t = diag(f_t) S_{t-1} diag(z_t) + phi(k_t)^T v_t,             (DFW, Mao 2022)
+                              f_t = sigmoid(W_f x_t + b_f) in (0,1)^m, z_t = sigmoid(W_z x_t + b_z) in (0,1)^D
     normalization none         o_t = phi(q_t) S_t / sqrt(D)
                   denominator  o_t = phi(q_t) S_t / max(phi(q_t) . z_t, eps), z_t updated like S_t with v = 1
-                  sum          phi(x) <- phi(x) / max(sum_i phi(x)_i, eps) for queries and keys (Schlag et al. 2021)
+                  sum          phi(x) <- phi(x) / max(sum_i phi(x)_i, eps) for queries and keys
+                                                                                      (Schlag et al. 2021)
 
 x_t is the input of the attention block. Decaying fast weights is `feature_map=linear,
 update_rule=decay, normalization=none`.
@@ -47,10 +49,13 @@ from .update_rules.base import check_choice
 class FastWeightAttention(AttentionCore):
     """Arguments after `scaling` are the attention config (conf/attention/*.yaml):
 
-    feature_map: a key of FEATURE_MAPS.            update_rule: a key of UPDATE_RULES (add | gated | delta | decay).
-    normalization: a key of NORMALIZATIONS (none | denominator | sum).   state_size: m; null for the map's natural size.
+    feature_map: a key of FEATURE_MAPS.
+    update_rule: a key of UPDATE_RULES (add | gated | delta | decay).
+    normalization: a key of NORMALIZATIONS (none | denominator | sum).
+    state_size: m; null for the map's natural size.
     output_norm: LayerNorm over each head's output (off in the paper).
-    chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch | triton (the dfw_kernels op).
+    chunk_size: tokens per chunk of the parallel form.
+    kernel: auto | cuda | torch | triton (the dfw_kernels op).
     eps: clamp of the denominator and of feature sums.
     redraw_interval, seed: random feature maps (favor, rff): redraw every N training calls (null: never),
         deterministically from (seed, layer_idx, draw number).
@@ -203,7 +208,8 @@ class FastWeightAttention(AttentionCore):
     # -- Attention transfer (AttentionCore's interface) ---------------------------------------------------
     @property
     def has_attention_weights(self) -> bool:
-        # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its scores' sum.
+        # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its
+        # scores' sum.
         return self.rule.plain_sum and self.normalizer.divides_by_score_sum and self.output_norm is None
 
     def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
@@ -217,7 +223,8 @@ class FastWeightAttention(AttentionCore):
 
     @property
     def output_scale_calibratable(self) -> bool:
-        # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it by c^2.
+        # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it
+        # by c^2.
         return (
             self.feature_map.scalable
             and not self.normalizer.cancels_feature_scale
@@ -237,9 +244,10 @@ class FastWeightAttention(AttentionCore):
     def extra_repr(self) -> str:
         rule = self.rule.extra_repr()
         return (
-            f"feature_map={self.feature_map_name}, update_rule={self.update_rule}{', ' + rule if rule else ''}, "
-            f"normalization={self.normalization}, state_size={self.state_size}, chunk_size={self.chunk_size}, "
-            f"kernel={self.kernel}"
+            f"feature_map={self.feature_map_name}, "
+            f"update_rule={self.update_rule}{', ' + rule if rule else ''}, "
+            f"normalization={self.normalization}, state_size={self.state_size}, "
+            f"chunk_size={self.chunk_size}, kernel={self.kernel}"
         )
 
 
@@ -255,6 +263,6 @@ def _check_rule_options(rule_options: dict[str, Any]) -> None:
     unknown = sorted(set(rule_options) - known)
     if unknown:
         raise ConfigError(
-            f"attention has no option {', '.join(unknown)}; remove it (the fast-weight options are the arguments of "
-            f"dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
+            f"attention has no option {', '.join(unknown)}; remove it (the fast-weight options are the "
+            f"arguments of dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
         )

@@ -90,7 +90,7 @@ def recall_sequences(
     return tokens, query_positions, values.gather(1, order)
 
 
-# --- Mixed into training blocks ------------------------------------------------------------------------------
+# --- Mixed into training blocks -----------------------------------------------------------------------------
 
 FRACTIONS = ("share", "recall", "random_tokens")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -24,6 +25,7 @@ from .evaluation import EVAL_RESULTS, read_evaluation
 
 STEP = "step"
 VAL_PPL, TEST_PPL, TOKENS_PER_SEC = "val/ppl", "test/ppl", "train/device/items_per_sec"
+TRAIN_LOSS = "train/loss"
 STATE_BYTES, STATE_SIZE, PARAMS_NEW = "model/state_bytes_per_sequence", "model/state_size", "model/params_new"
 
 
@@ -63,16 +65,41 @@ class Run:
         # train.py validates the converted model before fit() unless told not to or resuming.
         return bool(self.config.get("validate_before_fit", True)) and not self.config.get("ckpt_path")
 
+    def _validations(self) -> tuple[list[float], list[float]]:
+        """val/ppl of the validations before fine-tuning (as converted, then after attention transfer, each
+        when it ran) and of those during fine-tuning, in logging order. Before fine-tuning: logged at step 0
+        before the first `train/loss`; a history without one (another source) counts the converted model's
+        alone."""
+        if VAL_PPL not in self.history:
+            return [], []
+        values = self.history[VAL_PPL]
+        trained = self.history[TRAIN_LOSS].notna().to_numpy() if TRAIN_LOSS in self.history else None
+        if trained is not None and trained.any() and STEP in self.history:
+            first = int(trained.argmax())  # position of the first row with a training loss
+            early = (self.history[STEP] == 0).to_numpy() & (np.arange(len(values)) < first)
+            before, during = values[early].dropna(), values[~early].dropna()
+        else:
+            split = 1 if self._has_converted else 0
+            before, during = values.dropna().iloc[:split], values.dropna().iloc[split:]
+        return [float(v) for v in before], [float(v) for v in during]
+
     @property
     def val_ppl_converted(self) -> float:
-        rows = self.val_curve()
-        return float(rows.iloc[0]) if self._has_converted and len(rows) else math.nan
+        before, _ = self._validations()
+        return before[0] if self._has_converted and before else math.nan
+
+    @property
+    def val_ppl_transfer(self) -> float:
+        """val/ppl after attention transfer (dfw/transfer.py), before fine-tuning; nan when none ran."""
+        before, _ = self._validations()
+        after_converted = before[1:] if self._has_converted else before
+        return after_converted[0] if after_converted else math.nan
 
     @property
     def val_ppl(self) -> float:
         """The best val/ppl of fine-tuning (what ModelCheckpoint keeps and the test evaluates)."""
-        rows = self.val_curve().iloc[1 if self._has_converted else 0 :]
-        return float(rows.min()) if len(rows) else math.nan
+        _, during = self._validations()
+        return min(during) if during else math.nan
 
     @property
     def tokens_per_sec(self) -> float:
@@ -106,7 +133,7 @@ def _run_config(logged: dict[str, Any] | None) -> dict[str, Any]:
     return flatten(logged.get("config", logged) or {})
 
 
-# --- A local run, a Hydra multirun ---------------------------------------------------------------------------
+# --- A local run, a Hydra multirun --------------------------------------------------------------------------
 
 
 def read_csv_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame] | None:
@@ -187,7 +214,8 @@ def read_run_dir(run_dir: Path) -> Run:
 
 def _missing_export(run: Run, run_dir: Path) -> str:
     """The export folder the run was to write and did not (its config.json is missing), or "" when none was
-    due. An export inside the run folder is looked up in `run_dir`, so a moved or copied run reads the same."""
+    due. An export inside the run folder is looked up in `run_dir`, so a moved or copied run reads the
+    same."""
     export_dir, output_dir = run.config.get("export_dir"), run.config.get("paths.output_dir")
     if not export_dir:
         return ""
@@ -211,7 +239,8 @@ def run_status(run: Run, error: str = "", interrupted: bool = False) -> tuple[st
         if max_steps and reached >= max_steps and not error:  # NaN and never-logged read back the same
             return (
                 "crashed",
-                f"trained {reached} of {max_steps} steps but logged no perplexity (NaN, or stopped in the test)",
+                f"trained {reached} of {max_steps} steps but logged no perplexity (NaN, or stopped in the "
+                "test)",
             )
         return "crashed", error or f"stopped at step {reached}" + (f" of {max_steps}" if max_steps else "")
     if not all(math.isfinite(value) for value in (run.val_ppl, run.last(TEST_PPL)) if not math.isnan(value)):
@@ -242,7 +271,8 @@ def expected_jobs(multirun_dir: Path) -> list[list[str]] | None:
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
                 raise ConfigError(
-                    f"{multirun_dir}/multirun.yaml: {key} is a range or interval sweep, which the basic sweeper does not run"
+                    f"{multirun_dir}/multirun.yaml: {key} is a range or interval sweep, which the basic "
+                    "sweeper does not run"
                 )
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
@@ -300,7 +330,7 @@ def load_local(root: Path) -> list[Run]:
     return runs
 
 
-# --- A W&B project -------------------------------------------------------------------------------------------
+# --- A W&B project ------------------------------------------------------------------------------------------
 
 
 def load_wandb_project(path: str, group: str | None = None, tag: str | None = None) -> list[Run]:
@@ -340,6 +370,7 @@ def load_runs(source: str, group: str | None = None, tag: str | None = None) -> 
         return load_wandb_project(source, group, tag)
     except Exception as err:  # no network, no credentials, no such project
         raise ConfigError(
-            f"could not read W&B project {source!r} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); "
-            "without W&B, pass the multirun directory: every run also writes its metrics to csv/metrics.csv"
+            f"could not read W&B project {source!r} ({type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0][:200]}); without W&B, pass the multirun directory: every "
+            "run also writes its metrics to csv/metrics.csv"
         ) from None

@@ -12,7 +12,7 @@ from .sources import STATE_BYTES, STEP, TEST_PPL, Run
 # Config keys that differ between runs without making them different experiments.
 VOLATILE_KEYS = re.compile(
     r"^(paths|hydra)\.|(dirpath|save_dir|default_root_dir|export_dir|out_dir|cache_dir|ckpt_path|enable_progress_bar)$"
-    r"|^logger\.wandb\.(name|id|group|tags|mode)|^module\.scheduler\.num_training_steps$"
+    r"|^logger\.wandb\.(name|id|group|tags|mode)|^module\.scheduler\.num_training_steps$|^run_name$"
 )
 
 
@@ -102,10 +102,10 @@ def markdown(runs: list[Run], baseline: str = "softmax", title: str = "") -> str
         lines += [f"| {r.name} | {r.status} | {r.reason} | {' '.join(r.overrides)} |" for r in problems]
     lines += [
         "",
-        f"val ppl: best validation perplexity of fine-tuning (converted: before it); softmax quality retained = "
-        f"{baseline} val ppl / val ppl; train tokens/s: median over training; state bytes / sequence: generation "
-        "state of one sequence after a training-length context, float32 (softmax: the KV cache, which grows with "
-        "the context)."
+        "val ppl: best validation perplexity of fine-tuning (converted: before it); softmax quality "
+        f"retained = {baseline} val ppl / val ppl; train tokens/s: median over training; state bytes / "
+        "sequence: generation state of one sequence after a training-length context, float32 (softmax: the "
+        "KV cache, which grows with the context)."
         + (
             f" Evaluation (dfw.eval, docs/evaluation.md): {headline_note([r.evaluation for r in done])}."
             if evals
