@@ -184,8 +184,9 @@ def _fraction(name: str, value: Any) -> Fraction:
         or any(b <= a for a, b in zip(steps, steps[1:], strict=False))
     ):
         raise ConfigError(
-            f"data.synthetic.{name}: a schedule is a list of [step, fraction] points, steps non-negative integers "
-            f"in increasing order and fractions between 0 and 1, e.g. [[0, 0.9], [300, 0.1]]; got {value!r}"
+            f"data.synthetic.{name}: a schedule is a list of [step, fraction] points, steps non-negative "
+            f"integers in increasing order and fractions between 0 and 1, e.g. [[0, 0.9], [300, 0.1]]; "
+            f"got {value!r}"
         )
     return [[int(s), float(f)] for s, f in points]
 
