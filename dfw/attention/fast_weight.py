@@ -386,10 +386,11 @@ class FastWeightAttention(AttentionCore):
             for old, new in zip(buffer, token, strict=True)
         ]
         count = state.seen + real.long()  # (B,)
+        filled = torch.arange(W, device=q.device)[None] < count[:, None]  # (B, W): slots that hold a token
+        buffer = [torch.where(filled[:, :, None, None], t, 0.0) for t in buffer]  # empty slots stay zero
         # The window: the buffer's tokens, and a pad's own key (a pad attends to itself only).
         keys = torch.cat([buffer[0], k.to(dtype)], dim=1)  # (B, W + 1, H, D)
         values = torch.cat([buffer[1][..., :D], inputs.v[..., :D].to(dtype)], dim=1)  # (B, W + 1, H, D)
-        filled = torch.arange(W, device=q.device)[None] < count[:, None]  # (B, W)
         seen = torch.cat([filled & real[:, None], ~real[:, None]], dim=1)  # (B, W + 1)
         scores = torch.einsum("bhd,bwhd->bhw", q[:, 0].to(dtype), keys) * self.window_scale  # (B, H, W + 1)
         scores = scores.masked_fill(~seen[:, None, :], float("-inf"))
