@@ -111,6 +111,15 @@ def test_resume_continues_the_same_wandb_run(resumed_run):
     ("override", "message"),
     [
         ("attention.state_size=0", "attention.state_size must be a positive integer"),
+        (
+            "attention.window=0",
+            "attention.window must be a positive integer",
+        ),
+        (
+            "attention.window=2.5",
+            "attention.window must be a positive integer",
+        ),
+        ("attention=softmax attention.window=16", "attention.window=16 applies to the fast-weight presets"),
         ("data.block_size=300", "data.block_size=300 is longer than the model's context"),
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
         ("trainer.max_steps=-5", "trainer.max_steps must be a positive integer"),
