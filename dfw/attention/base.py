@@ -105,6 +105,15 @@ class AttentionCore(nn.Module):
         through the core's own parameters (so an export carries it). Only where `output_scale_calibratable`."""
         raise NotImplementedError(f"{type(self).__name__} has no output scale to calibrate")
 
+    def calibration_factor(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, o: Tensor, target: Tensor
+    ) -> Tensor:
+        """What transfer.calibrate passes to `scale_output`, fit on one batch: q, k, v [B, T, H, D], x, the core's
+        output o and the softmax output `target` [B, T, H, D] -> [H]. By default the ratio of their RMS per head,
+        the exact fit of an output that scales as a whole; a core whose scale acts on part of its output says so."""
+        rms = lambda t: t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()
+        return rms(target) / rms(o).clamp_min(1e-12)  # (H,)
+
 
 class ConvertedAttention(nn.Module):
     """Drop-in replacement for `GPT2Attention` (self-attention only) around an `AttentionCore`."""

@@ -431,6 +431,7 @@ class FastWeightAttention(AttentionCore):
     @property
     def has_attention_weights(self) -> bool:
         # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its scores' sum.
+        # With a window, the shared normaliser: exp(s_tj) in the window, phi(q_t) . phi(k_j) before it.
         return self.rule.plain_sum and self.normalizer.divides_by_score_sum and self.output_norm is None
 
     def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
@@ -439,12 +440,24 @@ class FastWeightAttention(AttentionCore):
         phi_q, phi_k = self._features(q, k)  # (B, T, H, m) each
         T = q.shape[1]
         scores = torch.einsum("bihm,bjhm->bhij", phi_q, phi_k)  # (B, H, T, T)
+        if self.window is not None:
+            distance = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]
+            in_window = (distance >= 0) & (distance < self.window)  # (T, T)
+            before = (distance >= self.window) & (
+                scores > 0
+            )  # (B, H, T, T): the memory's tokens (kernel > 0)
+            log_kernel = torch.where(before, torch.where(before, scores, 1.0).log(), float("-inf"))
+            softmax_scores = torch.einsum("bihd,bjhd->bhij", q, k) * self.window_scale  # (B, H, T, T)
+            return torch.where(in_window, softmax_scores, log_kernel).softmax(-1)
         scores = scores * torch.ones(T, T, dtype=scores.dtype, device=q.device).tril()
         return scores / scores.sum(-1, keepdim=True).clamp_min(self.eps)
 
     @property
     def output_scale_calibratable(self) -> bool:
         # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it by c^2.
+        # With a window, the memory's weight alpha_h scales the memory's part of the output exactly.
+        if self.window is not None:
+            return self.memory_weight is not None and self.output_norm is None
         return (
             self.feature_map.scalable
             and not self.normalizer.cancels_feature_scale
@@ -454,7 +467,30 @@ class FastWeightAttention(AttentionCore):
     def scale_output(self, factor: Tensor) -> None:
         if not self.output_scale_calibratable:
             super().scale_output(factor)
+        if self.memory_weight is not None:  # a window: the memory's part of the output x factor
+            with torch.no_grad():
+                self.memory_weight.mul_(factor.to(self.memory_weight))
+            return
         self.feature_map.scale_features(factor.sqrt())  # phi(q), phi(k) x sqrt(factor): the output x factor
+
+    def calibration_factor(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, o: Tensor, target: Tensor
+    ) -> Tensor:
+        """With a window, the factor on alpha_h that fits the output to `target` by least squares, per head:
+        o = o_win + c m with m the memory's part now, c = <m, target - o_win> / <m, m> (1 where m is zero: no
+        token has left the window)."""
+        if self.memory_weight is None:
+            return super().calibration_factor(q, k, v, x, o, target)
+        o_window, _, read, _ = self._window_parts(q, k, v, x, None, False, None)
+        dtype = accumulation_dtype(read.dtype)
+        memory = self.memory_weight.to(dtype)[:, None] * self.normalizer.output(
+            read.to(dtype)
+        )  # (B, T, H, D)
+        residual = target.to(dtype) - o_window.to(dtype)
+        dims = (0, 1, 3)
+        energy = memory.square().sum(dims)  # (H,)
+        fit = (memory * residual).sum(dims) / energy.clamp_min(1e-30)
+        return torch.where(energy > 0, fit, torch.ones_like(fit))
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.
