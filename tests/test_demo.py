@@ -48,6 +48,7 @@ def test_demo_pretrains_converts_finetunes_and_prints_the_table(
         "DFW, right after conversion",
         "DFW, after attention transfer",
         "DFW, fine-tuned",
+        "DFW with a 16-token window, fine-tuned",
     ]
     reference = float(rows[1][1])  # softmax with the same fine-tuning budget as DFW
     for _, ppl, share in rows:
