@@ -173,13 +173,19 @@ def sliding_window_attention(
     diagonal[:, front : front + block] = torch.eye(block, dtype=torch.bool, device=q.device)
     allowed = band & (keys[:, None, :, None, :] | diagonal)  # (B, 1, n, b, span)
     if not with_lse:
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale)  # (B, H, n, b, Dv)
+        # As 4D batches of blocks [B, H n, *], the layout SDPA's fused kernels take.
+        flat = lambda t: t.reshape(B, H * blocks, *t.shape[-2:])
+        mask = flat(allowed.expand(B, H, blocks, block, span))  # (B, H n, b, span)
+        o = F.scaled_dot_product_attention(flat(qb), flat(kb), flat(vb), attn_mask=mask, scale=scale)
         lse = None
     else:
-        scores = (qb @ kb.transpose(-1, -2)) * scale  # (B, H, n, b, span)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        lse = scores.logsumexp(-1, keepdim=True)  # (B, H, n, b, 1)
-        o = torch.exp(scores - lse) @ vb  # (B, H, n, b, Dv)
+        # In float32 (float64 for float64 inputs), autocast off: the log-sum-exp meets the memory's sums.
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            scores = (qb.to(dtype) @ kb.to(dtype).transpose(-1, -2)) * scale  # (B, H, n, b, span)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            lse = scores.logsumexp(-1, keepdim=True)  # (B, H, n, b, 1)
+            o = torch.exp(scores - lse) @ vb.to(dtype)  # (B, H, n, b, Dv)
         lse = lse.reshape(B, H, blocks * block)[:, :, :L].transpose(1, 2)  # (B, L, H)
     o = o.reshape(B, H, blocks * block, -1)[:, :, :L].transpose(1, 2)  # (B, L, H, Dv)
     return o, lse
