@@ -81,7 +81,8 @@ class TrainingInterrupted(Exception):
 
 
 def _disk_full(err: BaseException | None) -> bool:
-    """Whether `err` or an exception behind it is ENOSPC / EDQUOT (torch's zip writer wraps it in a RuntimeError)."""
+    """Whether `err` or an exception behind it is ENOSPC / EDQUOT (torch's zip writer wraps it in a
+    RuntimeError)."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -101,7 +102,8 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save(obj, path) through a temporary file beside `path`: `path` is the old file or the whole new one."""
+    """torch.save(obj, path) through a temporary file beside `path`: `path` is the old file or the whole new
+    one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -118,8 +120,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         if _disk_full(err):
             raise CheckpointWriteError(
-                f"no space left writing {path} (the previous file there, if any, is intact); free some disk space "
-                "and resume from the last checkpoint"
+                f"no space left writing {path} (the previous file there, if any, is intact); free some disk "
+                "space and resume from the last checkpoint"
             ) from None
         raise
     try:  # make the rename itself durable
@@ -194,7 +196,8 @@ def _signal_number(name: Any) -> int:
         return int(signal.Signals[str(name)]) if not isinstance(name, int) else int(signal.Signals(name))
     except (KeyError, ValueError):
         raise ConfigError(
-            f"callbacks.last_checkpoint.stop_signals: {name!r} is not a signal; use names such as SIGTERM or SIGUSR1"
+            f"callbacks.last_checkpoint.stop_signals: {name!r} is not a signal; use names such as SIGTERM or "
+            "SIGUSR1"
         ) from None
 
 
@@ -283,8 +286,9 @@ class LatestCheckpoint(Checkpoint):
         self._restore_handlers()
         stops = isinstance(exception, SIGTERMException) and signal.SIGTERM in self.stop_signals
         if stops and trainer.state.fn == "fit" and self.interrupted is None:
-            # Lightning stops a validation that a SIGTERM interrupts (the training step before it is complete):
-            # the state is written there, and a resume goes back to finish the validation (Lightning's restart).
+            # Lightning stops a validation that a SIGTERM interrupts (the training step before it is
+            # complete): the state is written there, and a resume goes back to finish the validation
+            # (Lightning's restart).
             try:
                 self._stop(trainer, signal.SIGTERM)
             except TrainingInterrupted:
@@ -322,8 +326,9 @@ class LatestCheckpoint(Checkpoint):
             and self._existing_step > trainer.global_step
         ):
             raise CheckpointWriteError(
-                f"{self.path} holds step {self._existing_step}, later than this run's step {trainer.global_step}, and "
-                "this run did not write it: not overwritten; resume from it, or run in another folder"
+                f"{self.path} holds step {self._existing_step}, later than this run's step "
+                f"{trainer.global_step}, and this run did not write it: not overwritten; resume from it, or "
+                "run in another folder"
             )
         trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = trainer.global_step
@@ -382,7 +387,8 @@ class ValidateLastStep(Callback):
 class CrashCheckpoint(Callback):
     """`<dirpath>/<filename>.ckpt` after an unexpected exception in training (see the module docstring)."""
 
-    # Exceptions after which no crash checkpoint is written: their state is already saved or is not worth saving.
+    # Exceptions after which no crash checkpoint is written: their state is already saved or is not worth
+    # saving.
     SKIP = (
         TrainingInterrupted,
         SIGTERMException,
@@ -431,7 +437,8 @@ class CrashCheckpoint(Callback):
             return
         self.written.append(path)
         log.warning(
-            "training failed at step %d: wrote %s (taken mid-step; resume from last.ckpt for an exact resume)",
+            "training failed at step %d: wrote %s (taken mid-step; resume from last.ckpt for an exact "
+            "resume)",
             trainer.global_step,
             path,
         )
@@ -463,8 +470,8 @@ class StopOnNonFiniteLoss(Callback):
         if bad:
             name, value = sorted(bad.items())[0]
             raise NonFiniteLossError(
-                f"{name} is {value} at step {trainer.global_step}: training stopped and nothing was written after it; "
-                f"{self._kept(trainer)}. Lower module.optimizer.lr or check the data"
+                f"{name} is {value} at step {trainer.global_step}: training stopped and nothing was written "
+                f"after it; {self._kept(trainer)}. Lower module.optimizer.lr or check the data"
             )
 
     def on_train_batch_end(
@@ -476,6 +483,7 @@ class StopOnNonFiniteLoss(Callback):
         kept = self._kept(trainer)
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         raise NonFiniteLossError(
-            f"train/loss is {float(loss.detach().float().mean())} at step {trainer.global_step} (lr {lr:.3g}): training "
-            f"stopped and nothing was written after it; {kept}. Lower module.optimizer.lr or check the data"
+            f"train/loss is {float(loss.detach().float().mean())} at step {trainer.global_step} (lr "
+            f"{lr:.3g}): training stopped and nothing was written after it; {kept}. Lower "
+            "module.optimizer.lr or check the data"
         )

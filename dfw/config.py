@@ -20,8 +20,8 @@ def budget_left(budget_steps: int | None, transfer_steps: int) -> int:
 
     if budget_steps is None:
         raise ConfigError(
-            "recipes (conf/recipe/) split budget_steps, the optimizer steps of transfer and fine-tuning together, "
-            "between their stages; set budget_steps=<steps>, e.g. budget_steps=400"
+            "recipes (conf/recipe/) split budget_steps, the optimizer steps of transfer and fine-tuning "
+            "together, between their stages; set budget_steps=<steps>, e.g. budget_steps=400"
         )
     if not 0 <= transfer_steps < budget_steps:
         raise ConfigError(

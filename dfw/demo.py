@@ -89,7 +89,8 @@ DFW_WINDOW = [*DFW, f"attention.window={WINDOW}"]
 def finetune(
     teacher_dir: Path, attention: list[str], overrides: list[str], run_dir: Path
 ) -> dict[str, float]:
-    """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune, test."""
+    """Stages 2 and 3: convert the teacher (or not, for softmax), validate it as converted, fine-tune,
+    test."""
     common = [
         "experiment=demo_finetune",
         *attention,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     dfw = run_or_exit(finetune, teacher_dir, DFW, student_overrides, run_dir, logger=log)
     dfw_window = run_or_exit(finetune, teacher_dir, DFW_WINDOW, student_overrides, run_dir, logger=log)
     log.info(
-        "DFW with a %d-token window: validation ppl %.2f right after conversion, %.2f after attention transfer",
+        "DFW with a %d-token window: validation ppl %.2f right after conversion, %.2f after transfer",
         WINDOW,
         dfw_window["val/ppl_converted"],
         dfw_window["val/ppl_transfer"],

@@ -95,7 +95,8 @@ def check_config_choices(config_dir: Path, arguments: Sequence[str]) -> None:
         for option in value.split(","):  # a multirun sweeps a comma-separated list
             if option not in ("null", "") and option not in options:
                 print(
-                    f"error: {key}={option} is not an option of {key}; use one of {', '.join(options)} (conf/{key}/)",
+                    f"error: {key}={option} is not an option of {key}; use one of {', '.join(options)} "
+                    f"(conf/{key}/)",
                     file=sys.stderr,
                 )
                 sys.exit(2)

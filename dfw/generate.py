@@ -50,7 +50,8 @@ def is_converted(net: torch.nn.Module) -> bool:
 
 
 class _Clock(BaseStreamer):
-    """Times generation from the first new token on (decode speed, without the prompt), optionally printing."""
+    """Times generation from the first new token on (decode speed, without the prompt), optionally
+    printing."""
 
     def __init__(self, printer: TextStreamer | None = None):
         self.printer, self.calls, self.first_token_at, self.end_at = printer, 0, None, None
@@ -137,8 +138,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     prompt_length = batch["input_ids"].shape[1]
     if prompt_length >= net.config.n_positions:
         raise ConfigError(
-            f"the prompt is {prompt_length} tokens, which leaves none of the model's {net.config.n_positions} learned "
-            "positions for new tokens; shorten it"
+            f"the prompt is {prompt_length} tokens, which leaves none of the model's "
+            f"{net.config.n_positions} learned positions for new tokens; shorten it"
         )
     if prompt_length + cfg.max_new_tokens > net.config.n_positions:
         raise ConfigError(
@@ -182,9 +183,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "decode_step": _decode_step_used(cache),
     }
     print(
-        f"\n[{new_tokens} new tokens, batch {output.shape[0]}, {device.type} {str(dtype).removeprefix('torch.')}: "
-        f"{result['tokens_per_second']:.1f} tokens/s decoding; {result['cache']}: "
-        f"{result['cache_bytes'] / 2**20:.2f} MiB after {result['positions']} positions; "
+        f"\n[{new_tokens} new tokens, batch {output.shape[0]}, {device.type} "
+        f"{str(dtype).removeprefix('torch.')}: {result['tokens_per_second']:.1f} tokens/s decoding; "
+        f"{result['cache']}: {result['cache_bytes'] / 2**20:.2f} MiB after {result['positions']} positions; "
         f"decode step: {result['decode_step']}]"
     )
     return result

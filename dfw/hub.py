@@ -71,6 +71,7 @@ def check_hub_or_cache(repo_id: str, option: str) -> None:
     reason = hub_unreachable()
     if reason is not None:
         raise ConfigError(
-            f"{option}={repo_id!r}: could not load it from the Hugging Face hub or its local cache ({reason}). "
-            f"Download it once with network access (it is then cached), or pass {option}=<local directory>"
+            f"{option}={repo_id!r}: could not load it from the Hugging Face hub or its local cache "
+            f"({reason}). Download it once with network access (it is then cached), or pass "
+            f"{option}=<local directory>"
         )

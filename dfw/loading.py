@@ -62,7 +62,8 @@ def load_model(source: str, option: str = "model") -> LoadedModel:
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise ConfigError(
-                f"{option}={source!r}: no such checkpoint; pass an existing .ckpt (e.g. <run>/checkpoints/last.ckpt)"
+                f"{option}={source!r}: no such checkpoint; pass an existing .ckpt (e.g. "
+                "<run>/checkpoints/last.ckpt)"
             )
         return _from_checkpoint(path, option)
     attention = saved_attention(path) if path.is_dir() else None
@@ -181,7 +182,8 @@ def load_exported(directory: str | Path) -> GPT2LMHeadModel:
             return load_file(str(weights))
         except Exception as err:
             raise ConfigError(
-                f"{weights}: cannot be read, it may be truncated or corrupt ({error_summary(err)}); export it again"
+                f"{weights}: cannot be read, it may be truncated or corrupt ({error_summary(err)}); export "
+                "it again"
             ) from None
 
     return _rebuild(net, attention, str(directory / ATTENTION_FILE), read_weights, str(directory))
@@ -232,12 +234,14 @@ def read_checkpoint(path: str | Path, option: str, mmap: bool = False) -> dict[s
         elif "weights_only" in str(err) or "Weights only load failed" in str(err):
             reason = "it is not a checkpoint file (unreadable as one: damaged, or something else)"
         raise ConfigError(
-            f"{option}={str(path)!r} cannot be loaded as a checkpoint ({reason}); pass a .ckpt written by dfw.train "
-            "(a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or best-*.ckpt)"
+            f"{option}={str(path)!r} cannot be loaded as a checkpoint ({reason}); pass a .ckpt written by "
+            "dfw.train (a truncated file cannot be repaired: use another checkpoint, e.g. last.ckpt or "
+            "best-*.ckpt)"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(
-            f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by dfw.train"
+            f"{option}={str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by "
+            "dfw.train"
         )
     return checkpoint
 

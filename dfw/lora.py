@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def apply_lora(net: nn.Module, lora: Any) -> nn.Module:
-    """`net` with LoRA adapters per the config node `lora` (rank, alpha, dropout, targets); rank 0: `net` itself."""
+    """`net` with LoRA adapters per the config node `lora` (rank, alpha, dropout, targets); rank 0: `net`
+    itself."""
     if not lora or not lora.rank:
         return net
     from peft import LoraConfig, get_peft_model

@@ -52,8 +52,8 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
             if saved.get("name") != attention.get("name"):
                 raise ConfigError(
                     f"model.pretrained={model.pretrained!r} was converted to attention={saved.get('name')}, "
-                    f"not attention={attention.get('name')}; pass attention={saved.get('name')} or start from a "
-                    "softmax checkpoint"
+                    f"not attention={attention.get('name')}; pass attention={saved.get('name')} or start "
+                    "from a softmax checkpoint"
                 )
             return load_exported(model.pretrained)
         net = from_pretrained(str(model.pretrained))
@@ -63,8 +63,8 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
         net = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, **fields))
     if net.config.vocab_size < vocab_size:
         raise ConfigError(
-            f"model.tokenizer has {vocab_size} tokens but the model's vocabulary has {net.config.vocab_size}; "
-            "use the model's own tokenizer (model.tokenizer)"
+            f"model.tokenizer has {vocab_size} tokens but the model's vocabulary has "
+            f"{net.config.vocab_size}; use the model's own tokenizer (model.tokenizer)"
         )
     convert_attention(net, core_factory(attention))
     return net

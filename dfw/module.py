@@ -22,7 +22,8 @@ class LanguageModel(L.LightningModule):
         net: a GPT2LMHeadModel (converted by `dfw.surgery`).
         optimizer: partial optimizer (Hydra `_partial_: true`), finished here with the parameter groups.
         scheduler: partial LR schedule taking the optimizer, stepped every optimizer step.
-        run_config: the resolved run config (hparams["config"]), stored in checkpoints so a checkpoint rebuilds its model.
+        run_config: the resolved run config (hparams["config"]), stored in checkpoints so a checkpoint
+        rebuilds its model.
     """
 
     def __init__(

@@ -31,8 +31,8 @@ def config_dir() -> Path:
         if (candidate / "train.yaml").is_file():
             return candidate
     raise FileNotFoundError(
-        f"dfw's configs are missing: neither {_PACKAGE / 'conf'} (a wheel install) nor {_PACKAGE.parent / 'conf'} "
-        "(a clone) holds train.yaml; reinstall dfw"
+        f"dfw's configs are missing: neither {_PACKAGE / 'conf'} (a wheel install) nor "
+        f"{_PACKAGE.parent / 'conf'} (a clone) holds train.yaml; reinstall dfw"
     )
 
 

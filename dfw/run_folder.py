@@ -91,8 +91,8 @@ def acquire(folder: str | Path) -> bool:
         os.close(fd)
         if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise RunFolderBusy(
-                f"{folder} is in use by another run ({_describe(info)}): wait for it to end, or write this run "
-                "elsewhere (hydra.run.dir=<new folder> or paths.output_dir=<new folder>)"
+                f"{folder} is in use by another run ({_describe(info)}): wait for it to end, or write this "
+                "run elsewhere (hydra.run.dir=<new folder> or paths.output_dir=<new folder>)"
             ) from None
         raise ConfigError(
             f"cannot lock {folder / LOCK_FILE} ({err.strerror}); run in a folder on a file system with locks"
@@ -211,8 +211,8 @@ class RunFolderCallback(Callback):
             busy = holder(run_dir)
             if busy is not None:
                 _exit_with(
-                    f"{run_dir} is in use by another run ({_describe(busy)}): wait for it to end, or write this "
-                    "run elsewhere (hydra.run.dir=<new folder>)"
+                    f"{run_dir} is in use by another run ({_describe(busy)}): wait for it to end, or write "
+                    "this run elsewhere (hydra.run.dir=<new folder>)"
                 )
         with read_write(config.hydra), open_dict(config.hydra):
             if config.hydra.output_subdir is not None:

@@ -94,7 +94,8 @@ def resolve_own_class(target: Any, base: type, where: str) -> type:
 def check_options(
     cls: Callable, options: Mapping[str, Any], where: str, ignore: frozenset = DESCRIPTIVE_KEYS
 ) -> None:
-    """Every key of `options` is an argument of `cls` (a class or callable), else one ConfigError naming it."""
+    """Every key of `options` is an argument of `cls` (a class or callable), else one ConfigError naming
+    it."""
     parameters = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return

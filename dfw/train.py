@@ -75,7 +75,8 @@ def _progress(stage: str | None, step: int) -> tuple[bool, int]:
 def _later_state(
     folder: Path, stage: str | None, step: int, resumed: Path | None = None
 ) -> tuple[Path, int] | None:
-    """A latest-state file in `folder` (other than `resumed`) that is further on than (stage, step), if any."""
+    """A latest-state file in `folder` (other than `resumed`) that is further on than (stage, step), if
+    any."""
     for name, file_stage in LATEST_FILES.items():
         path = folder / name
         if path.is_file() and (resumed is None or not path.samefile(resumed)):
@@ -132,8 +133,9 @@ def _check_fresh_folder(cfg: DictConfig) -> None:
         path = folder / name if folder is not None else None
         if path is not None and path.is_file():
             raise ConfigError(
-                f"{path} exists (step {checkpoint_step(path)}) from an earlier run in this folder: resume it with "
-                f"ckpt_path={path}, or start this run in a new folder (hydra.run.dir=... or paths.output_dir=...)"
+                f"{path} exists (step {checkpoint_step(path)}) from an earlier run in this folder: resume it "
+                f"with ckpt_path={path}, or start this run in a new folder (hydra.run.dir=... or "
+                "paths.output_dir=...)"
             )
 
 
@@ -158,15 +160,17 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
     differ = _differences(stored["attention"], requested, "attention", keys)
     if differ:
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r} was trained with other attention options ({'; '.join(differ)}); resume "
-            f"with the checkpoint's options (attention={stored['attention'].get('name')} ...) or start a new run"
+            f"ckpt_path={cfg.ckpt_path!r} was trained with other attention options ({'; '.join(differ)}); "
+            f"resume with the checkpoint's options (attention={stored['attention'].get('name')} ...) or "
+            "start a new run"
         )
     step = int(state.get("global_step", 0))
     stage = state.get(STAGE_KEY, "finetune")
     if stage != "transfer" and step >= cfg.trainer.max_steps:  # (a transfer step is not a fine-tuning step)
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r} is already at step {step} and trainer.max_steps={cfg.trainer.max_steps}: "
-            "nothing left to train; raise trainer.max_steps to train further"
+            f"ckpt_path={cfg.ckpt_path!r} is already at step {step} and "
+            f"trainer.max_steps={cfg.trainer.max_steps}: nothing left to train; raise trainer.max_steps to "
+            "train further"
         )
     # Checkpoints never go back in time: beside the resumed file, unless a later state is there.
     target = ckpt.parent
@@ -179,9 +183,9 @@ def _resume_settings(cfg: DictConfig) -> dict[str, Any]:
             or _later_state(own, stage, step, ckpt) is not None
         ):
             raise ConfigError(
-                f"ckpt_path={cfg.ckpt_path!r} is at step {step}, but {later[0]} holds a later state (step {later[1]}) "
-                f"that resuming there would overwrite; resume from {later[0]}, or give this run a new folder "
-                "(paths.output_dir=<new folder>)"
+                f"ckpt_path={cfg.ckpt_path!r} is at step {step}, but {later[0]} holds a later state (step "
+                f"{later[1]}) that resuming there would overwrite; resume from {later[0]}, or give this run "
+                "a new folder (paths.output_dir=<new folder>)"
             )
         log.warning(
             "ckpt_path=%s is at step %d, but %s holds a later state (step %d): this run writes its "
@@ -227,13 +231,15 @@ def _check_resumed_data(cfg: DictConfig, resumed: dict[str, Any], datamodule: An
     for split, digest in current["tokens_sha256"].items():
         if stored_tokens.get(split) != digest:
             differ.append(
-                f"the {split} split's text is not the checkpoint's (data.corpus={current['corpus']}, corpus fingerprint "
-                f"{str(stored.get('corpus_fingerprint'))[:60]!r} then, {str(current['corpus_fingerprint'])[:60]!r} now)"
+                f"the {split} split's text is not the checkpoint's (data.corpus={current['corpus']}, corpus "
+                f"fingerprint {str(stored.get('corpus_fingerprint'))[:60]!r} then, "
+                f"{str(current['corpus_fingerprint'])[:60]!r} now)"
             )
     accumulate = ((resumed.get("config") or {}).get("trainer") or {}).get("accumulate_grad_batches")
     if accumulate is not None and accumulate != cfg.trainer.accumulate_grad_batches:
         differ.append(
-            f"trainer.accumulate_grad_batches: checkpoint {accumulate}, requested {cfg.trainer.accumulate_grad_batches}"
+            f"trainer.accumulate_grad_batches: checkpoint {accumulate}, requested "
+            f"{cfg.trainer.accumulate_grad_batches}"
         )
     if not differ:
         return
@@ -243,8 +249,9 @@ def _check_resumed_data(cfg: DictConfig, resumed: dict[str, Any], datamodule: An
         )
         return
     raise ConfigError(
-        f"ckpt_path={cfg.ckpt_path!r} was trained on other data ({'; '.join(differ)}), so the resumed data order "
-        "would not continue it; resume with the checkpoint's data options, or pass resume.allow_data_change=true"
+        f"ckpt_path={cfg.ckpt_path!r} was trained on other data ({'; '.join(differ)}), so the resumed data "
+        "order would not continue it; resume with the checkpoint's data options, or pass "
+        "resume.allow_data_change=true"
     )
 
 
@@ -270,8 +277,8 @@ def _check_output_locations(cfg: DictConfig) -> None:
             exported = False
         if any(export_dir.iterdir()) and not exported:
             raise ConfigError(
-                f"export_dir={str(export_dir)!r} holds files that are not a model exported by dfw; choose another "
-                "folder (or empty it), or export_dir=null for no export"
+                f"export_dir={str(export_dir)!r} holds files that are not a model exported by dfw; choose "
+                "another folder (or empty it), or export_dir=null for no export"
             )
 
 
@@ -279,8 +286,8 @@ def _check_resumed_model(cfg: DictConfig, stored: dict[str, Any], net: Any) -> N
     differ = _differences(stored, net.config.to_dict(), "model", ARCHITECTURE_FIELDS)
     if differ:
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r} holds another model ({'; '.join(differ)}); resume with the model it was "
-            "trained with or start a new run"
+            f"ckpt_path={cfg.ckpt_path!r} holds another model ({'; '.join(differ)}); resume with the model "
+            "it was trained with or start a new run"
         )
 
 
@@ -302,7 +309,8 @@ def _check_sizes(cfg: DictConfig, net: Any) -> None:
     if cfg.data.block_size > n_positions:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} is longer than the model's context "
-            f"({n_positions} learned positions of model={cfg.model.name}); lower data.block_size to at most {n_positions}"
+            f"({n_positions} learned positions of model={cfg.model.name}); lower data.block_size to at most "
+            f"{n_positions}"
         )
 
 
@@ -422,8 +430,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     if in_multirun() and trainer.num_devices > 1 and "SLURM_JOB_ID" not in os.environ:
         raise ConfigError(
-            f"trainer.devices={trainer.num_devices} inside a -m sweep: Lightning would start the whole sweep again in "
-            "every process; run multi-GPU jobs one at a time, or sweep through hydra/launcher=slurm"
+            f"trainer.devices={trainer.num_devices} inside a -m sweep: Lightning would start the whole sweep "
+            "again in every process; run multi-GPU jobs one at a time, or sweep through hydra/launcher=slurm"
         )
     # Every check has passed: from here on the run owns its folders (one run per folder) and writes into them.
     with run_folder.locked([cfg.paths.output_dir, *_checkpoint_dirs(cfg).values()]):
@@ -443,7 +451,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ):
                 metrics.update(evaluation.run(merged(module.net), trainer.loggers, step=trainer.global_step))
         except SIGTERMException:
-            # Lightning's own stop for a SIGTERM that came outside a training step (in a validation or the test).
+            # Lightning's own stop for a SIGTERM that came outside a training step (in a validation or the
+            # test).
             latest = next((c for c in callbacks if isinstance(c, LatestCheckpoint)), None)
             if latest is not None and latest.interrupted is not None:
                 raise latest.interrupted from None
@@ -482,7 +491,8 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def main() -> float | None:
-    """`python -m dfw.train` and `dfw-train`: a config group option that does not exist is one line, exit 2."""
+    """`python -m dfw.train` and `dfw-train`: a config group option that does not exist is one line,
+    exit 2."""
     check_config_choices(config_dir(), sys.argv[1:])
     return _run()
 

@@ -28,8 +28,8 @@ parameters it trains (`transfer_parameters`), the attention weights the teacher 
 
 `run_transfer` is the stage `dfw.train` runs between validating the converted model and fine-tuning:
 a Trainer of its own (the run's trainer settings, `transfer.steps` steps), logging `transfer/loss` and
-`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`, `dfw.loading.STAGE_KEY`) that
-`ckpt_path=` resumes inside the stage.
+`transfer/loss_layer<i>`, and checkpoints `transfer-last.ckpt` (tagged `dfw_stage: transfer`,
+`dfw.loading.STAGE_KEY`) that `ckpt_path=` resumes inside the stage.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ LOSSES = ("output_mse", "attention_ce")
 
 
 def new_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters the stage trains, by name: what each converted layer's core names (`transfer_parameters`)."""
+    """The parameters the stage trains, by name: what each converted layer's core names
+    (`transfer_parameters`)."""
     own = {id(p) for layer in converted_layers(net) for p in layer.core.transfer_parameters()}
     return {name: p for name, p in net.named_parameters() if id(p) in own}
 
@@ -247,7 +248,8 @@ def run_transfer(
         changed = calibrate_output_scale(net, batch) > 0
         if not changed:
             log.info(
-                "transfer.calibrate: no core with a linear feature map and no normaliser (DFW); nothing to calibrate"
+                "transfer.calibrate: no core with a linear feature map and no normaliser (DFW); nothing to "
+                "calibrate"
             )
     if transfer.steps == 0:
         return changed
@@ -258,8 +260,9 @@ def run_transfer(
         layer.core.has_attention_weights for layer in converted_layers(net)
     ):
         raise ConfigError(
-            "transfer.loss=attention_ce needs kernel attention weights (update_rule=add with normalization=denominator, "
-            "e.g. attention=hedgehog, linear or t2r); use transfer.loss=output_mse for this attention"
+            "transfer.loss=attention_ce needs kernel attention weights (update_rule=add with "
+            "normalization=denominator, e.g. attention=hedgehog, linear or t2r); use "
+            "transfer.loss=output_mse for this attention"
         )
     log.info(
         "attention transfer: %d steps, loss %s, %s new parameters trained, every other weight frozen",

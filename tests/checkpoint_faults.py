@@ -1,4 +1,5 @@
-"""Faults injected into a real training run (added as `+callbacks.<name>._target_=tests.checkpoint_faults.<Class>`).
+"""Faults injected into a real training run (added as
+`+callbacks.<name>._target_=tests.checkpoint_faults.<Class>`).
 
 Each fires during the optimizer step that takes the run from `step - 1` to `step` (before the update), so
 the fault lands mid-step, between checkpoints.
@@ -58,7 +59,8 @@ class SignalAtStep(_AtStep):
 
 
 class NaNValidationAtStep(Callback):
-    """The validation after `step` computes NaN logits (a model whose evaluation diverged; training is finite)."""
+    """The validation after `step` computes NaN logits (a model whose evaluation diverged; training is
+    finite)."""
 
     def __init__(self, step: int):
         self.step, self.hook = step, None

@@ -80,7 +80,7 @@ def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
     )
 
 
-# --- Tiny models ----------------------------------------------------------------------------------------------
+# --- Tiny models --------------------------------------------------------------------------------------------
 
 GPT2_VOCAB = 50257  # data=text uses GPT-2's tokenizer (model.tokenizer=gpt2)
 
@@ -109,7 +109,7 @@ class VocabTokenizer:
         return self.size
 
 
-# --- A tiny run of the real pipeline -------------------------------------------------------------------------
+# --- A tiny run of the real pipeline ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

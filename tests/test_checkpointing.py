@@ -325,7 +325,8 @@ def test_last_ckpt_is_the_latest_state_and_a_full_disk_keeps_it(tmp_path, text_f
     errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: no space left writing "), errors
     checkpoints = tmp_path / "run" / "checkpoints"
-    # last.ckpt is the latest state written (step 4), not the best (step 2: val/ppl rose at step 4), and intact.
+    # last.ckpt is the latest state written (step 4), not the best (step 2: val/ppl rose at step 4), and
+    # intact.
     assert _load(checkpoints / "last.ckpt")["global_step"] == 4
     assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-step2.ckpt"]
     assert not list(checkpoints.glob("on-exception*")) and not list(checkpoints.glob(".*.tmp"))

@@ -1,4 +1,5 @@
-"""`debug=fast` and `debug=overfit` run as their names say: offline, on CPU, standalone, through the real CLI."""
+"""`debug=fast` and `debug=overfit` run as their names say: offline, on CPU, standalone, through the real
+CLI."""
 
 from __future__ import annotations
 

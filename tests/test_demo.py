@@ -1,5 +1,5 @@
-"""`python -m dfw.demo` end to end on a tiny budget: pretrain the teacher, cache it, fine-tune it as softmax and
-as DFW, print the table; a second run reuses the cached teacher.
+"""`python -m dfw.demo` end to end on a tiny budget: pretrain the teacher, cache it, fine-tune it as softmax
+and as DFW, print the table; a second run reuses the cached teacher.
 
 Hermetic: the cache (teacher, tokenizer, tokens) is a temporary directory ($DFW_CACHE), the corpus is the
 session's text files instead of the Shakespeare download (tests/data covers that corpus), and the seed is the

@@ -143,6 +143,7 @@ def test_a_prompt_longer_than_the_context_says_to_shorten_it(exported_tiny):
     directory, _ = exported_tiny
     with pytest.raises(
         ConfigError,
-        match=r"the prompt is \d+ tokens, which leaves none of the model's 96 learned positions for new tokens; shorten it",
+        match=r"the prompt is \d+ tokens, which leaves none of the model's 96 learned positions for new "
+        r"tokens; shorten it",
     ):
         generate(generate_cfg(directory, "prompt='" + "word " * 200 + "'", "max_new_tokens=1", "device=cpu"))

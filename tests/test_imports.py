@@ -1,4 +1,5 @@
-"""No import cycle among dfw's modules (nor dfw_kernels'): each module can be read, and changed, after what it uses.
+"""No import cycle among dfw's modules (nor dfw_kernels'): each module can be read, and changed, after what
+it uses.
 
 Every import statement counts, at module level or inside a function (a lazy import hides a cycle, it does
 not remove it), except those under `if TYPE_CHECKING:`. Importing `a.b.c` counts as an edge to `a.b.c`

@@ -1,4 +1,5 @@
-"""`dfw.loading.load_model`: every kind of source becomes the model it holds, with what it says about itself."""
+"""`dfw.loading.load_model`: every kind of source becomes the model it holds, with what it says about
+itself."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""dfw installs as a package: the configs travel with it (`dfw.presets`), console scripts, a user's own configs.
+"""dfw installs as a package: the configs travel with it (`dfw.presets`), console scripts, a user's own
+configs.
 
 The slow test builds an sdist and, from it, the wheel, installs the wheel into a fresh environment (no
 editable install; the dependencies already installed here are seen through a `.pth` line, so it runs

@@ -156,7 +156,8 @@ def test_logits_of_converted_models_directly_and_through_every_loader(tmp_path):
 
 
 def test_an_old_format_export_gives_the_pinned_logits(tmp_path):
-    """Exports written before dfw-gpt2 (model_type gpt2 + dfw_attention.yaml) still load, to the same model."""
+    """Exports written before dfw-gpt2 (model_type gpt2 + dfw_attention.yaml) still load, to the same
+    model."""
     from transformers import GPT2LMHeadModel
 
     from dfw.generate import load_for_generation

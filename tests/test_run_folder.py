@@ -30,7 +30,10 @@ def _tree(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another live run: a process that holds the folder's lock until it is killed."""
-    code = f"import sys, time\nfrom dfw import run_folder\nrun_folder.acquire({str(folder)!r})\nprint('locked', flush=True)\ntime.sleep(600)\n"
+    code = (
+        f"import sys, time\nfrom dfw import run_folder\nrun_folder.acquire({str(folder)!r})\n"
+        "print('locked', flush=True)\ntime.sleep(600)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -125,8 +128,8 @@ def test_cli_an_unwritable_run_folder_is_one_line(tmp_path, text_files):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
-        f"error: hydra.run.dir={str(tmp_path / 'a-file' / 'run')!r}: {tmp_path / 'a-file'} is a file, not a folder; "
-        "choose a writable folder"
+        f"error: hydra.run.dir={str(tmp_path / 'a-file' / 'run')!r}: {tmp_path / 'a-file'} is a file, not a "
+        "folder; choose a writable folder"
     ]
 
 

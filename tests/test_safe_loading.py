@@ -263,7 +263,10 @@ def test_an_export_loads_as_its_own_model_type_through_the_auto_classes(exported
 
 
 def test_without_dfw_transformers_refuses_an_export_naming_its_model_type(exported):
-    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(exported)!r})"
+    code = (
+        "from transformers import AutoModelForCausalLM; "
+        f"AutoModelForCausalLM.from_pretrained({str(exported)!r})"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300

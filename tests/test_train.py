@@ -65,7 +65,8 @@ def test_short_training_run_logs_checkpoints_and_exports(trained_run):
     checkpoint = _checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 4
     assert checkpoint["hyper_parameters"]["config"]["attention"]["name"] == "decay"
-    # The export rebuilds the same model without the training config (every preset: test_attention_presets_train).
+    # The export rebuilds the same model without the training config (every preset:
+    # test_attention_presets_train).
     net = load_exported(run / "model").eval()
     assert type(net.transformer.h[0].attn.core).__name__ == "FastWeightAttention"
 
@@ -156,7 +157,8 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
     assert result.returncode == 2
     presets = ", ".join(_options("attention"))
     assert [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] == [
-        f"error: attention=no_such_attention is not an option of attention; use one of {presets} (conf/attention/)"
+        f"error: attention=no_such_attention is not an option of attention; use one of {presets} "
+        "(conf/attention/)"
     ]
     assert not (tmp_path / "nope").exists()
 

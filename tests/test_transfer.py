@@ -1,4 +1,5 @@
-"""Attention transfer (dfw/transfer.py): teacher forcing, losses, calibration, and the stage through the real config."""
+"""Attention transfer (dfw/transfer.py): teacher forcing, losses, calibration, and the stage through the
+real config."""
 
 from __future__ import annotations
 

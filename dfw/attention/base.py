@@ -87,12 +87,14 @@ class AttentionCore(nn.Module):
 
     @property
     def has_attention_weights(self) -> bool:
-        """Whether the output is `attention_weights(q, k)` applied to v (so transfer.loss=attention_ce applies)."""
+        """Whether the output is `attention_weights(q, k)` applied to v (so transfer.loss=attention_ce
+        applies)."""
         return False
 
     def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
         """The teacher's target of comparison for transfer.loss=attention_ce: the core's own causal attention
-        weights [B, H, T, T] from q, k [B, T, H, D], rows summing to 1 (only where `has_attention_weights`)."""
+        weights [B, H, T, T] from q, k [B, T, H, D], rows summing to 1 (only where
+        `has_attention_weights`)."""
         raise NotImplementedError(f"{type(self).__name__} has no attention weights of its own")
 
     @property
@@ -102,16 +104,20 @@ class AttentionCore(nn.Module):
 
     def scale_output(self, factor: Tensor) -> None:
         """The calibration hook (transfer.calibrate): multiply head h's output by `factor[h]` [H] from now on,
-        through the core's own parameters (so an export carries it). Only where `output_scale_calibratable`."""
+        through the core's own parameters (so an export carries it). Only where
+        `output_scale_calibratable`."""
         raise NotImplementedError(f"{type(self).__name__} has no output scale to calibrate")
 
     def calibration_factor(
         self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, o: Tensor, target: Tensor
     ) -> Tensor:
-        """What transfer.calibrate passes to `scale_output`, fit on one batch: q, k, v [B, T, H, D], x, the core's
-        output o and the softmax output `target` [B, T, H, D] -> [H]. By default the ratio of their RMS per head,
-        the exact fit of an output that scales as a whole; a core whose scale acts on part of its output says so."""
-        rms = lambda t: t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()
+        """What transfer.calibrate passes to `scale_output`, fit on one batch: q, k, v [B, T, H, D], x, the
+        core's output o and the softmax output `target` [B, T, H, D] -> [H]. By default the ratio of their RMS
+        per head, the exact fit of an output that scales as a whole; a core whose scale acts on part of its
+        output says so."""
+        rms = lambda t: (
+            t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()
+        )  # (H,)
         return rms(target) / rms(o).clamp_min(1e-12)  # (H,)
 
 

@@ -5,15 +5,17 @@
 with the state S [B, H, m, D] (key features x values; the paper writes its transpose, D x m). The three
 choices are independent config options (`attention.feature_map`, `.update_rule`, `.normalization`):
 
-    update_rule   add      S_t = S_{t-1} + phi(k_t)^T v_t                                  (Katharopoulos et al. 2020)
-                  gated    S_t = g_t S_{t-1} + (1 - g_t) phi(k_t)^T v_t, g_t = sigmoid(w_h . x_t + b_h)   (RFA, Peng et al. 2021)
-                  delta    S_t = S_{t-1} + beta_t phi(k_t)^T (v_t - phi(k_t) S_{t-1}), beta_t = sigmoid(w_h . x_t + b_h)
-                                                                                           (Schlag et al. 2021)
-                  decay    S_t = diag(f_t) S_{t-1} diag(z_t) + phi(k_t)^T v_t,  f_t = sigmoid(W_f x_t + b_f) in (0,1)^m,
-                                                                    z_t = sigmoid(W_z x_t + b_z) in (0,1)^D  (DFW, Mao 2022)
+    update_rule   add      S_t = S_{t-1} + phi(k_t)^T v_t                      (Katharopoulos et al. 2020)
+                  gated    S_t = g_t S_{t-1} + (1 - g_t) phi(k_t)^T v_t,           (RFA, Peng et al. 2021)
+                              g_t = sigmoid(w_h . x_t + b_h)
+                  delta    S_t = S_{t-1} + beta_t phi(k_t)^T (v_t - phi(k_t) S_{t-1}),   (Schlag et al. 2021)
+                              beta_t = sigmoid(w_h . x_t + b_h)
+                  decay    S_t = diag(f_t) S_{t-1} diag(z_t) + phi(k_t)^T v_t,             (DFW, Mao 2022)
+                              f_t = sigmoid(W_f x_t + b_f) in (0,1)^m, z_t = sigmoid(W_z x_t + b_z) in (0,1)^D
     normalization none         o_t = phi(q_t) S_t / sqrt(D)
                   denominator  o_t = phi(q_t) S_t / max(phi(q_t) . z_t, eps), z_t updated like S_t with v = 1
-                  sum          phi(x) <- phi(x) / max(sum_i phi(x)_i, eps) for queries and keys (Schlag et al. 2021)
+                  sum          phi(x) <- phi(x) / max(sum_i phi(x)_i, eps) for queries and keys
+                                                                                      (Schlag et al. 2021)
 
 x_t is the input of the attention block. Decaying fast weights is `feature_map=linear,
 update_rule=decay, normalization=none`.
@@ -60,12 +62,15 @@ from .window import (
 class FastWeightAttention(AttentionCore):
     """Arguments after `scaling` are the attention config (conf/attention/*.yaml):
 
-    feature_map: a key of FEATURE_MAPS.            update_rule: a key of UPDATE_RULES (add | gated | delta | decay).
-    normalization: a key of NORMALIZATIONS (none | denominator | sum).   state_size: m; null for the map's natural size.
+    feature_map: a key of FEATURE_MAPS.
+    update_rule: a key of UPDATE_RULES (add | gated | delta | decay).
+    normalization: a key of NORMALIZATIONS (none | denominator | sum).
+    state_size: m; null for the map's natural size.
     window: W, exact softmax over the last W tokens beside the memory of the earlier ones (window.py);
         null: no window.
     output_norm: LayerNorm over each head's output (off in the paper).
-    chunk_size: tokens per chunk of the parallel form.   kernel: auto | cuda | torch | triton (the dfw_kernels op).
+    chunk_size: tokens per chunk of the parallel form.
+    kernel: auto | cuda | torch | triton (the dfw_kernels op).
     eps: clamp of the denominator and of feature sums.
     redraw_interval, seed: random feature maps (favor, rff): redraw every N training calls (null: never),
         deterministically from (seed, layer_idx, draw number).
@@ -150,8 +155,8 @@ class FastWeightAttention(AttentionCore):
             self.add_module(name, gate)
         self.gate_names = tuple(gates)
         self.output_norm = nn.LayerNorm(head_dim) if output_norm else None
-        # The window (window.py): GPT-2's score scale, and for a read without a score sum to share, the memory's
-        # weight alpha_h per head, 1 at conversion (why: window.py).
+        # The window (window.py): GPT-2's score scale, and for a read without a score sum to share, the
+        # memory's weight alpha_h per head, 1 at conversion (why: window.py).
         self.window, self.window_scale = window, softmax_scale
         shares_normaliser = self.normalizer.divides_by_score_sum
         self.memory_weight = (
@@ -357,9 +362,9 @@ class FastWeightAttention(AttentionCore):
     def _window_token(
         self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: WindowState, token_mask: Tensor | None
     ) -> tuple[Tensor, Tensor, TokenInputs, list[Tensor], Tensor]:
-        """One token [B, 1, *] and the ring buffer, out of place: (o_window [B, 1, H, D], its lse [B, 1, H], the
-        memory's inputs for this step (the evicted token's write, this token's gates and query), the buffer's
-        tensors after this token, its count)."""
+        """One token [B, 1, *] and the ring buffer, out of place: (o_window [B, 1, H, D], its lse [B, 1, H],
+        the memory's inputs for this step (the evicted token's write, this token's gates and query), the
+        buffer's tensors after this token, its count)."""
         B, _, H, D = q.shape
         W = self.window
         assert W is not None
@@ -430,8 +435,9 @@ class FastWeightAttention(AttentionCore):
     # -- Attention transfer (AttentionCore's interface) ---------------------------------------------------
     @property
     def has_attention_weights(self) -> bool:
-        # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its scores' sum.
-        # With a window, the shared normaliser: exp(s_tj) in the window, phi(q_t) . phi(k_j) before it.
+        # o_t = sum_j (phi(q_t) . phi(k_j)) v_j / sum_j phi(q_t) . phi(k_j): a plain sum, divided by its
+        # scores' sum. With a window, the shared normaliser: exp(s_tj) in the window, phi(q_t) . phi(k_j)
+        # before it.
         return self.rule.plain_sum and self.normalizer.divides_by_score_sum and self.output_norm is None
 
     def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:
@@ -443,9 +449,8 @@ class FastWeightAttention(AttentionCore):
         if self.window is not None:
             distance = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]
             in_window = (distance >= 0) & (distance < self.window)  # (T, T)
-            before = (distance >= self.window) & (
-                scores > 0
-            )  # (B, H, T, T): the memory's tokens (kernel > 0)
+            # (B, H, T, T): the memory's tokens (where the kernel is positive)
+            before = (distance >= self.window) & (scores > 0)
             log_kernel = torch.where(before, torch.where(before, scores, 1.0).log(), float("-inf"))
             softmax_scores = torch.einsum("bihd,bjhd->bhij", q, k) * self.window_scale  # (B, H, T, T)
             return torch.where(in_window, softmax_scores, log_kernel).softmax(-1)
@@ -454,8 +459,8 @@ class FastWeightAttention(AttentionCore):
 
     @property
     def output_scale_calibratable(self) -> bool:
-        # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it by c^2.
-        # With a window, the memory's weight alpha_h scales the memory's part of the output exactly.
+        # Without a normaliser (and output norm) the output is bilinear in phi: scaling phi by c scales it
+        # by c^2. With a window, the memory's weight alpha_h scales the memory's part of the output exactly.
         if self.window is not None:
             return self.memory_weight is not None and self.output_norm is None
         return (
@@ -483,9 +488,8 @@ class FastWeightAttention(AttentionCore):
             return super().calibration_factor(q, k, v, x, o, target)
         o_window, _, read, _ = self._window_parts(q, k, v, x, None, False, None)
         dtype = accumulation_dtype(read.dtype)
-        memory = self.memory_weight.to(dtype)[:, None] * self.normalizer.output(
-            read.to(dtype)
-        )  # (B, T, H, D)
+        alpha = self.memory_weight.to(dtype)[:, None]  # (H, 1)
+        memory = alpha * self.normalizer.output(read.to(dtype))  # (B, T, H, D)
         residual = target.to(dtype) - o_window.to(dtype)
         dims = (0, 1, 3)
         energy = memory.square().sum(dims)  # (H,)
@@ -506,9 +510,11 @@ class FastWeightAttention(AttentionCore):
     def extra_repr(self) -> str:
         rule = self.rule.extra_repr()
         return (
-            f"feature_map={self.feature_map_name}, update_rule={self.update_rule}{', ' + rule if rule else ''}, "
-            f"normalization={self.normalization}, state_size={self.state_size}, chunk_size={self.chunk_size}, "
-            f"kernel={self.kernel}{'' if self.window is None else f', window={self.window}'}"
+            f"feature_map={self.feature_map_name}, "
+            f"update_rule={self.update_rule}{', ' + rule if rule else ''}, "
+            f"normalization={self.normalization}, state_size={self.state_size}, "
+            f"chunk_size={self.chunk_size}, kernel={self.kernel}"
+            f"{'' if self.window is None else f', window={self.window}'}"
         )
 
 
@@ -534,6 +540,6 @@ def _check_rule_options(rule_options: dict[str, Any]) -> None:
     unknown = sorted(set(rule_options) - known)
     if unknown:
         raise ConfigError(
-            f"attention has no option {', '.join(unknown)}; remove it (the fast-weight options are the arguments of "
-            f"dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
+            f"attention has no option {', '.join(unknown)}; remove it (the fast-weight options are the "
+            f"arguments of dfw.attention.FastWeightAttention, and the update rules' own: {sorted(known)})"
         )

@@ -35,7 +35,8 @@ FEATURE_MAPS: dict[str, type[FeatureMap]] = {}
 
 
 class FeatureMap(nn.Module, Registered):
-    """Base class. Its capabilities, which decide the normalisations it works with (checked when a core is built):
+    """Base class. Its capabilities, which decide the normalisations it works with (checked when a core is
+    built):
 
     nonnegative: every feature is >= 0, so sums of features are safe to divide by (`normalization=sum`).
     positive_kernel: phi(q) . phi(k) estimates a positive kernel, so a denominator phi(q) . z_t is (close
@@ -43,8 +44,8 @@ class FeatureMap(nn.Module, Registered):
         Fourier features, clamped as in RFA.
     needs_normalization: features are divided by a per-query factor for numerical range, which only a
         normalisation cancels (`normalization=none` is refused).
-    scalable: `scale_features(factor)` multiplies head h's features by factor[h] exactly, through the map's own
-        parameters (transfer.calibrate).
+    scalable: `scale_features(factor)` multiplies head h's features by factor[h] exactly, through the
+        map's own parameters (transfer.calibrate).
     """
 
     registry: ClassVar[dict[str, type[FeatureMap]]] = FEATURE_MAPS
@@ -223,7 +224,8 @@ class RandomFeatureMap(FeatureMap):
 class FavorFeatureMap(RandomFeatureMap):
     """Performer's FAVOR+ (Choromanski et al. 2021): positive orthogonal random features.
 
-        phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),   x' = x / D^{1/4},   E[phi(q) . phi(k)] = exp(q . k / sqrt(D))
+        phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),   x' = x / D^{1/4},
+        E[phi(q) . phi(k)] = exp(q . k / sqrt(D))
 
     W [m, D] per head: blocks of D orthogonal rows (QR of a Gaussian), each row rescaled to the norm of
     a Gaussian vector (chi-distributed), as in the paper. No learned parameters.

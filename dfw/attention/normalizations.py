@@ -2,7 +2,7 @@
 
 A normalisation acts on the features and values of the recurrence, whatever the update rule:
 
-    none         o_t = phi(q_t) S_t / sqrt(D)                                   (the read is scaled like softmax's logits)
+    none         o_t = phi(q_t) S_t / sqrt(D)       (the read is scaled like softmax's logits)
     denominator  o_t = phi(q_t) S_t / max(phi(q_t) . z_t, eps), z_t updated like S_t with v = 1
     sum          phi(x) <- phi(x) / max(sum_i phi(x)_i, eps) for queries and keys   (Schlag et al. 2021)
 
@@ -46,7 +46,8 @@ class Normalization(Registered):
 
     @classmethod
     def check(cls, feature_map: str, feature_maps: Mapping[str, type[FeatureMap]]) -> None:
-        """Raise a ConfigError if the feature map `feature_map` (a key of `feature_maps`) cannot take this one."""
+        """Raise a ConfigError if the feature map `feature_map` (a key of `feature_maps`) cannot take this
+        one."""
 
     def features(self, phi_q: Tensor, phi_k: Tensor) -> tuple[Tensor, Tensor]:
         """Query and key features [B, T, H, m], normalised."""
@@ -91,8 +92,8 @@ class Denominator(Normalization):
     def check(cls, feature_map: str, feature_maps: Mapping[str, type[FeatureMap]]) -> None:
         if not feature_maps[feature_map].positive_kernel:
             raise ConfigError(
-                f"attention.normalization=denominator needs a positive kernel, and feature_map={feature_map} gives "
-                f"signed scores (the denominator crosses 0); use normalization=none or one of "
+                f"attention.normalization=denominator needs a positive kernel, and feature_map={feature_map} "
+                f"gives signed scores (the denominator crosses 0); use normalization=none or one of "
                 f"{_maps_that(lambda cls: cls.positive_kernel, feature_maps)}"
             )
 
@@ -119,9 +120,9 @@ class FeatureSum(Normalization):
     def check(cls, feature_map: str, feature_maps: Mapping[str, type[FeatureMap]]) -> None:
         if not feature_maps[feature_map].nonnegative:
             raise ConfigError(
-                f"attention.normalization=sum needs non-negative features, and feature_map={feature_map} can be "
-                f"negative (its sum can be 0); use feature_map={_maps_that(lambda cls: cls.nonnegative, feature_maps)}, "
-                "or normalization=none"
+                f"attention.normalization=sum needs non-negative features, and feature_map={feature_map} can "
+                "be negative (its sum can be 0); use "
+                f"feature_map={_maps_that(lambda cls: cls.nonnegative, feature_maps)}, or normalization=none"
             )
 
     def features(self, phi_q: Tensor, phi_k: Tensor) -> tuple[Tensor, Tensor]:

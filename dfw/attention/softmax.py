@@ -41,7 +41,8 @@ class SoftmaxAttention(AttentionCore):
         super().__init__()
         if window is not None:
             raise ConfigError(
-                f"attention.window={window!r} applies to the fast-weight presets: attention=softmax already attends "
+                f"attention.window={window!r} applies to the fast-weight presets: attention=softmax already "
+                "attends "
                 "to every token exactly; remove attention.window, or pick a preset such as attention=decay"
             )
         if options:

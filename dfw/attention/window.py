@@ -62,7 +62,8 @@ from torch import Tensor
 
 
 class WindowState(NamedTuple):
-    """The state of a fast-weight core with a window; every tensor has the batch first (`dfw.attention.state`).
+    """The state of a fast-weight core with a window; every tensor has the batch first
+    (`dfw.attention.state`).
 
     Slots are laid out as a ring: the r-th real token of a row (r = 0, 1, ...) sits in slot r mod W, and the
     slots that hold a token are those below `count` (all of them once seen >= W).

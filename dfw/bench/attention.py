@@ -78,7 +78,7 @@ class GPT2SoftmaxCore(nn.Module):
 
 
 def preset_node(spec: str):
-    """`name` or `name+option=value+...`: conf/attention/<name>.yaml with those options set (values as YAML)."""
+    """`name` or `name+option=value+...`: conf/attention/<name>.yaml with those options set (YAML values)."""
     name, *options = spec.split("+")
     node = attention_preset(name)
     for option in options:
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if "decay" in rows and "decay+window=16" in rows:  # issue 19's target: at most 1.3x DFW's step
         window, decay = rows["decay+window=16"], rows["decay"]
         table.notes.append(
-            f"ratio decay+window=16/decay: step time {window['step ms'].median_ms / decay['step ms'].median_ms:.2f}x, "
+            "ratio decay+window=16/decay: step time "
+            f"{window['step ms'].median_ms / decay['step ms'].median_ms:.2f}x, "
             f"saved for backward {window['saved MiB'] / decay['saved MiB']:.1f}x"
         )
     table.print()

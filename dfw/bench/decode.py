@@ -213,7 +213,8 @@ def table(rows: list[Row], title: str, steps: int) -> Table:
 
 
 def summary(rows: list[Row]) -> list[str]:
-    """Flatness of each curve (slowest over fastest context) and softmax over dfw at equal batch and context."""
+    """Flatness of each curve (slowest over fastest context) and softmax over dfw at equal batch and
+    context."""
     lines = []
     for model in dict.fromkeys(r.model for r in rows):
         for batch in dict.fromkeys(r.batch for r in rows):
@@ -226,9 +227,10 @@ def summary(rows: list[Row]) -> list[str]:
             states = {r.state_bytes for r in curve}
             lines.append(
                 f"{model:<12} batch {batch:>3}: ms/token {min(times):.2f} to {max(times):.2f} "
-                f"(slowest / fastest = {max(times) / min(times):.2f}) from {curve[0].context} to {curve[-1].context} tokens; "
-                f"state {'constant' if len(states) == 1 else 'grows'}: "
-                f"{min(states) / curve[0].batch / 2**20:.2f} to {max(states) / curve[0].batch / 2**20:.2f} MiB per sequence"
+                f"(slowest / fastest = {max(times) / min(times):.2f}) from {curve[0].context} to "
+                f"{curve[-1].context} tokens; state {'constant' if len(states) == 1 else 'grows'}: "
+                f"{min(states) / curve[0].batch / 2**20:.2f} to {max(states) / curve[0].batch / 2**20:.2f} "
+                "MiB per sequence"
             )
     fastest = {}
     for r in rows:
@@ -242,7 +244,8 @@ def summary(rows: list[Row]) -> list[str]:
             and r.context == max(x.context for x in rows if x.batch == r.batch and x.model == "softmax")
         ):
             lines.append(
-                f"softmax / fastest dfw at batch {r.batch}, context {r.context}: {r.ms_per_token / fastest[(r.batch, r.context)]:.1f}x"
+                f"softmax / fastest dfw at batch {r.batch}, context {r.context}: "
+                f"{r.ms_per_token / fastest[(r.batch, r.context)]:.1f}x"
             )
     return lines
 

@@ -1,4 +1,5 @@
-"""`python -m dfw.bench train`: end-to-end training throughput, through the real LightningModule and optimizer.
+"""`python -m dfw.bench train`: end-to-end training throughput, through the real LightningModule and
+optimizer.
 
 For each variant, a GPT-2-shaped model with random weights (no hub) and GPT-2's vocabulary is built by
 `dfw.model.build_model` from the composed training config (conf/train.yaml: `module` = LanguageModel,
@@ -176,9 +177,9 @@ def measure(variant: Variant, size: Size, device: torch.device) -> dict[str, obj
 
 def run(size: Size, device: torch.device, variants=VARIANTS) -> Table:
     table = Table(
-        f"training throughput on {device_name(device)}: GPT-2 shape {size.n_layer} layers x {size.n_head} heads, "
-        f"{size.n_embd} wide, random weights, batch {size.batch} x {size.seq_len} tokens, {size.precision}; "
-        f"step ms: median ±IQR/2 of {size.steps} optimizer steps after {size.warmup}",
+        f"training throughput on {device_name(device)}: GPT-2 shape {size.n_layer} layers x {size.n_head} "
+        f"heads, {size.n_embd} wide, random weights, batch {size.batch} x {size.seq_len} tokens, "
+        f"{size.precision}; step ms: median ±IQR/2 of {size.steps} optimizer steps after {size.warmup}",
         ["variant", "tokens/s", "step ms", "peak GiB", "vs softmax", "note"],
     )
     baseline: dict[bool, float] = {}  # compile -> softmax tokens/s

@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no conf/attention/{unknown[0]}.yaml")
     fields, batch, block = SHAPES[args.shape]
     table = Table(
-        f"ms per optimizer step, shape {args.shape} ({fields['n_layer']} layers, width {fields['n_embd']}, B={batch} "
-        f"T={block}); {device_name(device)}, float32; median ±IQR/2 of {args.repeats} after {args.warmup} warm-up",
+        f"ms per optimizer step, shape {args.shape} ({fields['n_layer']} layers, width {fields['n_embd']}, "
+        f"B={batch} T={block}); {device_name(device)}, float32; median ±IQR/2 of {args.repeats} after "
+        f"{args.warmup} warm-up",
         ["preset", "fine-tune ms", "transfer ms", "transfer / fine-tune"],
     )
     for preset in presets:

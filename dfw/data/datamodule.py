@@ -1,4 +1,5 @@
-"""Language-modelling data: tokenise a corpus once into a token file per split, then serve fixed-length blocks.
+"""Language-modelling data: tokenise a corpus once into a token file per split, then serve fixed-length
+blocks.
 
 Token files live at cache_dir/tokens/<corpus>-<key>/<split>.bin: the split's documents tokenised, each
 followed by the EOS token, concatenated, as raw uint16 (vocabularies up to 65536 tokens) or int32. The key
@@ -224,11 +225,12 @@ class LanguageModelingDataModule(L.LightningDataModule):
             except OSError as err:
                 if problem == "missing":
                     raise ConfigError(
-                        f"could not write the token cache {path} ({err}); set paths.cache_dir to a writable folder"
+                        f"could not write the token cache {path} ({err}); set paths.cache_dir to a writable "
+                        "folder"
                     ) from None
                 raise ConfigError(
-                    f"token cache {path} is damaged ({problem}) and cannot be rebuilt ({err}); delete it, or set "
-                    "paths.cache_dir to a writable folder"
+                    f"token cache {path} is damaged ({problem}) and cannot be rebuilt ({err}); delete it, or "
+                    "set paths.cache_dir to a writable folder"
                 ) from None
         self._headers[split] = json.loads(header_file(path).read_text())
         return path, self._headers[split]
@@ -270,7 +272,8 @@ def header_file(path: Path) -> Path:
 
 
 def sampled_sha256(path: Path, size: int) -> str:
-    """sha256 of SAMPLE_CHUNKS chunks of SAMPLE_BYTES spread evenly over the file (all of it when it is small)."""
+    """sha256 of SAMPLE_CHUNKS chunks of SAMPLE_BYTES spread evenly over the file (all of it when it is
+    small)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         if size <= SAMPLE_CHUNKS * SAMPLE_BYTES:
@@ -310,7 +313,10 @@ def check_token_file(path: Path, expected: Mapping[str, object], verify: str = "
     except (KeyError, TypeError, ValueError):
         return "its header has no token count"
     if size != expected_size:
-        return f"{size} bytes, its header says {header['tokens']} tokens of {header['dtype']} ({expected_size} bytes)"
+        return (
+            f"{size} bytes, its header says {header['tokens']} tokens of {header['dtype']} "
+            f"({expected_size} bytes)"
+        )
     if verify == "full":
         if full_sha256(path) != header.get("sha256"):
             return "the sha256 of its contents differs from its header's"

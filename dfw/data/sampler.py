@@ -1,5 +1,6 @@
 """The training order: an endless stream of block indices that is a pure function of the seed, entered at the
-position of the current optimizer step, so a resumed run sees exactly the batches the uninterrupted run saw."""
+position of the current optimizer step, so a resumed run sees exactly the batches the uninterrupted run
+saw."""
 
 from __future__ import annotations
 

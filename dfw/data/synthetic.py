@@ -89,7 +89,7 @@ def recall_sequences(
     return tokens, query_positions, values.gather(1, order)
 
 
-# --- Mixed into training blocks ------------------------------------------------------------------------------
+# --- Mixed into training blocks -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

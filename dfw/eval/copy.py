@@ -55,8 +55,8 @@ class Copy(EvalTask):
         for length in self.lengths or []:
             if length < 2 or 2 * length > model.context:
                 raise ConfigError(
-                    f"copy.lengths: L={length} needs 2L = {2 * length} tokens, more than the model's context of "
-                    f"{model.context}; use L from 2 to {model.context // 2}"
+                    f"copy.lengths: L={length} needs 2L = {2 * length} tokens, more than the model's context "
+                    f"of {model.context}; use L from 2 to {model.context // 2}"
                 )
         if not self.lengths and model.context < 16:
             raise ConfigError(

@@ -68,7 +68,8 @@ class LMEvalHarness(EvalTask):
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
             raise ConfigError(
-                f"lm_eval.tasks: lm-eval does not know {', '.join(unknown)}; list its tasks with `lm-eval ls tasks`"
+                f"lm_eval.tasks: lm-eval does not know {', '.join(unknown)}; "
+                "list its tasks with `lm-eval ls tasks`"
                 + (f" --include_path {self.include_path}" if self.include_path else "")
             )
 

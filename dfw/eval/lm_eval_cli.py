@@ -1,6 +1,7 @@
-"""lm-eval's command line with dfw's models: `lm_eval` with dfw imported first, and `--model dfw` registered.
+r"""lm-eval's command line with dfw's models: `lm_eval` with dfw imported first, and `--model dfw` registered.
 
-    python -m dfw.eval.lm_eval_cli --model dfw --model_args pretrained=<export | .ckpt | HF dir> --tasks lambada_openai
+    python -m dfw.eval.lm_eval_cli --model dfw \
+        --model_args pretrained=<export | .ckpt | HF dir> --tasks lambada_openai
 
 Every option is lm-eval's (`--tasks`, `--num_fewshot`, `--batch_size`, `--include_path`, `--output_path`,
 ...). `--model dfw` loads what `python -m dfw.eval model=` takes, with the model's own tokenizer, and
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         print(
-            f"error: python -m dfw.eval.lm_eval_cli needs lm-evaluation-harness, which is not installed: {INSTALL}",
+            "error: python -m dfw.eval.lm_eval_cli needs lm-evaluation-harness, which is not installed: "
+            f"{INSTALL}",
             file=sys.stderr,
         )
         sys.exit(2)

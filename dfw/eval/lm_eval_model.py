@@ -37,7 +37,8 @@ class DFWLM(HFLM):
         if isinstance(pretrained, str):
             from .load import load_eval_model
 
-            # lm-eval's command line asks for cuda:0 by default; as its HFLM, take the CPU where there is no GPU.
+            # lm-eval's command line asks for cuda:0 by default; as its HFLM, take the CPU where there is no
+            # GPU.
             usable = device is not None and (
                 device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())
             )

@@ -80,8 +80,8 @@ class Passkey(EvalTask):
                 )
             if length < fixed + filler:
                 raise ConfigError(
-                    f"passkey.lengths: {length} tokens cannot hold the prompt ({fixed} tokens) and one filler "
-                    f"sentence ({filler}); use at least {fixed + filler}"
+                    f"passkey.lengths: {length} tokens cannot hold the prompt ({fixed} tokens) and one "
+                    f"filler sentence ({filler}); use at least {fixed + filler}"
                 )
         if not self._lengths(model):
             raise ConfigError(

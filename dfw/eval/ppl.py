@@ -51,8 +51,8 @@ class Perplexity(EvalTask):
     def check(self, model: EvalModel, data: Any) -> None:
         if self.block_size is not None and not 2 <= self.block_size <= model.context:
             raise ConfigError(
-                f"ppl.block_size={self.block_size} does not fit the model's context of {model.context} positions; "
-                f"use 2 to {model.context}, or null for the whole context"
+                f"ppl.block_size={self.block_size} does not fit the model's context of {model.context} "
+                f"positions; use 2 to {model.context}, or null for the whole context"
             )
         data.blocks(
             self.split, self.block_size or model.context

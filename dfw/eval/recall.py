@@ -46,8 +46,8 @@ class Recall(EvalTask):
         for n in self.pairs or []:
             if 4 * n > model.context:
                 raise ConfigError(
-                    f"recall.pairs: N={n} needs 4N = {4 * n} tokens, more than the model's context of {model.context}; "
-                    f"use N up to {model.context // 4}"
+                    f"recall.pairs: N={n} needs 4N = {4 * n} tokens, more than the model's context of "
+                    f"{model.context}; use N up to {model.context // 4}"
                 )
             if n > min(len(keys), len(values)):
                 raise ConfigError(

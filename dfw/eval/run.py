@@ -66,7 +66,8 @@ def build_tasks(names: Any, options: Mapping[str, Any], seed: int) -> list[EvalT
         unknown = sorted(set(node) - set(accepted))
         if unknown:
             raise ConfigError(
-                f"{name}.{unknown[0]} is not an option of the {name} task; its options are {', '.join(accepted)}"
+                f"{name}.{unknown[0]} is not an option of the {name} task; its options are "
+                f"{', '.join(accepted)}"
             )
         tasks.append(TASKS[name](**{**node, "seed": seed}))
     return tasks
@@ -143,7 +144,8 @@ def describe_model(info: ModelInfo) -> str:
     m = f"m={info.state_size}" if info.state_size is not None else "KV cache"
     return (
         f"{info.source} ({info.kind}; attention={info.attention}, {m}, generation state "
-        f"{info.state_bytes / 1024:,.1f} KiB per sequence at {info.context} tokens; {info.parameters:,} parameters)"
+        f"{info.state_bytes / 1024:,.1f} KiB per sequence at {info.context} tokens; {info.parameters:,} "
+        "parameters)"
     )
 
 

@@ -106,7 +106,7 @@ def _run_config(logged: dict[str, Any] | None) -> dict[str, Any]:
     return flatten(logged.get("config", logged) or {})
 
 
-# --- A local run, a Hydra multirun ---------------------------------------------------------------------------
+# --- A local run, a Hydra multirun --------------------------------------------------------------------------
 
 
 def read_csv_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame] | None:
@@ -187,7 +187,8 @@ def read_run_dir(run_dir: Path) -> Run:
 
 def _missing_export(run: Run, run_dir: Path) -> str:
     """The export folder the run was to write and did not (its config.json is missing), or "" when none was
-    due. An export inside the run folder is looked up in `run_dir`, so a moved or copied run reads the same."""
+    due. An export inside the run folder is looked up in `run_dir`, so a moved or copied run reads the
+    same."""
     export_dir, output_dir = run.config.get("export_dir"), run.config.get("paths.output_dir")
     if not export_dir:
         return ""
@@ -211,7 +212,8 @@ def run_status(run: Run, error: str = "", interrupted: bool = False) -> tuple[st
         if max_steps and reached >= max_steps and not error:  # NaN and never-logged read back the same
             return (
                 "crashed",
-                f"trained {reached} of {max_steps} steps but logged no perplexity (NaN, or stopped in the test)",
+                f"trained {reached} of {max_steps} steps but logged no perplexity (NaN, or stopped in the "
+                "test)",
             )
         return "crashed", error or f"stopped at step {reached}" + (f" of {max_steps}" if max_steps else "")
     if not all(math.isfinite(value) for value in (run.val_ppl, run.last(TEST_PPL)) if not math.isnan(value)):
@@ -242,7 +244,8 @@ def expected_jobs(multirun_dir: Path) -> list[list[str]] | None:
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
                 raise ConfigError(
-                    f"{multirun_dir}/multirun.yaml: {key} is a range or interval sweep, which the basic sweeper does not run"
+                    f"{multirun_dir}/multirun.yaml: {key} is a range or interval sweep, which the basic "
+                    "sweeper does not run"
                 )
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
@@ -300,7 +303,7 @@ def load_local(root: Path) -> list[Run]:
     return runs
 
 
-# --- A W&B project -------------------------------------------------------------------------------------------
+# --- A W&B project ------------------------------------------------------------------------------------------
 
 
 def load_wandb_project(path: str, group: str | None = None, tag: str | None = None) -> list[Run]:
@@ -340,6 +343,7 @@ def load_runs(source: str, group: str | None = None, tag: str | None = None) -> 
         return load_wandb_project(source, group, tag)
     except Exception as err:  # no network, no credentials, no such project
         raise ConfigError(
-            f"could not read W&B project {source!r} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); "
-            "without W&B, pass the multirun directory: every run also writes its metrics to csv/metrics.csv"
+            f"could not read W&B project {source!r} ({type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0][:200]}); without W&B, pass the multirun directory: every "
+            "run also writes its metrics to csv/metrics.csv"
         ) from None

@@ -102,10 +102,10 @@ def markdown(runs: list[Run], baseline: str = "softmax", title: str = "") -> str
         lines += [f"| {r.name} | {r.status} | {r.reason} | {' '.join(r.overrides)} |" for r in problems]
     lines += [
         "",
-        f"val ppl: best validation perplexity of fine-tuning (converted: before it); softmax quality retained = "
-        f"{baseline} val ppl / val ppl; train tokens/s: median over training; state bytes / sequence: generation "
-        "state of one sequence after a training-length context, float32 (softmax: the KV cache, which grows with "
-        "the context)."
+        "val ppl: best validation perplexity of fine-tuning (converted: before it); softmax quality "
+        f"retained = {baseline} val ppl / val ppl; train tokens/s: median over training; state bytes / "
+        "sequence: generation state of one sequence after a training-length context, float32 (softmax: the "
+        "KV cache, which grows with the context)."
         + (
             f" Evaluation (dfw.eval, docs/evaluation.md): {headline_note([r.evaluation for r in done])}."
             if evals

@@ -14,7 +14,8 @@ chunk's start (a_last, d_last: the whole chunk's):
     decay: `chunk_size_for` halves c until no c tokens decay by more than `max_chunk_decay` (with tiny
     gates down to c = 1, a loop over tokens with no pairs within a chunk);
   - the state is carried from chunk to chunk, and read, with the exact decays, all <= 1 (a short loop
-    over chunks): read q_t e^{a_t} S e^{d_t};  S <- e^{a_last} S e^{d_last} + (k e^{a_last - a})^T (v e^{d_last - d});
+    over chunks): read q_t e^{a_t} S e^{d_t};
+    S <- e^{a_last} S e^{d_last} + (k e^{a_last - a})^T (v e^{d_last - d});
   - out_t = out_pre_t + (q_t . k_t) v_t: the token's own term is added, never subtracted;
   - a reverse scan runs the same way with suffix sums, the chunks in reverse order and the gates shifted
     by one token (step t decays by token t + 1's gate), so nothing is flipped;

@@ -25,7 +25,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def log_gate_floor(dtype: torch.dtype) -> float:
-    """The finite floor the chunked forms clamp log-gates to: exp of it, and of any sum with it, is 0 in `dtype`.
+    """The finite floor the chunked forms clamp log-gates to: exp of it, and of any sum with it, is 0 in
+    `dtype`.
 
     A log-gate of -inf (a gate of exactly 0) would otherwise make a running sum subtract -inf from -inf
     (NaN) where the loop is finite. -128 in float32 (exp underflows below -104), -1024 in float64 (-745).

@@ -27,7 +27,8 @@ def preset(name: str, **overrides):
 
 def rule_cases(feature_map: str = "elu") -> list[tuple[str, object]]:
     """(id, node) for every registered update rule with every normalisation it accepts, on a feature map
-    that takes all three (elu + 1): a rule added to UPDATE_RULES is tested by these cases without a line here."""
+    that takes all three (elu + 1): a rule added to UPDATE_RULES is tested by these cases without a line
+    here."""
     assert FEATURE_MAPS[feature_map].nonnegative and FEATURE_MAPS[feature_map].positive_kernel
     cases = []
     for rule, rule_class in UPDATE_RULES.items():

@@ -127,7 +127,8 @@ def test_prompt_then_token_by_token_equals_whole_sequence(node):
 
 @each_core
 def test_decode_step_updates_the_state_in_place_as_the_recurrent_form(node):
-    """`step` (what RecurrentCache decodes with) = one token of the recurrent form, in the same state tensor."""
+    """`step` (what RecurrentCache decodes with) = one token of the recurrent form, in the same state
+    tensor."""
     torch.manual_seed(4)
     core = build(_with(node, chunk_size=CHUNK)).double().eval()
     _perturb_parameters(core)
@@ -220,8 +221,8 @@ def test_state_bytes_is_the_size_of_the_state(node):
 
 
 def _paper_loop(core, q, k, v, x, S0):
-    """S_t = (z_t f_t^T) ⊙ S_{t-1} + v_t phi(k_t)^T, y_t = S_t phi(q_t): the paper's d x m state, step by step,
-    written from the formula (Mao, 2022), independently of the chunked and recurrent forms."""
+    """S_t = (z_t f_t^T) ⊙ S_{t-1} + v_t phi(k_t)^T, y_t = S_t phi(q_t): the paper's d x m state, step by
+    step, written from the formula (Mao, 2022), independently of the chunked and recurrent forms."""
     W = core.feature_map.weight  # (H, m, d)
     m = W.shape[1]
     S = S0.transpose(-1, -2)  # (B, H, d, m)

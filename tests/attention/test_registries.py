@@ -77,9 +77,9 @@ def test_a_rule_refuses_a_normalisation_in_one_line_when_the_core_is_built(rule,
 
 @pytest.fixture
 def forgetful_rule():
-    """A rule written as CONTRIBUTING.md's walkthrough says: S_t = a_t S_{t-1} + phi(k_t)^T v_t with one learned
-    scalar forget gate a_t = sigmoid(w_h . x_t + b_h) per head (gated without the 1 - g_t on the write).
-    Defining the class registers it; the fixture takes it out again."""
+    """A rule written as CONTRIBUTING.md's walkthrough says: S_t = a_t S_{t-1} + phi(k_t)^T v_t with one
+    learned scalar forget gate a_t = sigmoid(w_h . x_t + b_h) per head (gated without the 1 - g_t on the
+    write). Defining the class registers it; the fixture takes it out again."""
 
     class ForgetfulRule(UpdateRule):
         name = "test_forgetful"
@@ -172,7 +172,8 @@ def test_the_three_registries_are_filled_the_same_way():
 
 @pytest.fixture
 def squared_map_and_halved_output():
-    """A feature map phi(x) = x^2 and a normalisation o <- o / 2, each defined as one class (so registered)."""
+    """A feature map phi(x) = x^2 and a normalisation o <- o / 2, each defined as one class (so
+    registered)."""
     from dfw.attention import FeatureMap, Normalization
 
     class SquaredFeatureMap(FeatureMap):

@@ -1,7 +1,8 @@
-"""`attention.window=W` (dfw/attention/window.py): the banded softmax against a full masked softmax, the parallel
-form, the recurrent form and the in-place decode step against each other in float64 (outputs, final state,
-every gradient, the initial state's included) below, at and above W and across chunk boundaries, pads, and the
-property that matters most: right after conversion, every position t < W is the pretrained GPT-2 exactly."""
+"""`attention.window=W` (dfw/attention/window.py): the banded softmax against a full masked softmax, the
+parallel form, the recurrent form and the in-place decode step against each other in float64 (outputs, final
+state, every gradient, the initial state's included) below, at and above W and across chunk boundaries, pads,
+and the property that matters most: right after conversion, every position t < W is the pretrained GPT-2
+exactly."""
 
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def windowed(name: str, window: int, perturb: bool = True):
 
 
 def random_window_state(core, seen: list[int]) -> WindowState:
-    """A state the core could have reached: random memory, random tokens in the slots below `seen`, zeros in the
-    others; positive key features (a denominator's z stays positive), a column of ones with a denominator."""
+    """A state the core could have reached: random memory, random tokens in the slots below `seen`, zeros in
+    the others; positive key features (a denominator's z stays positive), a column of ones with a
+    denominator."""
     W = core.window
     state = core.allocate_state(len(seen), torch.device("cpu"), torch.float64)
     filled = (torch.arange(W)[None] < torch.tensor(seen)[:, None])[:, :, None, None]  # (B, W, 1, 1)
@@ -241,8 +243,8 @@ def tiny_gpt2(layers: int = 2) -> GPT2LMHeadModel:
 @each_preset
 def test_right_after_conversion_every_position_before_w_is_the_pretrained_model(name):
     """The required property: converted with attention.window=W and nothing trained, each layer's output at
-    every t < W is GPT-2's softmax attention (so the logits are GPT-2's there, to float64 rounding); from W on,
-    the memory takes part and the logits differ."""
+    every t < W is GPT-2's softmax attention (so the logits are GPT-2's there, to float64 rounding); from W
+    on, the memory takes part and the logits differ."""
     W, T = 8, 20
     pretrained = tiny_gpt2()
     converted = tiny_gpt2()

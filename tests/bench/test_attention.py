@@ -29,8 +29,8 @@ def test_attention_bench_prints_a_row_per_preset(capsys, tmp_path):
     # * 16 * 4 B = 32 KiB; decay's fixed state, 2 layers * 2 heads * 16 * 16 * 4 B = 4 KiB.
     assert rows["softmax"]["state/seq"] == "32.0 KiB"
     assert rows["decay"]["state/seq"] == "4.0 KiB"
-    # With a 16-token window, its ring buffer too: 2 layers * 16 tokens * 2 heads * (16 + 16 + 16) * 4 B = 12 KiB,
-    # and a counter (8 B per layer).
+    # With a 16-token window, its ring buffer too: 2 layers * 16 tokens * 2 heads * (16 + 16 + 16) * 4 B
+    # = 12 KiB, and a counter (8 B per layer).
     assert rows["decay+window=16"]["state/seq"] == "16.0 KiB"
     assert all(r["tokens/s"] > 0 and r["step ms"]["median_ms"] > 0 for r in rows.values())
     # Issue 11's two ratios, decay over softmax: tokens/s and the activations saved for the backward.

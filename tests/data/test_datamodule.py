@@ -218,7 +218,8 @@ def test_validation_and_test_loaders_are_sequential_and_keep_the_last_batch(tmp_
         ({"tokenizer": "no_such_tokenizer"}, r"model\.tokenizer='no_such_tokenizer' is not a tokenizer"),
         (
             {"corpus": "wikitext3"},
-            r"data\.corpus='wikitext3' is not a known corpus; use one of wikitext103, wikitext2, shakespeare, text",
+            r"data\.corpus='wikitext3' is not a known corpus; use one of wikitext103, wikitext2, "
+            r"shakespeare, text",
         ),
         (
             {"files.validation": "nowhere/valid.txt"},
@@ -240,7 +241,10 @@ def test_block_longer_than_a_split_names_the_option_and_the_split(tmp_path, corp
     tokens = len(gpt2_tokenizer().encode("Short.\n")) + 1  # + EOS
     dm = build("text", tmp_path / "cache", files=corpus_files, block_size=tokens + 1)
     dm.prepare_data()
-    message = rf"^data\.block_size={tokens + 1} is longer than the test split \({tokens} tokens\); lower data\.block_size$"
+    message = (
+        rf"^data\.block_size={tokens + 1} is longer than the test split \({tokens} tokens\); lower "
+        r"data\.block_size$"
+    )
     with pytest.raises(ConfigError, match=message):
         dm.setup("fit")  # reported before training, not at the test after it
 

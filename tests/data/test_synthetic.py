@@ -1,5 +1,6 @@
 """dfw.data.synthetic: the copy and MQAR sequences are what they claim, a pure function of the seed, and
-`data.synthetic` writes them into the stated share of training blocks, leaving the rest of each block as it was."""
+`data.synthetic` writes them into the stated share of training blocks, leaving the rest of each block as it
+was."""
 
 from __future__ import annotations
 

@@ -267,7 +267,8 @@ def test_bad_task_options_are_one_config_error(names, options, message):
         (
             "copy",
             {"lengths": [8, 40]},
-            r"copy.lengths: L=40 needs 2L = 80 tokens, more than the model's context of 64; use L from 2 to 32",
+            r"copy.lengths: L=40 needs 2L = 80 tokens, more than the model's context of 64; "
+            r"use L from 2 to 32",
         ),
         (
             "recall",

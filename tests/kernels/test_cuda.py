@@ -242,7 +242,8 @@ def test_scalar_and_absent_gates_in_bf16(gates):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_inputs_with_gradients(dtype):
-    """q, k, v as views of one fused projection and a transposed gate: every gradient reaches the fused tensor."""
+    """q, k, v as views of one fused projection and a transposed gate: every gradient reaches the fused
+    tensor."""
     B, T, H, D = 2, 45, 3, 64
     inputs = random_inputs(B, T, H, D, D, dtype=dtype, device="cuda", seed=2)
     fused = torch.cat([inputs[n].detach() for n in ("q", "k", "v")], dim=-1).requires_grad_()  # (B, T, H, 3D)

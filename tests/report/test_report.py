@@ -1,5 +1,6 @@
-"""`python -m dfw.report`: the runs of a Hydra multirun, one run directory, or a W&B project (through a stand-in
-for `wandb.Api`: no W&B server is reachable here) become one table, with every run that did not finish listed.
+"""`python -m dfw.report`: the runs of a Hydra multirun, one run directory, or a W&B project (through a
+stand-in for `wandb.Api`: no W&B server is reachable here) become one table, with every run that did not
+finish listed.
 
 The multirun has two variants that finish (softmax, decay), one job that fails on a bad override
 (data.block_size=300 > the tiny model's 256 positions) and one the failure kept from starting; the report
@@ -155,7 +156,10 @@ def test_running_crashed_and_export_failed_runs_are_told_apart(trained_run, tmp_
     metrics = running / "csv" / "metrics.csv"
     rows = pd.read_csv(metrics)
     rows[rows["step"] < 2].to_csv(metrics, index=False)  # logged up to step 1 so far
-    code = f"import time\nfrom dfw import run_folder\nrun_folder.acquire({str(running)!r})\nprint('locked', flush=True)\ntime.sleep(600)\n"
+    code = (
+        f"import time\nfrom dfw import run_folder\nrun_folder.acquire({str(running)!r})\n"
+        "print('locked', flush=True)\ntime.sleep(600)\n"
+    )
     live = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert live.stdout.readline().strip() == "locked"
@@ -294,7 +298,8 @@ def test_bad_source_exits_with_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         result.stderr.strip()
-        == f"error: '{tmp_path}/no/such/dir' is neither a run or multirun directory nor a W&B project (entity/project)"
+        == f"error: '{tmp_path}/no/such/dir' is neither a run or multirun directory nor a W&B project "
+        "(entity/project)"
     )
 
 

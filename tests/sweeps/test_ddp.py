@@ -36,6 +36,7 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, text_files):
     )
     assert checkpoint["global_step"] == 4
     metrics = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
-    # Rank 0 logs: 4 blocks per step on this rank (data.batch_size is per device), and a finite test perplexity.
+    # Rank 0 logs: 4 blocks per step on this rank (data.batch_size is per device), and a finite test
+    # perplexity.
     assert metrics["train/samples"].dropna().iloc[0] == 4
     assert math.isfinite(metrics["test/ppl"].dropna().iloc[-1])

@@ -57,12 +57,13 @@ def test_eval_grid_script_evaluates_the_teacher_trains_both_sweeps_and_reports_t
     demo, teacher, grid, sizes, report = calls.read_text().splitlines()
     assert demo == "-m dfw.demo --teacher-only teacher.experiment=recall_teacher"
     assert (
-        teacher
-        == f"-m dfw.eval model=/cache/teachers/abc tasks=[ppl,copy,recall] out_dir={tmp_path}/grid/teacher/eval progress=false"
+        teacher == "-m dfw.eval model=/cache/teachers/abc tasks=[ppl,copy,recall] "
+        f"out_dir={tmp_path}/grid/teacher/eval progress=false"
     )
     for line, experiment in ((grid, "eval_grid"), (sizes, "eval_state_size")):
         assert line == (
             f"-m dfw.train -m experiment={experiment} model.pretrained=/cache/teachers/abc "
-            f"model.tokenizer=/cache/teachers/abc hydra.sweep.dir={tmp_path}/grid/{experiment} trainer.max_steps=3"
+            f"model.tokenizer=/cache/teachers/abc hydra.sweep.dir={tmp_path}/grid/{experiment} "
+            "trainer.max_steps=3"
         )
     assert report == f"-m dfw.report {tmp_path}/grid"

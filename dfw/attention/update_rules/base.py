@@ -1,8 +1,8 @@
 """What an update rule is: its gate parameters, the token-wise inputs it makes, and its three forms.
 
 A rule is a subclass of `UpdateRule` with a `name`; defining it registers it in `UPDATE_RULES` (the
-registry that `attention.update_rule` names; `dfw.attention.registry`), and every module of this package is imported, so a new
-rule is one new file here plus a preset in `conf/attention/`.
+registry that `attention.update_rule` names; `dfw.attention.registry`), and every module of this package is
+imported, so a new rule is one new file here plus a preset in `conf/attention/`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The delta rule (Schlag et al. 2021): its update rule, in a chunkwise parallel form (WY/UT) and as a loop over time.
+"""The delta rule (Schlag et al. 2021): its update rule, in a chunkwise parallel form (WY/UT) and as a loop
+over time.
 
 Per head, row-vector convention as in `dfw_kernels` (state S is K x V, K = feature size, V = head size):
 
@@ -95,7 +96,8 @@ def chunk_delta_rule(
         N = qc.shape[2]
         strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        # UT transform, all chunks at once: A = I + tril(diag(beta) K K^T, -1); W = A^-1 diag(beta) K, U = A^-1 diag(beta) V.
+        # UT transform, all chunks at once: A = I + tril(diag(beta) K K^T, -1);
+        # W = A^-1 diag(beta) K, U = A^-1 diag(beta) V.
         A = (bc * (kc @ kc.transpose(-1, -2))).masked_fill(~strictly_lower, 0.0)  # (B, H, N, C, C)
         A = A + torch.eye(C, dtype=dtype, device=q.device)
         WU = torch.linalg.solve_triangular(
@@ -121,8 +123,8 @@ class DeltaRule(UpdateRule):
     def check(cls, feature_map: str, normalization: str) -> None:
         if normalization != "sum":
             raise ConfigError(
-                f"attention.update_rule=delta needs attention.normalization=sum (sum-normalised features keep the "
-                f"delta rule's state bounded), got {normalization}"
+                "attention.update_rule=delta needs attention.normalization=sum (sum-normalised features "
+                f"keep the delta rule's state bounded), got {normalization}"
             )
 
     def gates(self) -> dict[str, nn.Module]:
