@@ -42,8 +42,8 @@ class SoftmaxAttention(AttentionCore):
         if window is not None:
             raise ConfigError(
                 f"attention.window={window!r} applies to the fast-weight presets: attention=softmax already "
-                "attends "
-                "to every token exactly; remove attention.window, or pick a preset such as attention=decay"
+                "attends to every token exactly; remove attention.window, or pick a preset such as "
+                "attention=decay"
             )
         if options:
             # Options of the fast-weight family (state_size, feature_map, ...) left in a softmax config.
