@@ -151,6 +151,22 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
     assert "error: attention.state_size must be a positive integer" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
+    # attention.window (issue 19): not a positive integer, or on softmax.
+    for override, message in [
+        ("attention.window=0", "error: attention.window must be a positive integer"),
+        (
+            "attention=softmax attention.window=8",
+            "error: attention.window=8 applies to the fast-weight presets",
+        ),
+    ]:
+        result = run_module(
+            "dfw.train",
+            *tiny_overrides(tmp_path, text_files, *override.split()),
+            f"hydra.run.dir={tmp_path}/w",
+        )
+        assert result.returncode == 2 and message in result.stdout + result.stderr, override
+        assert "Traceback" not in result.stdout + result.stderr
+
     # A config group option that does not exist: the README's promise too (one line, exit code 2), not Hydra's
     # many-line message with exit code 1.
     result = run_module("dfw.train", "attention=no_such_attention", f"hydra.run.dir={tmp_path}/nope")
