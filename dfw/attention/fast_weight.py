@@ -355,7 +355,16 @@ class FastWeightAttention(AttentionCore):
             new_state = WindowState(final, ring[0], ring[1], ring[2], ring[3], count)
         return o_window, lse, read, new_state
 
-    def _windowed_parallel(self, q, k, v, x, state, output_state, token_mask):
+    def _windowed_parallel(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: WindowState | None,
+        output_state: bool,
+        token_mask: Tensor | None,
+    ) -> tuple[Tensor, WindowState | None]:
         o_window, lse, read, new_state = self._window_parts(q, k, v, x, state, output_state, token_mask)
         return self._combine(o_window, lse, read).to(v.dtype), new_state
 
@@ -403,9 +412,15 @@ class FastWeightAttention(AttentionCore):
         o_window = torch.einsum("bhw,bwhd->bhd", torch.exp(scores - lse[..., None]), values)  # (B, H, D)
         return o_window[:, None], lse[:, None], memory_inputs, buffer, count
 
-    def _windowed_recurrent(self, q, k, v, x, state, token_mask):
+    def _windowed_recurrent(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, state: WindowState | None, token_mask: Tensor | None
+    ) -> tuple[Tensor, WindowState]:
+        """The loop over tokens: each one against the ring buffer (`_window_token`), the memory by the rule's
+        recurrent form; the oracle of the tests."""
         B, T = q.shape[:2]
-        state = self.allocate_state(B, q.device, q.dtype) if state is None else state
+        if state is None:
+            state = _window_state(self.allocate_state(B, q.device, q.dtype))
+            assert state is not None
         outputs = []
         for t in range(T):
             one = slice(t, t + 1)
@@ -419,7 +434,16 @@ class FastWeightAttention(AttentionCore):
         o = torch.cat(outputs, dim=1) if outputs else q.new_zeros(q.shape)  # (B, T, H, D)
         return o.to(v.dtype), state
 
-    def _windowed_step(self, q, k, v, x, state, token_mask):
+    def _windowed_step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        state: WindowState | None,
+        token_mask: Tensor | None,
+    ) -> Tensor:
+        """`_window_token`, then the rule's in-place step on the memory, the buffer copied back."""
         if state is None:
             raise TypeError("FastWeightAttention.step updates a state in place: pass allocate_state(...)")
         with torch.no_grad():
