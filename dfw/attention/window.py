@@ -23,9 +23,9 @@ The combination depends on the normalisation:
 
   with s_tj = scaling q_t . k_j. It is computed from the window's normalised output o_win and log-sum-exp
   lse, o_t = o_win exp(lse - log Z) + phi(q_t) M_t exp(-log Z), log Z = logaddexp(lse, log phi(q_t) z_t),
-  so no exponential of a score is ever formed. Unlike LoLCATs' code, the window's scores are not shifted
-  by their maximum before they meet the memory's: the sum is softmax's own, so that a kernel estimating
-  exp(s) (FAVOR+) weighs the memory as softmax weighs those tokens.
+  so no exponential of a score is ever formed. The window's scores meet the memory's unshifted (the sum is
+  softmax's own), so that a kernel estimating exp(s) (FAVOR+) weighs the memory as softmax weighs those
+  tokens; with the other feature maps the balance is learned (transfer, fine-tuning).
 - without one (`none`, DFW, and `sum`), the read has no scale to share, so the memory is added to the
   window's softmax with a learned weight per head, as Liger mixes a sliding window with a gated recurrence
   (Lan et al., "Liger: Linearizing Large Language Models to Gated Recurrent Structures", ICML 2025):
