@@ -55,8 +55,9 @@ def _teacher_key(cfg: DictConfig) -> str:
         fields["trainer"].pop(volatile, None)
     fields["data"].pop("cache_dir", None)
     fields["data"].pop("num_workers", None)
-    # An attention option left at null is off (softmax's `window: null`): the teacher trains as without it.
-    fields["attention"] = {key: value for key, value in fields["attention"].items() if value is not None}
+    # An attention option at null is an option that is off (softmax_layers: null, added after teachers were
+    # cached): leaving it out keeps the key, and so the cached teacher, of a teacher trained the same way.
+    fields["attention"] = {k: v for k, v in fields["attention"].items() if v is not None}
     fields["teacher_version"] = TEACHER_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -178,7 +178,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "new_tokens": new_tokens,
         "tokens_per_second": decode_tokens / decode_seconds if decode_seconds > 0 else float("nan"),
         "cache_bytes": cache_bytes(cache),
-        "cache": "recurrent state" if converted else "KV cache",
+        "cache": _cache_kind(cache),
         "positions": output.shape[1],
         "decode_step": _decode_step_used(cache),
     }
@@ -189,6 +189,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         f"decode step: {result['decode_step']}]"
     )
     return result
+
+
+def _cache_kind(cache: Any) -> str:
+    """What the cache holds: recurrent states, transformers' KV cache, or both (softmax layers kept)."""
+    if not isinstance(cache, RecurrentCache):
+        return "KV cache"
+    return "recurrent state" if cache.fully_recurrent else "recurrent state + KV cache"
 
 
 def _decode_step_used(cache: Any) -> str:

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GPT
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .cache import RecurrentCache, decode, decode_call_unsupported
-from .surgery import convert_attention, core_factory
+from .surgery import convert_to
 
 MODEL_TYPE = "dfw-gpt2"
 # Beside a softmax export (a plain GPT-2) and in exports of earlier versions: the attention config.
@@ -37,7 +37,8 @@ ATTENTION_FILE = "dfw_attention.yaml"
 class DFWConfig(GPT2Config):
     """GPT2Config plus the attention a dfw model was converted to.
 
-    attention: the `conf/attention/*.yaml` node (resolved, plain data) every layer's core is built from.
+    attention: the `conf/attention/*.yaml` node (resolved, plain data) every layer's core is built from;
+        its `softmax_layers` names the layers that keep softmax (`dfw.surgery.softmax_layers`).
     exported_weights: "final" (the weights at the end of training) or "best" (the best-by-val/ppl checkpoint).
     exported_step: the optimizer step those weights are from.
     """
@@ -58,7 +59,8 @@ class DFWConfig(GPT2Config):
 
 
 class DFWForCausalLM(GPT2LMHeadModel):
-    """GPT2LMHeadModel whose every layer's attention is converted to `config.attention`."""
+    """GPT2LMHeadModel whose every layer's attention is converted to `config.attention` (but the layers its
+    `softmax_layers` keeps softmax in)."""
 
     config_class = DFWConfig
 
@@ -68,7 +70,7 @@ class DFWForCausalLM(GPT2LMHeadModel):
             raise ValueError("DFWConfig.attention is empty: not a converted model")
         # config.attention comes from a file (config.json), so it is checked as untrusted input.
         source = f"{config._name_or_path}/config.json" if config._name_or_path else "DFWConfig"
-        convert_attention(self, core_factory(config.attention, source=source))
+        convert_to(self, config.attention, source=source)
 
     def _prepare_cache_for_generation(
         self, generation_config: GenerationConfig, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any

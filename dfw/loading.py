@@ -34,7 +34,7 @@ from .errors import ConfigError, error_summary
 from .hf import ATTENTION_FILE, MODEL_TYPE, DFWForCausalLM, as_dfw_model
 from .hub import check_hub_or_cache
 from .safe_config import build_checked, plain
-from .surgery import convert_attention, core_factory
+from .surgery import convert_to
 
 STAGE_KEY = "dfw_stage"  # in a checkpoint: "transfer" for one taken inside the transfer stage (dfw.transfer)
 
@@ -200,7 +200,7 @@ def _rebuild(
     every layer converted to the stored `attention` (checked first; None: softmax), then its weights."""
     if attention is None:
         return load_weights(net, read_weights(), weights_source)
-    convert_attention(net, core_factory(attention, source=attention_source))
+    convert_to(net, attention, source=attention_source)
     # as a DFWForCausalLM, as a new export loads: its generate supplies a RecurrentCache (dfw.hf)
     return as_dfw_model(load_weights(net, read_weights(), weights_source), attention)
 

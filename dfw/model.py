@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .errors import ConfigError
 from .hf import ATTENTION_FILE, as_dfw_model
 from .loading import from_pretrained, load_exported, load_weights, saved_attention
-from .surgery import convert_attention, core_factory
+from .surgery import convert_to, core_factory
 
 # Their old import paths (`from dfw.model import load_exported`, ...) keep working.
 __all__ = [
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT2LMHeadModel:
-    """GPT-2 (pretrained or freshly initialised) with every layer's attention converted.
+    """GPT-2 (pretrained or freshly initialised) with every layer's attention converted (but those
+    `attention.softmax_layers` keeps softmax in, `dfw.surgery.softmax_layers`).
 
     `model.pretrained`: a hub id or a directory (Hugging Face, or exported by dfw); None builds a
     random model from `model.config` (GPT2Config fields) with the tokenizer's vocabulary.
@@ -66,7 +67,7 @@ def build_model(model: DictConfig, attention: DictConfig, tokenizer: Any) -> GPT
             f"model.tokenizer has {vocab_size} tokens but the model's vocabulary has "
             f"{net.config.vocab_size}; use the model's own tokenizer (model.tokenizer)"
         )
-    convert_attention(net, core_factory(attention))
+    convert_to(net, attention)
     return net
 
 

@@ -14,6 +14,8 @@ file). So a stored node is checked before anything is built from it:
 - values are plain data (str, int, float, bool, None, lists and dicts of them).
 
 Then the class is called directly (`functools.partial` for `_partial_: true`), not through Hydra.
+An attention node's `softmax_layers` is the conversion's option, not the core's: `dfw.surgery` takes it out
+before the node reaches this module and accepts only its plain forms (`dfw.surgery.softmax_layers`).
 The same signature check names an unknown option of a config the user wrote (`+attention.stat_size=3`).
 """
 

@@ -6,6 +6,7 @@ any training), fit, test, export. Behaviour lives in `conf/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from .loading import STAGE_KEY, checkpoint_stage, read_checkpoint, saved_attenti
 from .lora import apply_lora, merged, trainable_parameter_metrics
 from .model import build_model, export
 from .presets import config_dir
-from .surgery import model_size_metrics
+from .surgery import model_size_metrics, softmax_layers
 from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,28 @@ def _check_run_options(cfg: DictConfig) -> None:
         raise ConfigError(f"resume.allow_data_change must be true or false, got {allow!r}")
 
 
+def _known_layer_count(model: DictConfig) -> int | None:
+    """The number of layers of `model` where it is known without loading weights: a fresh model's config
+    (GPT2Config's default when unset), a local directory's config.json; None otherwise (a hub id)."""
+    from transformers import GPT2Config
+
+    try:
+        pretrained = model.get("pretrained")
+        if not pretrained:
+            fields = model.get("config") or {}
+            return int(fields.get("n_layer", GPT2Config().n_layer))
+        config = Path(str(pretrained)).expanduser() / "config.json"
+        return int(json.loads(config.read_text())["n_layer"]) if config.is_file() else None
+    except Exception:  # an unset interpolation, an unreadable file: build_model reports those
+        return None
+
+
+def _check_softmax_layers(cfg: DictConfig) -> None:
+    """attention.softmax_layers, before anything is built: its form always, its range where the number of
+    layers is known from the config (else at conversion, `dfw.surgery.convert_to`, before any training)."""
+    softmax_layers(cfg.attention, _known_layer_count(cfg.model))
+
+
 def _check_sizes(cfg: DictConfig, net: Any) -> None:
     n_positions = net.config.n_positions
     if cfg.data.block_size > n_positions:
@@ -401,6 +424,7 @@ def _transfer(
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; returns the final metrics (val/ppl at conversion as `val/ppl_converted`)."""
     _check_run_options(cfg)
+    _check_softmax_layers(cfg)
     _check_output_locations(cfg)
     _resume_after_requeue(cfg)
     resumed = _resume_settings(cfg) if cfg.get("ckpt_path") else None

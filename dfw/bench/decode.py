@@ -1,6 +1,6 @@
 """`python -m dfw.bench decode`: per-token decode latency and cache memory against context length.
 
-In one process, for each batch size, two models of the same shape and random weights:
+In one process, for each batch size, three models of the same shape and random weights:
   softmax   Hugging Face GPT2LMHeadModel (SDPA) with its KV cache (DynamicCache), one eager forward per
             token, as `generate` runs it: the KV cache grows by 2 * layers * width values per token.
   dfw       the same GPT-2 converted to decaying fast weights (conf/attention/decay.yaml, state size m =
@@ -9,6 +9,10 @@ In one process, for each batch size, two models of the same shape and random wei
             also row `dfw (graph)`: the same step replayed from the CUDA graph the library captures
             (`dfw.cache.DecodeGraphs`, once per batch size), so that kernel-launch overhead on the host does
             not hide the O(1) cost per token.
+  dfw + softmax layer   the same conversion with softmax kept in one layer, the middle one
+            (`attention.softmax_layers=[n_layer // 2]`, docs/hybrids.md): that layer's KV cache grows with the
+            context beside the other layers' fixed states; decoded by transformers' forward (a KV cache is not
+            static, so the lean step and its CUDA graph do not apply).
 Each context is reached by prefilling random tokens in chunks (the parallel form), then --warmup
 decode steps, then the median over --steps timed steps (greedy: each step feeds back its argmax).
 
@@ -36,8 +40,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from .. import presets
 from ..cache import RecurrentCache, cache_bytes
 from ..hf import as_dfw_model
-from ..model import core_factory
-from ..surgery import convert_attention
+from ..surgery import convert_to
 from .timing import Table, Timing, device_name, time_ms, write_json
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ SIZES = {
     "cpu": Size(4, 4, 256, torch.float32, (256, 512, 1024, 2048), (1, 8), 256, 10, 3),
 }
 VOCAB = 50257
+HYBRID = "dfw + softmax layer"  # the row of DFW with one layer kept softmax
 
 
 @dataclass
@@ -77,7 +81,13 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def build(size: Size, attention: str | None, n_positions: int, device: torch.device) -> GPT2LMHeadModel:
+def build(
+    size: Size,
+    attention: str | None,
+    n_positions: int,
+    device: torch.device,
+    softmax_layers: list[int] | None = None,
+) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=VOCAB,
@@ -92,7 +102,8 @@ def build(size: Size, attention: str | None, n_positions: int, device: torch.dev
     net = GPT2LMHeadModel(config)
     if attention is not None:
         node = presets.attention_preset(attention)
-        convert_attention(net, core_factory(node))
+        node.softmax_layers = softmax_layers
+        convert_to(net, node)
         net = as_dfw_model(net, OmegaConf.to_container(node, resolve=True))  # decodes as an export does
     return net.to(device=device, dtype=size.dtype).eval()
 
@@ -148,12 +159,19 @@ def run(
         f"{str(size.dtype).removeprefix('torch.')}, random weights, {n_positions} learned positions "
         f"(GPT-2 has 1024: raised so that every context fits; for timing only)",
     ]
-    variants: list[tuple[str, str | None, bool]] = [("softmax", None, False), ("dfw", attention, False)]
+    kept = [size.n_layer // 2]  # the hybrid's one softmax layer: the middle one
+    notes.append(f"{HYBRID}: softmax kept in layer {kept[0]} of {size.n_layer}, the others converted")
+    # (row name, preset, CUDA graph, attention.softmax_layers)
+    variants: list[tuple[str, str | None, bool, list[int] | None]] = [
+        ("softmax", None, False, None),
+        ("dfw", attention, False, None),
+        (HYBRID, attention, False, kept),
+    ]
     if device.type == "cuda" and graphs:
-        variants.append(("dfw (graph)", attention, True))
+        variants.append(("dfw (graph)", attention, True, None))
     rows = []
-    for name, core, graph in variants:
-        net = build(size, core, n_positions, device)
+    for name, core, graph, softmax_layers in variants:
+        net = build(size, core, n_positions, device, softmax_layers)
         for batch in size.batch_sizes:
             generator = torch.Generator().manual_seed(batch)
             decoder = Decoder(net, batch, device, recurrent=core is not None, graph=graph)
@@ -213,9 +231,10 @@ def table(rows: list[Row], title: str, steps: int) -> Table:
 
 
 def summary(rows: list[Row]) -> list[str]:
-    """Flatness of each curve (slowest over fastest context) and softmax over dfw at equal batch and
-    context."""
+    """Flatness of each curve (slowest over fastest context) and softmax over the fastest pure dfw row at
+    equal batch and context."""
     lines = []
+    width = max((len(r.model) for r in rows), default=12)
     for model in dict.fromkeys(r.model for r in rows):
         for batch in dict.fromkeys(r.batch for r in rows):
             curve = [
@@ -226,7 +245,7 @@ def summary(rows: list[Row]) -> list[str]:
             times = [r.ms_per_token for r in curve]
             states = {r.state_bytes for r in curve}
             lines.append(
-                f"{model:<12} batch {batch:>3}: ms/token {min(times):.2f} to {max(times):.2f} "
+                f"{model:<{width}} batch {batch:>3}: ms/token {min(times):.2f} to {max(times):.2f} "
                 f"(slowest / fastest = {max(times) / min(times):.2f}) from {curve[0].context} to "
                 f"{curve[-1].context} tokens; state {'constant' if len(states) == 1 else 'grows'}: "
                 f"{min(states) / curve[0].batch / 2**20:.2f} to {max(states) / curve[0].batch / 2**20:.2f} "
@@ -234,7 +253,7 @@ def summary(rows: list[Row]) -> list[str]:
             )
     fastest = {}
     for r in rows:
-        if r.model != "softmax" and r.ms_per_token == r.ms_per_token:
+        if r.model not in ("softmax", HYBRID) and r.ms_per_token == r.ms_per_token:  # pure dfw rows
             key = (r.batch, r.context)
             fastest[key] = min(fastest.get(key, float("inf")), r.ms_per_token)
     for r in rows:
@@ -265,7 +284,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
             if not curve:
                 continue
             contexts = [r.context for r in curve]
-            style = "-" if model == "softmax" else "--" if model == "dfw" else ":"
+            style = {"softmax": "-", "dfw": "--", HYBRID: "-."}.get(model, ":")
             label = f"{model}, batch {batch}"
             ax_time.plot(contexts, [r.ms_per_token for r in curve], style, marker="o", label=label)
             ax_memory.plot(

@@ -7,10 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attention import ConvertedAttention
 from ..config import auto_precision
 from ..errors import ConfigError
 from ..generate import is_converted
 from ..loading import load_model
+from ..surgery import model_size_metrics
 from .base import EvalModel, ModelInfo
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,10 +38,10 @@ def describe(net: nn.Module, source: str, kind: str, attention: dict[str, Any] |
     """ModelInfo of `net`: its attention preset, state size m and generation state of one full context."""
     config = net.config
     context = int(config.n_positions)
-    if is_converted(net):
-        cores = [block.attn.core for block in net.transformer.h]
+    if is_converted(net):  # softmax layers kept (attention.softmax_layers) count with their KV cache
+        cores = [block.attn.core for block in net.transformer.h if isinstance(block.attn, ConvertedAttention)]
         state_size = getattr(cores[0], "state_size", None)
-        state_bytes = sum(core.state_bytes(1, context) for core in cores)
+        state_bytes = model_size_metrics(net, context)["model/state_bytes_per_sequence"]
         name = str((attention or {}).get("name") or type(cores[0]).__name__)
     else:  # a plain GPT-2: softmax with its KV cache, keys and values of every layer and position
         state_size, name = None, "softmax"

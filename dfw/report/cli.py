@@ -9,12 +9,14 @@ from pathlib import Path
 
 from dfw.errors import ConfigError, run_or_exit
 
+from . import hybrids
 from .evaluation import plot_evaluation
 from .plots import plot
 from .sources import load_runs
 from .table import label_runs, markdown
 
 log = logging.getLogger("dfw.report")
+TABLES = ("runs", "hybrids")  # --table: the report's table of every run; the hybrids sweep's (hybrids.py)
 
 
 def report(
@@ -23,9 +25,13 @@ def report(
     baseline: str = "softmax",
     group: str | None = None,
     tag: str | None = None,
+    table: str = "runs",
 ) -> Path:
     """Read the runs of `source`, write report.md and the plots into `out_dir`; returns report.md's path.
-    Default `out_dir`: `<source>/report` for a directory, `outputs/reports/<entity>_<project>` for W&B."""
+    Default `out_dir`: `<source>/report` for a directory, `outputs/reports/<entity>_<project>` for W&B.
+    `table`: "runs" (one row per run), or "hybrids": the hybrids table (`hybrids.py`) above it."""
+    if table not in TABLES:
+        raise ConfigError(f"--table {table}: not a table of dfw.report; use one of {', '.join(TABLES)}")
     runs = load_runs(source, group, tag)
     if not runs:
         raise ConfigError(f"no runs found in {source!r} (a run directory holds csv/metrics.csv)")
@@ -38,7 +44,8 @@ def report(
     )
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(runs, out, baseline) + plot_evaluation(runs, out)
-    body = markdown(runs, baseline) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    body = (hybrids.markdown(runs) + "\n" if table == "hybrids" else "") + markdown(runs, baseline)
+    body += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     (out / "report.md").write_text(body)
     return out / "report.md"
 
@@ -54,9 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--group", help="W&B only: the runs of this group")
     parser.add_argument("--tag", help="W&B only: the runs with this tag")
+    parser.add_argument(
+        "--table",
+        choices=TABLES,
+        default="runs",
+        help="hybrids: also the table of experiment=hybrids (variant, val ppl converted / after transfer / "
+        "fine-tuned, retained, copy and recall; docs/hybrids.md) above the runs table",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = run_or_exit(report, args.source, args.out, args.baseline, args.group, args.tag, logger=log)
+    path = run_or_exit(
+        report, args.source, args.out, args.baseline, args.group, args.tag, args.table, logger=log
+    )
     print(path.read_text().split("\n![")[0])
     print(f"written to {path} (plots beside it)")
     return 0

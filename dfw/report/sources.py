@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -24,6 +25,7 @@ from .evaluation import EVAL_RESULTS, read_evaluation
 
 STEP = "step"
 VAL_PPL, TEST_PPL, TOKENS_PER_SEC = "val/ppl", "test/ppl", "train/device/items_per_sec"
+TRAIN_LOSS = "train/loss"
 STATE_BYTES, STATE_SIZE, PARAMS_NEW = "model/state_bytes_per_sequence", "model/state_size", "model/params_new"
 
 
@@ -63,16 +65,41 @@ class Run:
         # train.py validates the converted model before fit() unless told not to or resuming.
         return bool(self.config.get("validate_before_fit", True)) and not self.config.get("ckpt_path")
 
+    def _validations(self) -> tuple[list[float], list[float]]:
+        """val/ppl of the validations before fine-tuning (as converted, then after attention transfer, each
+        when it ran) and of those during fine-tuning, in logging order. Before fine-tuning: logged at step 0
+        before the first `train/loss`; a history without one (another source) counts the converted model's
+        alone."""
+        if VAL_PPL not in self.history:
+            return [], []
+        values = self.history[VAL_PPL]
+        trained = self.history[TRAIN_LOSS].notna().to_numpy() if TRAIN_LOSS in self.history else None
+        if trained is not None and trained.any() and STEP in self.history:
+            first = int(trained.argmax())  # position of the first row with a training loss
+            early = (self.history[STEP] == 0).to_numpy() & (np.arange(len(values)) < first)
+            before, during = values[early].dropna(), values[~early].dropna()
+        else:
+            split = 1 if self._has_converted else 0
+            before, during = values.dropna().iloc[:split], values.dropna().iloc[split:]
+        return [float(v) for v in before], [float(v) for v in during]
+
     @property
     def val_ppl_converted(self) -> float:
-        rows = self.val_curve()
-        return float(rows.iloc[0]) if self._has_converted and len(rows) else math.nan
+        before, _ = self._validations()
+        return before[0] if self._has_converted and before else math.nan
+
+    @property
+    def val_ppl_transfer(self) -> float:
+        """val/ppl after attention transfer (dfw/transfer.py), before fine-tuning; nan when none ran."""
+        before, _ = self._validations()
+        after_converted = before[1:] if self._has_converted else before
+        return after_converted[0] if after_converted else math.nan
 
     @property
     def val_ppl(self) -> float:
         """The best val/ppl of fine-tuning (what ModelCheckpoint keeps and the test evaluates)."""
-        rows = self.val_curve().iloc[1 if self._has_converted else 0 :]
-        return float(rows.min()) if len(rows) else math.nan
+        _, during = self._validations()
+        return min(during) if during else math.nan
 
     @property
     def tokens_per_sec(self) -> float:

@@ -12,7 +12,7 @@ from .sources import STATE_BYTES, STEP, TEST_PPL, Run
 # Config keys that differ between runs without making them different experiments.
 VOLATILE_KEYS = re.compile(
     r"^(paths|hydra)\.|(dirpath|save_dir|default_root_dir|export_dir|out_dir|cache_dir|ckpt_path|enable_progress_bar)$"
-    r"|^logger\.wandb\.(name|id|group|tags|mode)|^module\.scheduler\.num_training_steps$"
+    r"|^logger\.wandb\.(name|id|group|tags|mode)|^module\.scheduler\.num_training_steps$|^run_name$"
 )
 
 
