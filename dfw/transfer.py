@@ -17,7 +17,7 @@ on one batch, each head's output is scaled so that its RMS matches softmax's. Th
 phi, so scaling W_h by c scales the head's output by exactly c^2, and the scale lives in the feature
 map's own weights (exports need nothing new). With `attention.window` (and no score sum to share), the
 core fits the memory's weight alpha_h instead, by least squares against the softmax output (the window's
-part is softmax already); the core says what it fits (`AttentionCore.calibration_factor`).
+part is softmax already); the core says what it fits (`AttentionCore.calibration_fit`, `apply_calibration`).
 With a window the target is still the layer's full softmax output, over every earlier token.
 
 What the stage needs from a core is `AttentionCore`'s stated interface, never its internals: the
@@ -83,7 +83,7 @@ class LayerTeacher:
         self.loss: Tensor | None = None
         self.calibrating = False
         self.rms: tuple[Tensor, Tensor] | None = None  # (softmax, core), [H] each
-        self.factor: Tensor | None = None  # (H,): what calibration scales the core's output by
+        self.factor: Tensor | None = None  # (H,): the core's calibration fit (`calibration_fit`)
 
     def __call__(self, attn: ConvertedAttention, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
         target = F.scaled_dot_product_attention(
@@ -96,7 +96,7 @@ class LayerTeacher:
             )  # (H,)
             self.rms = (rms(target), rms(o))
             if attn.core.output_scale_calibratable:
-                self.factor = attn.core.calibration_factor(q, k, v, x, o, target)  # (H,)
+                self.factor = attn.core.calibration_fit(q, k, v, x, o, target)  # (H,)
             return target
         with torch.enable_grad():
             if self.loss_name == "attention_ce":
@@ -159,9 +159,9 @@ def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
     for layer in layers:
         factor = by_layer[id(layer)].factor  # (H,)
         assert factor is not None  # the layer is calibratable
-        layer.core.scale_output(factor)
+        layer.core.apply_calibration(factor)
         log.info(
-            "transfer.calibrate: layer %d output scale x %s",
+            "transfer.calibrate: layer %d, per head %s (the output scale; with a window, alpha_h)",
             layer.layer_idx,
             ", ".join(f"{f:.3g}" for f in factor.tolist()),
         )

@@ -156,11 +156,11 @@ class FastWeightAttention(AttentionCore):
         self.gate_names = tuple(gates)
         self.output_norm = nn.LayerNorm(head_dim) if output_norm else None
         # The window (window.py): GPT-2's score scale, and for a read without a score sum to share, the
-        # memory's weight alpha_h per head, 1 at conversion (why: window.py).
+        # memory's weight alpha_h per head, 0 at conversion (why: window.py).
         self.window, self.window_scale = window, softmax_scale
         shares_normaliser = self.normalizer.divides_by_score_sum
         self.memory_weight = (
-            nn.Parameter(torch.ones(num_heads)) if window is not None and not shares_normaliser else None
+            nn.Parameter(torch.zeros(num_heads)) if window is not None and not shares_normaliser else None
         )  # (H,)
 
     def _features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -502,23 +502,28 @@ class FastWeightAttention(AttentionCore):
             return
         self.feature_map.scale_features(factor.sqrt())  # phi(q), phi(k) x sqrt(factor): the output x factor
 
-    def calibration_factor(
+    def calibration_fit(
         self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, o: Tensor, target: Tensor
     ) -> Tensor:
-        """With a window, the factor on alpha_h that fits the output to `target` by least squares, per head:
-        o = o_win + c m with m the memory's part now, c = <m, target - o_win> / <m, m> (1 where m is zero: no
-        token has left the window)."""
+        """With a window, the memory's weight alpha_h [H] that fits the output to `target` by least squares:
+        o = o_win + alpha_h r with r the memory's read, alpha_h = <r, target - o_win> / <r, r> (kept as it is
+        where r is zero: no token has left the window)."""
         if self.memory_weight is None:
-            return super().calibration_factor(q, k, v, x, o, target)
+            return super().calibration_fit(q, k, v, x, o, target)
         o_window, _, read, _ = self._window_parts(q, k, v, x, None, False, None)
         dtype = accumulation_dtype(read.dtype)
-        alpha = self.memory_weight.to(dtype)[:, None]  # (H, 1)
-        memory = alpha * self.normalizer.output(read.to(dtype))  # (B, T, H, D)
+        memory = self.normalizer.output(read.to(dtype))  # (B, T, H, D)
         residual = target.to(dtype) - o_window.to(dtype)
         dims = (0, 1, 3)
         energy = memory.square().sum(dims)  # (H,)
         fit = (memory * residual).sum(dims) / energy.clamp_min(1e-30)
-        return torch.where(energy > 0, fit, torch.ones_like(fit))
+        return torch.where(energy > 0, fit, self.memory_weight.detach().to(dtype))
+
+    def apply_calibration(self, fit: Tensor) -> None:
+        if self.memory_weight is None:
+            return super().apply_calibration(fit)
+        with torch.no_grad():
+            self.memory_weight.copy_(fit)  # alpha_h itself
 
     def state_bytes(self, batch_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         # The state is kept in float32 whatever the activations' dtype, and does not grow with seq_len.
