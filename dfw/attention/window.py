@@ -36,9 +36,9 @@ The combination depends on the normalisation:
   the last W tokens, the older ones left out. At 1, the memory's read would come on top at the scale of a
   core without a window, while the window's softmax already carries a whole output's magnitude: on the
   demo's teacher, DFW with W = 16 measured val ppl 1,710 as converted with alpha_h = 1, worse than DFW
-  without a window (824); at 0, 126.4 (the teacher: 94.3; docs/hybrids.md). `transfer.calibrate` fits alpha_h by least squares, and training moves it from
-  the first step (its gradient, the read against the output's gradient, is not zero); the memory's own
-  parameters learn as soon as alpha_h is off 0.
+  without a window (824); at 0, 126.4 (the teacher: 94.3; docs/hybrids.md). `transfer.calibrate` fits
+  alpha_h by least squares, and training moves it from the first step (its gradient, the read against the
+  output's gradient, is not zero); the memory's own parameters learn as soon as alpha_h is off 0.
 
 Either way, for t < W the memory is exactly zero and the output is exactly softmax attention: a model right
 after conversion is the pretrained one on contexts of up to W tokens.
