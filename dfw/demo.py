@@ -8,7 +8,9 @@
 3. Convert the teacher to decaying fast weights, calibrate its output scale and run attention transfer
    for a quarter of the budget (`recipe=transfer_finetune`, dfw/transfer.py), then fine-tune it with
    the same recipe for the rest: as many training tokens as the softmax baseline.
-4. Print validation perplexities and the share of softmax quality retained = softmax ppl / DFW ppl
+4. The same conversion and budget once more with a 16-token softmax window in every layer
+   (`attention.window=16`, docs/hybrids.md): one more row, fine-tuned.
+5. Print validation perplexities and the share of softmax quality retained = softmax ppl / DFW ppl
    (100% = as good as softmax with the same fine-tuning budget).
 
 Overrides go to both fine-tuning stages (`trainer.max_steps=100`); prefix them with `teacher.` for the
@@ -82,6 +84,9 @@ def pretrain_teacher(overrides: list[str], run_dir: Path) -> tuple[Path, dict[st
 # map starts at the identity.
 DFW = ["attention=decay"]
 SOFTMAX = ["attention=softmax"]
+# Stage 4's: DFW with exact softmax over the last 16 tokens (an eighth of the demo's 128-token context).
+WINDOW = 16
+DFW_WINDOW = [*DFW, f"attention.window={WINDOW}"]
 
 
 def finetune(
@@ -112,12 +117,19 @@ def finetune(
             o for o in overrides if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))
         ]
         cfg = _compose([*common, *kept, *recipe])
-    cfg.paths.output_dir = str(run_dir / cfg.attention.name)
-    log.info("fine-tuning the teacher with attention=%s", cfg.attention.name)
+    window = cfg.attention.get("window")
+    folder = cfg.attention.name + (f"-window{window}" if window else "")
+    cfg.paths.output_dir = str(run_dir / folder)
+    log.info("fine-tuning the teacher with attention=%s", folder)
     return train(cfg)
 
 
-def results_table(teacher: dict[str, float], softmax: dict[str, float], dfw: dict[str, float]) -> str:
+def results_table(
+    teacher: dict[str, float],
+    softmax: dict[str, float],
+    dfw: dict[str, float],
+    dfw_window: dict[str, float] | None = None,
+) -> str:
     best = lambda metrics: metrics.get("val/ppl_best", metrics["val/ppl"])
     reference = best(softmax)  # softmax after the same fine-tuning budget as DFW
     share = lambda ppl: f"{100 * reference / ppl:.1f}%"
@@ -128,6 +140,8 @@ def results_table(teacher: dict[str, float], softmax: dict[str, float], dfw: dic
         ("DFW, after attention transfer", dfw["val/ppl_transfer"]),
         ("DFW, fine-tuned", best(dfw)),
     ]
+    if dfw_window is not None:
+        rows.append((f"DFW with a {WINDOW}-token window, fine-tuned", best(dfw_window)))
     lines = ["| model | validation perplexity | softmax quality retained |", "|---|---:|---:|"]
     lines += [f"| {name} | {ppl:.2f} | {share(ppl)} |" for name, ppl in rows]
     return "\n".join(lines)
@@ -147,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     softmax = run_or_exit(finetune, teacher_dir, SOFTMAX, student_overrides, run_dir, logger=log)
     dfw = run_or_exit(finetune, teacher_dir, DFW, student_overrides, run_dir, logger=log)
-    table = results_table(teacher, softmax, dfw)
+    dfw_window = run_or_exit(finetune, teacher_dir, DFW_WINDOW, student_overrides, run_dir, logger=log)
+    log.info(
+        "DFW with a %d-token window: validation ppl %.2f right after conversion, %.2f after transfer",
+        WINDOW,
+        dfw_window["val/ppl_converted"],
+        dfw_window["val/ppl_transfer"],
+    )
+    table = results_table(teacher, softmax, dfw, dfw_window)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.md").write_text(table + "\n")
     print(

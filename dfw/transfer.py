@@ -15,7 +15,10 @@ kept. The whole forward runs without gradients except inside the cores, and stop
 `transfer.calibrate=true` is a conversion initialisation for DFW (feature_map=linear, no normaliser):
 on one batch, each head's output is scaled so that its RMS matches softmax's. The output is bilinear in
 phi, so scaling W_h by c scales the head's output by exactly c^2, and the scale lives in the feature
-map's own weights (exports need nothing new).
+map's own weights (exports need nothing new). With `attention.window` (and no score sum to share), the
+core fits the memory's weight alpha_h instead, by least squares against the softmax output (the window's
+part is softmax already); the core says what it fits (`AttentionCore.calibration_fit`, `apply_calibration`).
+With a window the target is still the layer's full softmax output, over every earlier token.
 
 What the stage needs from a core is `AttentionCore`'s stated interface, never its internals: the
 parameters it trains (`transfer_parameters`), the attention weights the teacher compares with
@@ -80,6 +83,7 @@ class LayerTeacher:
         self.loss: Tensor | None = None
         self.calibrating = False
         self.rms: tuple[Tensor, Tensor] | None = None  # (softmax, core), [H] each
+        self.factor: Tensor | None = None  # (H,): the core's calibration fit (`calibration_fit`)
 
     def __call__(self, attn: ConvertedAttention, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
         target = F.scaled_dot_product_attention(
@@ -91,6 +95,8 @@ class LayerTeacher:
                 t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()
             )  # (H,)
             self.rms = (rms(target), rms(o))
+            if attn.core.output_scale_calibratable:
+                self.factor = attn.core.calibration_fit(q, k, v, x, o, target)  # (H,)
             return target
         with torch.enable_grad():
             if self.loss_name == "attention_ce":
@@ -138,7 +144,8 @@ def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
 
     Applies to cores whose output scale is calibratable (`AttentionCore.output_scale_calibratable`: DFW,
     feature_map=linear and no normaliser, where W_h <- W_h sqrt(rms_softmax / rms_core) makes the two RMS
-    equal); all layers at once, each from the teacher's inputs. Returns the number of layers calibrated
+    equal; with a window, any core without a score sum, whose alpha_h is fit by least squares); all layers
+    at once, each from the teacher's inputs. Returns the number of layers calibrated
     (0: nothing to calibrate).
     """
     layers = [layer for layer in converted_layers(net) if layer.core.output_scale_calibratable]
@@ -150,11 +157,11 @@ def calibrate_output_scale(net: nn.Module, input_ids: Tensor) -> int:
         run_teacher_forced(net, input_ids)
     by_layer = {id(layer): teacher for layer, teacher in zip(converted_layers(net), teachers, strict=True)}
     for layer in layers:
-        softmax_rms, core_rms = by_layer[id(layer)].rms
-        factor = softmax_rms / core_rms.clamp_min(1e-12)  # (H,)
-        layer.core.scale_output(factor)
+        factor = by_layer[id(layer)].factor  # (H,)
+        assert factor is not None  # the layer is calibratable
+        layer.core.apply_calibration(factor)
         log.info(
-            "transfer.calibrate: layer %d output scale x %s",
+            "transfer.calibrate: layer %d, per head %s (the output scale; with a window, alpha_h)",
             layer.layer_idx,
             ", ".join(f"{f:.3g}" for f in factor.tolist()),
         )

@@ -14,7 +14,7 @@ from dfw_kernels.testing import relative_rms_error
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dfw.attention.state import RecurrentLayer
+from dfw.attention.state import RecurrentLayer, state_tensors
 from dfw.cache import RecurrentCache, cache_bytes
 from dfw.model import core_factory
 from dfw.surgery import convert_attention
@@ -25,7 +25,9 @@ RECURRENT = [name for name in PRESETS if name != "softmax"]
 VOCAB, PAD = 97, 0
 
 
-def tiny_model(preset: str, attn_implementation: str = "sdpa", dtype=torch.float64) -> GPT2LMHeadModel:
+def tiny_model(
+    preset: str, attn_implementation: str = "sdpa", dtype=torch.float64, window: int | None = None
+) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=VOCAB,
@@ -42,6 +44,8 @@ def tiny_model(preset: str, attn_implementation: str = "sdpa", dtype=torch.float
     attention = OmegaConf.load(CONF / "attention" / f"{preset}.yaml")
     if "chunk_size" in attention:
         attention.chunk_size = 16  # the sequences here are short: less padding inside the chunkwise forms
+    if window is not None:
+        attention.window = window
     convert_attention(net, core_factory(attention))
     with torch.no_grad():
         for p in net.parameters():
@@ -222,3 +226,50 @@ def test_each_new_token_is_decoded_by_the_cores_step_in_the_cached_state():
     assert len(calls) == 2 * 7  # 2 layers, every generated token after the first (which ends the prefill)
     assert set(calls) == {layer.state.data_ptr() for layer in cache.layers}
     assert torch.equal(cached, greedy(net, prompt, use_cache=False))
+
+
+# attention.window=W (dfw/attention/window.py): the cache holds each layer's ring buffer of the last W tokens.
+WINDOW = 4  # shorter than the prompts and the generated text, so tokens leave the window for the memory
+
+
+@pytest.mark.parametrize("preset", RECURRENT)
+def test_greedy_generation_with_a_window_matches_recomputing_and_each_left_padded_row_alone(preset):
+    net = tiny_model(preset, window=WINDOW)
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in (3, 9)]
+    input_ids, mask = padded(prompts)
+    cached = greedy(net, input_ids, attention_mask=mask, cache=RecurrentCache(net))
+    recomputed = greedy(net, input_ids, attention_mask=mask, use_cache=False)
+    assert cached.shape == (2, 9 + 8) and torch.equal(cached, recomputed)
+    for row, prompt in enumerate(prompts):
+        alone = greedy(net, prompt[None], cache=RecurrentCache(net))
+        assert torch.equal(cached[row, 9:], alone[0, len(prompt) :]), f"row {row}"
+
+
+@pytest.mark.parametrize("preset", RECURRENT)
+def test_with_a_window_prefill_chunks_and_single_tokens_give_the_full_forwards_logits(preset):
+    net = tiny_model(preset, window=WINDOW)
+    ids = torch.randint(1, VOCAB, (2, 20))
+    full = net(ids, use_cache=False).logits  # (B, T, V)
+    cache = RecurrentCache(net)
+    pieces = [net(ids[:, :3], cache=cache).logits, net(ids[:, 3:12], cache=cache).logits]
+    pieces += [net(ids[:, t : t + 1], cache=cache).logits for t in range(12, 20)]
+    assert relative_rms_error(torch.cat(pieces, dim=1), full) < 1e-7
+
+
+def test_with_a_window_the_state_has_a_fixed_size_and_fixed_addresses():
+    net = tiny_model("decay", dtype=torch.float32, window=WINDOW)
+    cache = RecurrentCache(net)
+    net(torch.randint(1, VOCAB, (3, 8)), cache=cache)
+    after_prompt, addresses = cache.state_bytes(), [t.data_ptr() for t in cache.state_tensors()]
+    net(torch.randint(1, VOCAB, (3, 30)), cache=cache)
+    for _ in range(10):
+        net(torch.randint(1, VOCAB, (3, 1)), cache=cache)
+    assert (
+        cache.state_bytes()
+        == after_prompt
+        == sum(block.attn.core.state_bytes(3, 48) for block in net.transformer.h)
+    )
+    assert [t.data_ptr() for t in cache.state_tensors()] == addresses
+    assert (
+        len(state_tensors(cache.layers[0].state)) == 6
+    )  # fast weights, keys, values, write keys and strength, count

@@ -30,7 +30,7 @@ VOCAB, PAD = 97, 0
 
 
 def dfw_model(
-    preset: str = "decay", device: str = "cpu", dtype=torch.float64, factory=None
+    preset: str = "decay", device: str = "cpu", dtype=torch.float64, factory=None, window: int | None = None
 ) -> DFWForCausalLM:
     """A tiny converted GPT-2 as a DFWForCausalLM (what an export loads as), every parameter perturbed."""
     torch.manual_seed(0)
@@ -41,6 +41,8 @@ def dfw_model(
     attention = OmegaConf.load(CONF / "attention" / f"{preset}.yaml")
     if "chunk_size" in attention:
         attention.chunk_size = 16
+    if window is not None:
+        attention.window = window
     convert_attention(net, factory or core_factory(attention))
     with torch.no_grad():
         for p in net.parameters():
@@ -172,9 +174,10 @@ class EagerStandIn:
         return (lambda: output.copy_(step())), output
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_graph_replays_give_the_eager_tokens(num_beams):
-    net = dfw_model()
+def test_graph_replays_give_the_eager_tokens(num_beams, window):
+    net = dfw_model(window=window)
     ids, mask = left_padded()
     eager = generate(net, ids, mask, num_beams=num_beams, cache=RecurrentCache(net, cuda_graph=False))
     cache = RecurrentCache(net)
@@ -240,10 +243,11 @@ def test_on_a_cpu_the_default_cache_decodes_eagerly():
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"
 )
+@pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("preset", ["decay", "linear"])
-def test_cuda_graph_decoding_equals_eager(preset):
+def test_cuda_graph_decoding_equals_eager(preset, window):
     """The real capture: generate with the decode step replayed from a CUDA graph gives the eager tokens."""
-    net = dfw_model(preset, device="cuda", dtype=torch.float32)
+    net = dfw_model(preset, device="cuda", dtype=torch.float32, window=window)
     ids, mask = (t.cuda() for t in left_padded((9, 3)))
     eager = generate(net, ids, mask, cache=RecurrentCache(net, cuda_graph=False))
     cache = RecurrentCache(net)

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 
 from dfw import demo
 
@@ -48,6 +49,7 @@ def test_demo_pretrains_converts_finetunes_and_prints_the_table(
         "DFW, right after conversion",
         "DFW, after attention transfer",
         "DFW, fine-tuned",
+        "DFW with a 16-token window, fine-tuned",
     ]
     reference = float(rows[1][1])  # softmax with the same fine-tuning budget as DFW
     for _, ppl, share in rows:
@@ -72,3 +74,16 @@ def test_a_teacher_trained_the_old_way_is_not_reused(monkeypatch, tmp_path):
     assert demo._teacher_key(cfg) == key  # a function of the config
     monkeypatch.setattr(demo, "TEACHER_VERSION", demo.TEACHER_VERSION + 1)
     assert demo._teacher_key(cfg) != key
+
+
+def test_an_option_left_at_null_keeps_the_teachers_key(tmp_path):
+    """softmax's `window: null` (issue 19) trains the teacher as before it existed: a teacher cached then is
+    reused; an option set to a value makes a new key."""
+    cfg = demo._compose(["experiment=demo_teacher", f"paths.output_dir={tmp_path / 'teacher'}"])
+    assert cfg.attention.window is None
+    key = demo._teacher_key(cfg)
+    with open_dict(cfg):
+        del cfg.attention["window"]
+        assert demo._teacher_key(cfg) == key
+        cfg.attention.window = 8
+        assert demo._teacher_key(cfg) != key

@@ -112,6 +112,15 @@ def test_resume_continues_the_same_wandb_run(resumed_run):
     ("override", "message"),
     [
         ("attention.state_size=0", "attention.state_size must be a positive integer"),
+        (
+            "attention.window=0",
+            "attention.window must be a positive integer",
+        ),
+        (
+            "attention.window=2.5",
+            "attention.window must be a positive integer",
+        ),
+        ("attention=softmax attention.window=16", "attention.window=16 applies to the fast-weight presets"),
         ("data.block_size=300", "data.block_size=300 is longer than the model's context"),
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
         ("trainer.max_steps=-5", "trainer.max_steps must be a positive integer"),
@@ -141,6 +150,22 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, text_files):
     assert result.returncode == 2
     assert "error: attention.state_size must be a positive integer" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+    # attention.window (issue 19): not a positive integer, or on softmax.
+    for override, message in [
+        ("attention.window=0", "error: attention.window must be a positive integer"),
+        (
+            "attention=softmax attention.window=8",
+            "error: attention.window=8 applies to the fast-weight presets",
+        ),
+    ]:
+        result = run_module(
+            "dfw.train",
+            *tiny_overrides(tmp_path, text_files, *override.split()),
+            f"hydra.run.dir={tmp_path}/w",
+        )
+        assert result.returncode == 2 and message in result.stdout + result.stderr, override
+        assert "Traceback" not in result.stdout + result.stderr
 
     # A config group option that does not exist: the README's promise too (one line, exit code 2), not Hydra's
     # many-line message with exit code 1.

@@ -72,10 +72,17 @@ def test_teacher_forcing_passes_the_softmax_output_on():
 
 
 @pytest.mark.parametrize(
-    ("name", "loss"), [("decay", "output_mse"), ("hedgehog", "attention_ce"), ("hedgehog", "output_mse")]
+    ("name", "loss", "window"),
+    [
+        ("decay", "output_mse", None),
+        ("hedgehog", "attention_ce", None),
+        ("hedgehog", "output_mse", None),
+        ("decay", "output_mse", 4),  # attention.window: the target is still the full softmax output
+        ("hedgehog", "attention_ce", 4),
+    ],
 )
-def test_transfer_steps_train_only_the_new_parameters_and_lower_the_loss(name, loss):
-    _, net = _converted(name)
+def test_transfer_steps_train_only_the_new_parameters_and_lower_the_loss(name, loss, window):
+    _, net = _converted(name, window=window)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     new = new_parameters(net)
     assert new, name
@@ -116,6 +123,49 @@ def test_attention_weights_are_what_the_core_applies_to_v():
     expected = torch.einsum("bhij,bjhd->bihd", weights, v)
     torch.testing.assert_close(o, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "linear"])
+def test_with_a_window_the_attention_weights_are_what_the_core_applies_to_v(name):
+    """The shared normaliser is attention too: exp(s) in the window, phi(q) . phi(k) before it, normalised."""
+    _, net = _converted(name, window=5)
+    core = net.transformer.h[0].attn.core
+    assert core.has_attention_weights
+    with torch.no_grad():
+        for p in core.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = (torch.randn(2, T, HEADS, WIDTH // HEADS, dtype=torch.float64) for _ in range(3))
+    o, _ = core(q, k, v, torch.randn(2, T, WIDTH, dtype=torch.float64))
+    weights = core.attention_weights(q, k)  # (B, H, T, T)
+    torch.testing.assert_close(o, torch.einsum("bhij,bjhd->bihd", weights, v), rtol=1e-9, atol=1e-9)
+    assert (weights.triu(1) == 0).all()
+
+
+def test_with_a_window_calibration_fits_the_memory_weight_by_least_squares():
+    """transfer.calibrate on DFW with a window sets each head's alpha_h to the least-squares fit of the
+    output to softmax's: the transfer loss is then at a minimum in every alpha_h, lower than at conversion."""
+    _, net = _converted("decay", window=4)
+    ids = _ids()
+
+    def loss() -> float:
+        with teacher_forcing(net) as teachers:
+            run_teacher_forced(net, ids)
+        return float(torch.stack([t.loss for t in teachers]).sum())
+
+    at_conversion = loss()
+    assert calibrate_output_scale(net, ids) == LAYERS
+    calibrated = loss()
+    assert calibrated < at_conversion
+    for block in net.transformer.h:
+        weight = block.attn.core.memory_weight
+        assert (weight != 0).all()  # fit from 0 (conversion: the window alone)
+        for head in range(HEADS):
+            for step in (1.3, 0.7):  # a minimum: either way up (the loss is float32)
+                with torch.no_grad():
+                    weight[head] *= step
+                assert loss() > calibrated
+                with torch.no_grad():
+                    weight[head] /= step
 
 
 def test_what_each_preset_offers_attention_transfer():

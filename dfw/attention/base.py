@@ -108,6 +108,22 @@ class AttentionCore(nn.Module):
         `output_scale_calibratable`."""
         raise NotImplementedError(f"{type(self).__name__} has no output scale to calibrate")
 
+    def calibration_fit(
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, o: Tensor, target: Tensor
+    ) -> Tensor:
+        """transfer.calibrate's fit on one batch, per head [H], which `apply_calibration` then applies: from
+        q, k, v [B, T, H, D], x, the core's output o and the softmax output `target` [B, T, H, D]. By default
+        the ratio of their RMS per head (the factor `scale_output` makes the two RMS equal with, for an
+        output that scales as a whole); only where `output_scale_calibratable`."""
+        rms = lambda t: (
+            t.to(torch.promote_types(t.dtype, torch.float32)).square().mean(dim=(0, 1, 3)).sqrt()
+        )  # (H,)
+        return rms(target) / rms(o).clamp_min(1e-12)  # (H,)
+
+    def apply_calibration(self, fit: Tensor) -> None:
+        """Apply `calibration_fit`'s result [H]; by default the output is scaled by it (`scale_output`)."""
+        self.scale_output(fit)
+
 
 class ConvertedAttention(nn.Module):
     """Drop-in replacement for `GPT2Attention` (self-attention only) around an `AttentionCore`."""

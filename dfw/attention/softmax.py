@@ -35,9 +35,16 @@ class SoftmaxAttention(AttentionCore):
         head_dim: int,
         layer_idx: int = 0,
         scaling: float | None = None,
+        window: int | None = None,
         **options,
     ):
         super().__init__()
+        if window is not None:
+            raise ConfigError(
+                f"attention.window={window!r} applies to the fast-weight presets: attention=softmax already "
+                "attends to every token exactly; remove attention.window, or pick a preset such as "
+                "attention=decay"
+            )
         if options:
             # Options of the fast-weight family (state_size, feature_map, ...) left in a softmax config.
             names = ", ".join(f"attention.{name}" for name in sorted(options))

@@ -1,6 +1,7 @@
-"""`python -m dfw.bench attention [--shape gpt2-small] [--presets decay,softmax] [--device cuda]`
+"""`python -m dfw.bench attention [--shape gpt2-small] [--presets decay,decay+window=16] [--device cuda]`
 
-One table row per preset of conf/attention/, at a named shape: the training step of one attention
+One table row per preset of conf/attention/ (`name+option=value` sets an option of it: `decay+window=16` is
+DFW with a 16-token softmax window, `attention.window`), at a named shape: the training step of one attention
 layer's core (forward + backward through q, k, v, x and the core's parameters, the parallel form),
 as tokens/s (median over repeats, after a warm-up); the memory it takes (CUDA: peak allocated during
 the step; every device: the activations autograd saves for the backward); and the state a model of the
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor, nn
 from transformers import GPT2Config
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -30,7 +32,7 @@ from dfw.presets import attention_preset, names
 
 from .timing import Table, device_name, time_ms, write_json
 
-PRESETS = ("softmax", "linear", "performer", "rfa", "t2r", "delta", "decay")
+PRESETS = ("softmax", "linear", "performer", "rfa", "t2r", "delta", "decay", "decay+window=16")
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,18 @@ class GPT2SoftmaxCore(nn.Module):
         return self.kv_cache.state_bytes(batch_size, seq_len, dtype)
 
 
+def preset_node(spec: str):
+    """`name` or `name+option=value+...`: conf/attention/<name>.yaml with those options set (YAML values)."""
+    name, *options = spec.split("+")
+    node = attention_preset(name)
+    for option in options:
+        key, _, value = option.partition("=")
+        node[key] = yaml.safe_load(value)
+    return node
+
+
 def build_core(preset: str, shape: Shape, device: torch.device) -> nn.Module:
-    node = attention_preset(preset)
+    node = preset_node(preset)
     factory = core_factory(node)
     H, D = shape.num_heads, shape.head_dim
     core = factory(hidden_size=shape.hidden_size, num_heads=H, head_dim=D, layer_idx=0)
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     shape_name = args.shape or ("gpt2-small" if device.type == "cuda" else "gpt2-small-cpu")
     shape = SHAPES[shape_name]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    unknown = [p for p in presets if p not in names("attention")]
+    unknown = [p for p in presets if p.split("+")[0] not in names("attention")]
     if unknown:
         parser.error(f"no conf/attention/{unknown[0]}.yaml; choose from {', '.join(PRESETS)}")
 
@@ -185,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         table.notes.append(
             f"ratios decay/softmax: tokens/s {decay['tokens/s'] / softmax['tokens/s']:.2f}x, "
             f"saved for backward {decay['saved MiB'] / softmax['saved MiB']:.1f}x"
+        )
+    if "decay" in rows and "decay+window=16" in rows:  # issue 19's target: at most 1.3x DFW's step
+        window, decay = rows["decay+window=16"], rows["decay"]
+        table.notes.append(
+            "ratio decay+window=16/decay: step time "
+            f"{window['step ms'].median_ms / decay['step ms'].median_ms:.2f}x, "
+            f"saved for backward {window['saved MiB'] / decay['saved MiB']:.1f}x"
         )
     table.print()
     write_json(args.json, "attention", device, [table], shape=shape.__dict__)

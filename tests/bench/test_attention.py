@@ -17,11 +17,11 @@ def test_attention_bench_prints_a_row_per_preset(capsys, tmp_path):
         "--repeats",
         "1",
         "--presets",
-        "softmax,delta,decay",
+        "softmax,delta,decay,decay+window=16",
     ]
     assert main([*argv, "--json", str(tmp_path / "attention.json")]) == 0
     printed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
-    assert {"softmax", "delta", "decay"} <= printed
+    assert {"softmax", "delta", "decay", "decay+window=16"} <= printed
     rows = {
         r["preset"]: r for r in json.loads((tmp_path / "attention.json").read_text())["tables"][0]["rows"]
     }
@@ -29,6 +29,9 @@ def test_attention_bench_prints_a_row_per_preset(capsys, tmp_path):
     # * 16 * 4 B = 32 KiB; decay's fixed state, 2 layers * 2 heads * 16 * 16 * 4 B = 4 KiB.
     assert rows["softmax"]["state/seq"] == "32.0 KiB"
     assert rows["decay"]["state/seq"] == "4.0 KiB"
+    # With a 16-token window, its ring buffer too: 2 layers * 16 tokens * 2 heads * (16 + 16 + 16) * 4 B
+    # = 12 KiB, and a counter (8 B per layer).
+    assert rows["decay+window=16"]["state/seq"] == "16.0 KiB"
     assert all(r["tokens/s"] > 0 and r["step ms"]["median_ms"] > 0 for r in rows.values())
     # Issue 11's two ratios, decay over softmax: tokens/s and the activations saved for the backward.
     (note,) = [
@@ -38,3 +41,5 @@ def test_attention_bench_prints_a_row_per_preset(capsys, tmp_path):
     ]
     ratio = rows["decay"]["tokens/s"] / rows["softmax"]["tokens/s"]
     assert note.startswith(f"ratios decay/softmax: tokens/s {ratio:.2f}x, saved for backward ")
+    notes = json.loads((tmp_path / "attention.json").read_text())["tables"][0]["notes"]
+    assert any(n.startswith("ratio decay+window=16/decay: step time ") for n in notes)
