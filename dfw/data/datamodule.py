@@ -165,6 +165,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
             max_steps=max_steps,
             rank=trainer.global_rank if trainer else 0,
             world_size=world_size,
+            positions=self.synthetic is not None,  # SyntheticMix maps stream positions to blocks itself
         )
         return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
 
@@ -178,7 +179,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         dataset = self._open(split)
         if split == "train" and self.synthetic is not None:
             ids = ordinary_ids(len(self.tokenizer), self.tokenizer.all_special_ids)
-            dataset = SyntheticMix(dataset, self.synthetic, ids, self.seed)
+            dataset = SyntheticMix(dataset, self.synthetic, ids, self.seed, kwargs["sampler"])
         return DataLoader(
             dataset,
             batch_size=batch_size,

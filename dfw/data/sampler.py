@@ -19,7 +19,8 @@ class ResumableSampler(Sampler[int]):
     world_size-th of them from offset r, so the ranks together cover the same stream as one device would.
     `current_step()` is read when iteration starts (Lightning restores a checkpoint's global step before
     it iterates the training loader), and `__len__` counts what is left for this rank until `max_steps`,
-    or one pass over the data when there is no `max_steps`.
+    or one pass over the data when there is no `max_steps`. With `positions=True` it yields the stream
+    positions themselves, for a dataset that maps them to blocks with `index_at` (dfw.data.synthetic).
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class ResumableSampler(Sampler[int]):
         max_steps: int | None = None,  # the step training stops at; None: one pass per iteration
         rank: int = 0,
         world_size: int = 1,
+        positions: bool = False,  # yield stream positions rather than block indices (for SyntheticMix)
     ) -> None:
         assert (
             num_items > 0
@@ -45,6 +47,7 @@ class ResumableSampler(Sampler[int]):
         self.max_steps = max_steps
         self.rank = rank
         self.world_size = world_size
+        self.positions = positions
         self._permutation: tuple[int, list[int]] = (-1, [])  # (pass, its permutation), the one last used
 
     def __len__(self) -> int:
@@ -55,7 +58,7 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         position = self.current_step() * self.samples_per_step + self.rank  # in the all-ranks stream
         for _ in range(len(self)):
-            yield self.index_at(position)
+            yield position if self.positions else self.index_at(position)
             position += self.world_size
 
     def index_at(self, position: int) -> int:

@@ -19,7 +19,7 @@ The generators take a `torch.Generator`, so a sequence is a pure function of its
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dfw.data.sampler import ResumableSampler
 from dfw.errors import ConfigError
 
 
@@ -91,15 +92,38 @@ def recall_sequences(
 
 # --- Mixed into training blocks -----------------------------------------------------------------------------
 
+FRACTIONS = ("share", "recall", "random_tokens")
+
+Fraction = float | list[list[float]]  # a number, or a schedule: [[step, fraction], ...] (SyntheticOptions)
+
+
+def fraction_at(value: Fraction, step: int) -> float:
+    """A fraction or its schedule at an optimizer step: piecewise linear between the [step, fraction] points,
+    the first point's fraction before it and the last one's after it."""
+    if isinstance(value, int | float):
+        return float(value)
+    for (s0, f0), (s1, f1) in zip(value, value[1:], strict=False):
+        if step <= s1:
+            return f0 if step <= s0 else f0 + (f1 - f0) * (step - s0) / (s1 - s0)
+    return float(value[0][1] if step <= value[0][0] else value[-1][1])
+
 
 @dataclass(frozen=True)
 class SyntheticOptions:
-    """`data.synthetic`: which training blocks carry a synthetic segment, and which kind."""
+    """`data.synthetic`: which training blocks carry a synthetic segment, and which kind.
 
-    share: float = 0.25  # of the training blocks, those that carry one segment (the rest stay text)
-    recall: float = 0.5  # of those, the share of recall segments (the others are copy segments)
-    random_tokens: float = 0.5  # of the copy segments, the share whose span is random tokens (else text)
-    min_length: int = 4  # shortest copied span L, in tokens (the longest: half the block)
+    `share`, `recall` and `random_tokens` are each a fraction or a schedule over the optimizer step: a list
+    of [step, fraction] points, piecewise linear between them and constant before the first and after the
+    last (`share: [[0, 0.9], [300, 0.9], [600, 0.1]]`: nine blocks in ten for 300 steps, then down to one in
+    ten at step 600 and after).
+    """
+
+    share: Fraction = 0.25  # of the training blocks, those that carry one segment (the rest stay text)
+    recall: Fraction = 0.5  # of those, the share of recall segments (the others are copy segments)
+    random_tokens: Fraction = 0.5  # of the copy segments, the share whose span is random tokens (else text)
+    min_length: int = 4  # shortest copied span L, in tokens (the longest: the block / the number of copies)
+    max_copies: int = 2  # a copy segment holds the span 2 to max_copies times (uniform); 2: once repeated
+    alphabet: int | None = None  # random spans draw from the first `alphabet` ordinary ids; null: all of them
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> SyntheticOptions | None:
@@ -115,59 +139,105 @@ class SyntheticOptions:
             raise ConfigError(
                 f"data.synthetic.{unknown[0]} is not an option; its options are {', '.join(sorted(names))}"
             )
-        options = cls(**node)
-        for name in ("share", "recall", "random_tokens"):
+        values = {
+            name: _fraction(name, value) if name in FRACTIONS else value for name, value in node.items()
+        }
+        options = cls(**values)
+        for name, least in (("min_length", 1), ("max_copies", 2), ("alphabet", 1)):
             value = getattr(options, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ConfigError(f"data.synthetic.{name} must be a fraction between 0 and 1, got {value!r}")
-        if (
-            isinstance(options.min_length, bool)
-            or not isinstance(options.min_length, int)
-            or options.min_length < 1
-        ):
-            raise ConfigError(
-                f"data.synthetic.min_length must be a positive integer, got {options.min_length!r}"
-            )
+            if name == "alphabet" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(
+                    f"data.synthetic.{name} must be an integer of at least {least}, got {value!r}"
+                )
         return options
+
+    def at(self, step: int) -> tuple[float, float, float]:
+        """(share, recall, random_tokens) at an optimizer step."""
+        return tuple(fraction_at(getattr(self, name), step) for name in FRACTIONS)  # type: ignore[return-value]
+
+
+def _is_fraction(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value <= 1
+
+
+def _fraction(name: str, value: Any) -> Fraction:
+    """A fraction, or a schedule as a list of [step, fraction] lists (checked, steps increasing)."""
+    if _is_fraction(value):
+        return value
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(
+            f"data.synthetic.{name} must be a fraction between 0 and 1 or a list of [step, fraction] points, "
+            f"got {value!r}"
+        )
+    points = [
+        list(point) if isinstance(point, Sequence) and not isinstance(point, str) else point
+        for point in value
+    ]
+    steps = [point[0] for point in points if isinstance(point, list) and len(point) == 2]
+    if (
+        not points
+        or len(steps) != len(points)
+        or not all(_is_fraction(point[1]) for point in points)
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps)
+        or any(b <= a for a, b in zip(steps, steps[1:], strict=False))
+    ):
+        raise ConfigError(
+            f"data.synthetic.{name}: a schedule is a list of [step, fraction] points, steps non-negative "
+            f"integers in increasing order and fractions between 0 and 1, e.g. [[0, 0.9], [300, 0.1]]; "
+            f"got {value!r}"
+        )
+    return [[int(s), float(f)] for s, f in points]
 
 
 class SyntheticMix(Dataset):
-    """Training blocks of `blocks`, a share of them with one synthetic segment written over a random place.
+    """The training stream's blocks, a share of them with one synthetic segment written over a random place.
 
-    Block i is a pure function of (seed, i), so a resumed run sees the blocks the uninterrupted run saw.
-    A copy segment is 2L tokens (L uniform in [min_length, T // 2]), a recall segment 4N (N uniform in
-    [1, T // 4]); the block's other tokens stay the text they were.
+    Indexed by position in the training stream, not by block: `order` (the `ResumableSampler` of the
+    training loader, which then yields stream positions) maps position k to its block, and k's optimizer
+    step, k // order.samples_per_step, is where the options' schedules are read. The block at position k
+    is a pure function of (seed, k), so a resumed run sees the blocks the uninterrupted run saw, and a
+    block seen again in a later pass over the data gets a new segment.
+    A copy segment is c copies of a span of L tokens (c uniform in [2, max_copies], then L uniform in
+    [min_length, T // c]), a recall segment 4N tokens (N uniform in [1, T // 4]); the block's other tokens
+    stay the text they were.
     """
 
-    def __init__(self, blocks: Dataset, options: SyntheticOptions, ids: Tensor, seed: int) -> None:
-        self.blocks, self.options, self.ids, self.seed = blocks, options, ids, seed
+    def __init__(
+        self, blocks: Dataset, options: SyntheticOptions, ids: Tensor, seed: int, order: ResumableSampler
+    ) -> None:
+        self.blocks, self.options, self.ids, self.seed, self.order = blocks, options, ids, seed, order
         self.key_ids, self.value_ids = key_and_value_ids(ids)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        block = self.blocks[index]["input_ids"].clone()  # (T,)
+    def __getitem__(self, position: int) -> dict[str, Tensor]:
+        block = self.blocks[self.order.index_at(position)]["input_ids"].clone()  # (T,)
         T = len(block)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        share, recall, random_tokens = self.options.at(position // self.order.samples_per_step)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
         uniform = lambda: float(torch.rand((), generator=generator))
-        if uniform() >= self.options.share:
+        if uniform() >= share:
             return {"input_ids": block}
-        if uniform() < self.options.recall:
+        if uniform() < recall:
             pairs = int(torch.randint(1, max(1, T // 4) + 1, (), generator=generator))
             segment = recall_sequences(self.key_ids, self.value_ids, 1, pairs, generator)[0][0]  # (4N,)
         else:
+            copies = int(torch.randint(2, self.options.max_copies + 1, (), generator=generator))
+            longest = max(1, T // copies)
             length = int(
-                torch.randint(min(self.options.min_length, T // 2), T // 2 + 1, (), generator=generator)
+                torch.randint(min(self.options.min_length, longest), longest + 1, (), generator=generator)
             )
-            if uniform() < self.options.random_tokens:
-                span = random_spans(self.ids, 1, length, generator)[0]  # (L,)
+            if uniform() < random_tokens:
+                span = random_spans(self.ids[: self.options.alphabet], 1, length, generator)[0]  # (L,)
             else:
                 other = self.blocks[int(torch.randint(len(self.blocks), (), generator=generator))][
                     "input_ids"
                 ]
                 span = text_spans(other, 1, length, generator)[0]  # (L,)
-            segment = torch.cat([span, span])  # (2L,)
+            segment = span.repeat(copies)[:T]  # (copies * L,)
         start = int(torch.randint(T - len(segment) + 1, (), generator=generator))
         block[start : start + len(segment)] = segment
         return {"input_ids": block}

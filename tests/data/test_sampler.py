@@ -83,8 +83,19 @@ def fit(dm: LanguageModelingDataModule, root: Path, ckpt_path: str | None = None
     return model
 
 
+def test_positions_are_the_stream_that_index_at_maps_to_the_indices():
+    sampler = ResumableSampler(7, 3, 4, lambda: 2, 10, positions=True)
+    positions = list(sampler)
+    assert positions == list(range(8, 40)) and [sampler.index_at(k) for k in positions] == stream(2)
+
+
+# data.synthetic with a schedule that changes within the run: the resumed blocks carry the same segments.
+SYNTHETIC = {"share": [[0, 1.0], [3, 1.0], [5, 0.5]], "recall": 0.5, "random_tokens": 0.5, "min_length": 2}
+
+
 @pytest.mark.slow
-def test_lightning_resume_from_a_mid_run_checkpoint_sees_the_same_batches(tmp_path):
+@pytest.mark.parametrize("synthetic", [None, SYNTHETIC], ids=["text", "synthetic"])
+def test_lightning_resume_from_a_mid_run_checkpoint_sees_the_same_batches(tmp_path, synthetic):
     # One training document of 60 numbered lines: ~120 blocks of 3 tokens, enough for 6 steps x 2 x 2 samples.
     (tmp_path / "train.txt").write_text("".join(f"line {i} of the training text\n" for i in range(60)))
     (tmp_path / "other.txt").write_text("a short held-out text for validation and test\n")
@@ -94,7 +105,14 @@ def test_lightning_resume_from_a_mid_run_checkpoint_sees_the_same_batches(tmp_pa
         "test": str(tmp_path / "other.txt"),
     }
     make = lambda: LanguageModelingDataModule(
-        "text", "gpt2", block_size=3, batch_size=2, cache_dir=str(tmp_path / "cache"), files=files, seed=5
+        "text",
+        "gpt2",
+        block_size=3 if synthetic is None else 8,
+        batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
+        files=files,
+        seed=5,
+        synthetic=synthetic,
     )
     uninterrupted = fit(make(), tmp_path / "a").seen  # 6 steps x 2 micro-batches
     assert len(uninterrupted) == 12
