@@ -173,7 +173,7 @@ def test_dry_run_installs_what_is_missing_offline_and_starts_every_stage(gpu_mac
     assert not (Path(purelib) / "torch").exists()
     assert summary["aot"] and all(r["spill_stores"] == 0 for r in summary["aot"])  # a real compile ran
     assert summary["train"]["tables"][0]["rows"] and summary["decode"]["tables"][0]["rows"]
-    assert len(summary["demo_table"]) == 7  # header, rule and five rows
+    assert len(summary["demo_table"]) == 8  # header, rule and six rows (DFW with a window is one)
 
 
 @pytest.mark.slow
