@@ -150,6 +150,17 @@ def results_table(
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    flags = [a for a in argv if a.startswith("-") and a != "--teacher-only"]
+    if flags:
+        print(
+            f"error: dfw.demo has no option {flags[0]}; it takes --teacher-only and Hydra overrides "
+            "(key=value, teacher.key=value for the pretraining stage); --help says more",
+            file=sys.stderr,
+        )
+        return 2
     teacher_only = "--teacher-only" in argv
     argv = [a for a in argv if a != "--teacher-only"]
     teacher_overrides = [a.removeprefix("teacher.") for a in argv if a.startswith("teacher.")]

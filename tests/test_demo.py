@@ -87,3 +87,14 @@ def test_an_option_left_at_null_keeps_the_teachers_key(tmp_path):
         assert demo._teacher_key(cfg) == key
         cfg.attention.window = 8
         assert demo._teacher_key(cfg) != key
+
+
+def test_help_prints_the_usage_and_an_unknown_flag_is_refused_before_anything_runs(
+    monkeypatch, tmp_path, capsys
+):
+    monkeypatch.chdir(tmp_path)  # the demo writes outputs/demo/... under the working directory
+    assert demo.main(["--help"]) == 0
+    assert "--teacher-only" in capsys.readouterr().out
+    assert demo.main(["--teacher_only"]) == 2
+    assert "error: dfw.demo has no option --teacher_only" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
