@@ -6,7 +6,9 @@
 # position, copy at each L, recall at each number of pairs), the teacher by `python -m dfw.eval`; then one
 # report (report/report.md and its plots) under the output folder.
 #   sweeps/eval_grid.sh [extra Hydra overrides for the training runs, e.g. trainer.max_steps=200]
-# OUT=<folder> to choose the output folder; PY=<python> the interpreter. About 45 minutes on 2 idle CPU cores
+# OUT=<folder> to choose the output folder; PY=<python> the interpreter; TEACHER_ARGS="teacher.<key>=<value> ..."
+# the teacher's stage-1 overrides (default: teacher.experiment=recall_teacher; e.g. TEACHER_ARGS="" for the demo's
+# teacher, or teacher.experiment=recall_teacher teacher.trainer.max_steps=6000 for a longer recipe). About 45 minutes on 2 idle CPU cores
 # (the teacher 3, the 7 presets 10, DFW's 4 state sizes 17, the 12 evaluations 12 minutes, not measured end to
 # end yet).
 set -euo pipefail
@@ -15,8 +17,9 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 OUT=${OUT:-outputs/multirun/eval_grid_$(date +%Y-%m-%d_%H-%M-%S)}
 TASKS="tasks=[ppl,copy,recall]"
+read -r -a TEACHER_OVERRIDES <<< "${TEACHER_ARGS-teacher.experiment=recall_teacher}"
 
-TEACHER=$($PY -m dfw.demo --teacher-only teacher.experiment=recall_teacher | tail -n 1)
+TEACHER=$($PY -m dfw.demo --teacher-only "${TEACHER_OVERRIDES[@]}" | tail -n 1)
 echo "teacher: $TEACHER"
 $PY -m dfw.eval model="$TEACHER" "$TASKS" out_dir="$OUT/teacher/eval" progress=false
 for EXPERIMENT in eval_grid eval_state_size; do

@@ -50,24 +50,36 @@ def test_eval_grid_script_evaluates_the_teacher_trains_both_sweeps_and_reports_t
         f'#!/bin/sh\necho "$*" >> {calls}\necho "pretraining..."\necho /cache/teachers/abc\n'
     )
     fake_python.chmod(0o755)
-    env = {**os.environ, "PY": str(fake_python), "OUT": str(tmp_path / "grid")}
-    subprocess.run(
-        [REPO / "sweeps" / "eval_grid.sh", "trainer.max_steps=3"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    demo, teacher, grid, sizes, report = calls.read_text().splitlines()
-    assert demo == "-m dfw.demo --teacher-only teacher.experiment=recall_teacher"
-    assert (
-        teacher == "-m dfw.eval model=/cache/teachers/abc tasks=[ppl,copy,recall] "
-        f"out_dir={tmp_path}/grid/teacher/eval progress=false"
-    )
-    for line, experiment in ((grid, "eval_grid"), (sizes, "eval_state_size")):
-        assert line == (
-            f"-m dfw.train -m experiment={experiment} model.pretrained=/cache/teachers/abc "
-            f"model.tokenizer=/cache/teachers/abc hydra.sweep.dir={tmp_path}/grid/{experiment} "
-            "trainer.max_steps=3"
+    for teacher_args, teacher_call in (
+        (None, "-m dfw.demo --teacher-only teacher.experiment=recall_teacher"),  # the default
+        ("", "-m dfw.demo --teacher-only"),  # the demo's teacher
+        (
+            "teacher.experiment=recall_teacher teacher.trainer.max_steps=9",
+            "-m dfw.demo --teacher-only teacher.experiment=recall_teacher teacher.trainer.max_steps=9",
+        ),
+    ):
+        calls.unlink(missing_ok=True)
+        env = {**os.environ, "PY": str(fake_python), "OUT": str(tmp_path / "grid")}
+        env.pop("TEACHER_ARGS", None)
+        if teacher_args is not None:
+            env["TEACHER_ARGS"] = teacher_args
+        subprocess.run(
+            [REPO / "sweeps" / "eval_grid.sh", "trainer.max_steps=3"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
-    assert report == f"-m dfw.report {tmp_path}/grid"
+        demo, teacher, grid, sizes, report = calls.read_text().splitlines()
+        assert demo == teacher_call
+        assert (
+            teacher == "-m dfw.eval model=/cache/teachers/abc tasks=[ppl,copy,recall] "
+            f"out_dir={tmp_path}/grid/teacher/eval progress=false"
+        )
+        for line, experiment in ((grid, "eval_grid"), (sizes, "eval_state_size")):
+            assert line == (
+                f"-m dfw.train -m experiment={experiment} model.pretrained=/cache/teachers/abc "
+                f"model.tokenizer=/cache/teachers/abc hydra.sweep.dir={tmp_path}/grid/{experiment} "
+                "trainer.max_steps=3"
+            )
+        assert report == f"-m dfw.report {tmp_path}/grid"
