@@ -8,9 +8,9 @@
 #   sweeps/eval_grid.sh [extra Hydra overrides for the training runs, e.g. trainer.max_steps=200]
 # OUT=<folder> to choose the output folder; PY=<python> the interpreter; TEACHER_ARGS="teacher.<key>=<value> ..."
 # the teacher's stage-1 overrides (default: teacher.experiment=recall_teacher; e.g. TEACHER_ARGS="" for the demo's
-# teacher, or teacher.experiment=recall_teacher teacher.trainer.max_steps=6000 for a longer recipe). About 45 minutes on 2 idle CPU cores
-# (the teacher 3, the 7 presets 10, DFW's 4 state sizes 17, the 12 evaluations 12 minutes, not measured end to
-# end yet).
+# teacher, or teacher.experiment=recall_teacher teacher.trainer.max_steps=6000 for a longer recipe).
+# Measured in pieces (docs/evaluation.md): the teacher's 4000 steps 48 min on one thread; its evaluation, five
+# presets and DFW's four state sizes 50 min with the two sweeps side by side on one thread each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
