@@ -9,8 +9,9 @@
 # OUT=<folder> to choose the output folder; PY=<python> the interpreter; TEACHER_ARGS="teacher.<key>=<value> ..."
 # the teacher's stage-1 overrides (default: teacher.experiment=recall_teacher; e.g. TEACHER_ARGS="" for the demo's
 # teacher, or teacher.experiment=recall_teacher teacher.trainer.max_steps=6000 for a longer recipe).
-# Measured in pieces (docs/evaluation.md): the teacher's 4000 steps 48 min on one thread; its evaluation, five
-# presets and DFW's four state sizes 50 min with the two sweeps side by side on one thread each.
+# Measured in pieces (docs/evaluation.md, commit 2eb589a): the teacher's 4000 steps 26 min on one thread beside
+# another run; its evaluation, the seven presets and DFW's four state sizes 40-odd min, two runs side by side on
+# one thread each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
